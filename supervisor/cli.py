@@ -1,0 +1,192 @@
+"""The command line: `supervise [OPTIONS] -- COMMAND [ARG...]`. Parsing only; the work is in runner.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import Hooks, Settings
+from .errors import UserError
+from .listeners import parse_listen
+from .probes import parse_probe
+from .units import parse_duration, parse_signal
+
+_EPILOG = """
+\b
+How an upgrade works (SIGHUP, or `systemctl reload`):
+  1. a new generation of COMMAND starts beside the serving one, inheriting the same sockets;
+  2. it must pass --ready (answered by *its* processes, not the old ones) within --ready-timeout;
+  3. both serve through the --watch window while the new one is health-checked;
+  4. the old generation gets --drain-signal and --drain-timeout to finish, then SIGKILL.
+  Any failure before step 4 kills only the new generation: the old one never stopped serving.
+
+\b
+What the child gets: the sockets at fds 3, 4, ... in --listen order, and
+  LISTEN_FDS, LISTEN_PID (its own pid), LISTEN_FDNAMES, NOTIFY_SOCKET (private to
+  its generation), SUPERVISE_GENERATION. In arguments, {fd} is replaced by the
+  first socket's fd number and {fd:NAME} by that listener's.
+
+\b
+Signals: HUP upgrade · TERM/INT drain everything and exit 0 · second INT or QUIT
+  kill everything now · USR1, USR2, WINCH forwarded to the serving generation.
+
+\b
+Examples:
+  supervise --listen :8080 -- python examples/app.py
+  supervise -l web=127.0.0.1:8080 --ready http:/healthz -- gunicorn --bind fd://{fd:web} app:app
+  supervise -l :8000 -- uvicorn app:app --fd {fd}
+  supervise -l unix:/run/app.sock --ready notify -- ./server
+"""
+
+
+class Duration(click.ParamType):
+    """`250ms`, `5s`, `2m`, `1h` or bare seconds."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"invalid --env {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _octal(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise UserError(f"invalid --unix-mode {text!r}: expected an octal mode like 660") from None
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False, "max_content_width": 100},
+    epilog=_EPILOG,
+)
+@click.option("-l", "--listen", "listen", multiple=True, metavar="[NAME=]ADDRESS",
+              help="Socket to hold and pass on (repeatable): HOST:PORT, :PORT (all addresses), [::1]:PORT, "
+                   "tcp://…, udp://HOST:PORT, unix:/path. NAME shows in LISTEN_FDNAMES (default listen0, listen1, …).")
+@click.option("--ready", metavar="SPEC", help="Readiness and health probe: http[://HOST:PORT][/PATH], tcp[://HOST:PORT], "
+              "notify (READY=1), exec:COMMAND, delay:DURATION. Default: http /readyz on the first TCP listener, where "
+              "a 404 counts as 'no readiness endpoint, serving'; without a TCP listener, delay:1s.")
+@click.option("--ready-timeout", type=DURATION, default="60s", show_default=True, help="How long a new generation may take to become ready.")
+@click.option("--probe-timeout", type=DURATION, default="2s", show_default=True, help="Timeout of one probe attempt.")
+@click.option("--watch", type=DURATION, default="5s", show_default=True,
+              help="After ready, how long old and new serve side by side while the new one is health-checked.")
+@click.option("--health-interval", type=DURATION, default="1s", show_default=True,
+              help="Time between health checks (and the slowest readiness poll; polls start at 10ms).")
+@click.option("--health-threshold", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Consecutive failed health checks that roll an upgrade back.")
+@click.option("--drain-signal", default="TERM", show_default=True, metavar="SIGNAL", help="Signal that asks a generation to finish and exit.")
+@click.option("--drain-timeout", type=DURATION, default="30s", show_default=True,
+              help="How long a draining generation may take before its whole process tree is killed.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Restarts of a dying generation allowed within --restart-window; one more failure exits non-zero.")
+@click.option("--restart-window", type=DURATION, default="60s", show_default=True, help="The window --max-restarts counts in.")
+@click.option("--pre-upgrade", metavar="CMD", help="Shell command run before an upgrade; non-zero refuses the upgrade.")
+@click.option("--post-upgrade", metavar="CMD", help="Shell command run after a new generation is promoted.")
+@click.option("--on-rollback", metavar="CMD", help="Shell command run after an upgrade is rolled back (reason in $SUPERVISE_REASON).")
+@click.option("--hook-timeout", type=DURATION, default="60s", show_default=True, help="Time limit of each hook command.")
+@click.option("--chdir", metavar="DIR", help="Working directory of the children, resolved again on every upgrade "
+              "(default: the current directory as the shell names it, symlinks kept).")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment variable for the children (repeatable).")
+@click.option("--backlog", type=click.IntRange(min=1), default=4096, show_default=True, help="Listen backlog of TCP and unix listeners.")
+@click.option("--no-nodelay", is_flag=True, help="Do not set TCP_NODELAY on TCP listeners (accepted connections inherit it).")
+@click.option("--unix-mode", metavar="OCTAL", help="File mode of unix socket files we create (default: from the umask).")
+@click.option("--name", metavar="NAME", help="Name of this service in logs and of its control socket (default: the command's name).")
+@click.option("--control", type=click.Path(path_type=Path), metavar="PATH",
+              help="Control socket path (default: $XDG_RUNTIME_DIR/supervise/NAME.sock, /run/supervise as root).")
+@click.option("--pidfile", type=click.Path(path_type=Path), metavar="PATH", help="Write the supervisor's pid here.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log lines on stderr: text for people, json for machines.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option("--loop", type=click.Choice(["auto", "uvloop", "asyncio"]), default="auto", show_default=True,
+              help="Event loop: uvloop when installed (auto), or plain asyncio.")
+@click.version_option(__version__, "-V", "--version", prog_name="supervise")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
+def run_command(**options: Any) -> None:
+    """Run COMMAND as a supervised server that upgrades without dropping a connection.
+
+    supervise binds the --listen sockets itself and keeps them open for its whole life; every generation of
+    COMMAND inherits them (systemd socket-activation convention). On SIGHUP a new generation starts, must be
+    provably ready, and only then replaces the old one — or is rolled back while the old one keeps serving.
+    """
+    sys.exit(_run(_settings(options)))
+
+
+def _settings(options: dict[str, Any]) -> Settings:
+    command = tuple(options["command"])
+    if not command:
+        raise UserError("no command given: usage: supervise [OPTIONS] -- COMMAND [ARG...]")
+    return Settings(
+        command=command,
+        listen=tuple(parse_listen(text, index) for index, text in enumerate(options["listen"])),
+        ready=parse_probe(options["ready"]) if options["ready"] else None,
+        ready_timeout=options["ready_timeout"],
+        probe_timeout=options["probe_timeout"],
+        watch=options["watch"],
+        health_interval=options["health_interval"],
+        health_threshold=options["health_threshold"],
+        drain_signal=parse_signal(options["drain_signal"]),
+        drain_timeout=options["drain_timeout"],
+        name=options["name"] or os.path.basename(command[0]) or "supervise",
+        control=options["control"],
+        pidfile=options["pidfile"],
+        max_restarts=options["max_restarts"],
+        restart_window=options["restart_window"],
+        backlog=options["backlog"],
+        nodelay=not options["no_nodelay"],
+        unix_mode=_octal(options["unix_mode"]),
+        chdir=options["chdir"],
+        env=tuple(_env_pair(text) for text in options["env"]),
+        hooks=Hooks(options["pre_upgrade"], options["post_upgrade"], options["on_rollback"], options["hook_timeout"]),
+        log_format=options["log_format"],
+        log_level=options["log_level"],
+        loop=options["loop"],
+    )
+
+
+def _run(settings: Settings) -> int:
+    from .runner import run  # the runtime (anyio, psutil) is imported only once the arguments are known good
+
+    return run(settings)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"supervise: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `supervise` console script."""
+    try:
+        run_command.main(args=argv, prog_name="supervise", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), 2)
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

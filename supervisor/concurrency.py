@@ -1,0 +1,24 @@
+"""Structured-concurrency helpers on top of anyio: every task has an owner, every wait can be bounded."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+
+async def first_completed(*functions: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
+    """Run the functions concurrently; return (index, result) of the first to finish and cancel the rest."""
+    winner: list[tuple[int, Any]] = []
+
+    async def run(index: int, function: Callable[[], Awaitable[Any]]) -> None:
+        value = await function()
+        if not winner:
+            winner.append((index, value))
+        group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        for index, function in enumerate(functions):
+            group.start_soon(run, index, function)
+    return winner[0]

@@ -1,0 +1,88 @@
+"""Events: what happened, to which generation and which pids. They flow out to the log (and to subscribers
+such as the control API's event stream and metrics); nothing flows back in."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened. `kind` is a stable machine name (`promoted`, `rolled-back`, …)."""
+
+    kind: str
+    message: str
+    level: str = "info"
+    gen: int | None = None
+    pids: tuple[int, ...] = ()
+    fields: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A flat JSON-ready form: the fixed keys first, then the event's own fields."""
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(self.time, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": self.level,
+            "event": self.kind,
+        }
+        if self.gen is not None:
+            data["gen"] = self.gen
+        if self.pids:
+            data["pids"] = list(self.pids)
+        data["msg"] = self.message
+        data.update(self.fields)
+        return data
+
+
+Subscriber = Callable[[Event], None]
+
+
+@dataclass
+class Events:
+    """The one place events are published; the log is its first subscriber."""
+
+    log_format: str = "text"
+    log_level: str = "info"
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    subscribers: list[Subscriber] = field(default_factory=list)
+
+    def emit(
+        self, kind: str, message: str, *, level: str = "info", gen: int | None = None, pids: tuple[int, ...] | list[int] = (), **fields: Any
+    ) -> Event:
+        """Publish one event to the log and every subscriber."""
+        event = Event(kind, message, level, gen, tuple(pids), fields)
+        if LEVELS[level] >= LEVELS[self.log_level]:
+            self._write(event)
+        for subscriber in list(self.subscribers):
+            subscriber(event)
+        return event
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Add a subscriber; returns the function that removes it."""
+        self.subscribers.append(subscriber)
+        return lambda: self.subscribers.remove(subscriber) if subscriber in self.subscribers else None
+
+    def _write(self, event: Event) -> None:
+        if self.log_format == "json":
+            line = json.dumps(event.as_dict(), default=str)
+        else:
+            stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
+            where = f"gen {event.gen}" if event.gen is not None else ""
+            if event.pids:
+                where += (" " if where else "") + "pid " + ",".join(map(str, event.pids))
+            tag = f"[{where}] " if where else ""
+            level = "" if event.level == "info" else event.level.upper() + ": "
+            line = f"{stamp} supervise: {level}{tag}{event.message}"
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must never take the supervisor down

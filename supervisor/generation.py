@@ -1,0 +1,209 @@
+"""A generation: the processes started from one release at one time, and everything known about them.
+
+Its process tree is remembered (psutil objects carry their create time, so a reused pid is never signalled)
+so that draining and killing reach grandchildren too — even one that left the process group with setsid().
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import psutil
+
+from .events import Events
+from .listeners import Listener
+from .notify import NotifySocket
+from .reaper import ChildExit, ExitStatus, Reaper
+from .release import Release, generation_env, substitute
+from .spawn import ProcessSpec, child_environment, spawn
+
+# States a generation moves through; `starting` → `ready` → `serving` → `draining` → `exited`.
+STARTING, READY, SERVING, DRAINING, EXITED = "starting", "ready", "serving", "draining", "exited"
+_DRAIN_POLL = 0.02
+_TREE_REFRESH = 0.25
+
+
+@dataclass(eq=False)
+class Generation:
+    """One running instance of a release, its process tree, and what it told us over NOTIFY_SOCKET."""
+
+    number: int
+    release: Release
+    leader: int
+    exit: ChildExit
+    events: Events
+    notify: NotifySocket | None = None
+    state: str = STARTING
+    started_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    status_text: str = ""
+    notified_ready: bool = False
+    notified_stopping: bool = False
+    members: dict[int, psutil.Process] = field(default_factory=dict)
+    ready_signal: anyio.Event = field(default_factory=anyio.Event)
+
+    @classmethod
+    def start(
+        cls, number: int, release: Release, listeners: Sequence[Listener], runtime_dir: str, reaper: Reaper, events: Events
+    ) -> Generation:
+        """Spawn the release as generation `number`. Raises SpawnError (nothing left running) if it cannot."""
+        names = [listener.name for listener in listeners]
+        notify_path = os.path.join(runtime_dir, f"gen{number}.notify")
+        generation: Generation | None = None
+
+        def on_notify(pid: int, fields: dict[str, str]) -> None:
+            if generation is not None:
+                generation.notified(pid, fields)
+
+        notify = NotifySocket(notify_path, on_notify)
+        try:
+            env = child_environment(os.environ, generation_env(release, number, notify_path), len(listeners), names)
+            spec = ProcessSpec(
+                release.executable,
+                substitute(release.argv, names),
+                env,
+                cwd=release.cwd,
+                pass_fds=tuple(listener.sock.fileno() for listener in listeners),
+                set_listen_pid=bool(listeners),
+            )
+            pid = spawn(spec)
+        except BaseException:
+            notify.close()
+            raise
+        generation = cls(number, release, pid, reaper.watch(pid), events, notify)
+        generation.remember(pid)
+        notify.start()
+        return generation
+
+    # -- what we know about its processes ---------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Whether the main process is still running (not yet reaped)."""
+        return self.exit.status is None
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        return self.exit.status
+
+    def remember(self, pid: int) -> None:
+        """Add a process (by pid) to this generation's tree, if it still exists."""
+        if pid not in self.members:
+            try:
+                self.members[pid] = psutil.Process(pid)
+            except psutil.Error:
+                pass
+
+    def refresh(self) -> None:
+        """Add every current descendant of every living member (new workers, grandchildren)."""
+        for process in list(self.members.values()):
+            try:
+                children = process.children(recursive=True) if process.is_running() else []
+            except psutil.Error:
+                continue
+            for child in children:
+                self.members.setdefault(child.pid, child)
+
+    def living(self) -> list[psutil.Process]:
+        """Members still running (zombies count as gone: they hold no socket and run no code)."""
+        found = []
+        for process in self.members.values():
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
+    def pids(self, fresh: bool = False) -> list[int]:
+        """Pids of the living members; `fresh` rescans the tree first."""
+        if fresh:
+            self.refresh()
+        return [process.pid for process in self.living()]
+
+    # -- what it tells us -------------------------------------------------------------------------------------
+
+    def notified(self, pid: int, fields: dict[str, str]) -> None:
+        """Handle one sd_notify message; only processes of this generation are listened to."""
+        if pid not in self.members:
+            self.refresh()
+        if pid not in self.members:
+            self.events.emit("notify-ignored", f"ignored notify message from pid {pid}: not a process of this generation",
+                             level="warning", gen=self.number, pids=(pid,))
+            return
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"]
+        if fields.get("STOPPING") == "1":
+            self.notified_stopping = True
+        if fields.get("READY") == "1" and not self.notified_ready:
+            self.notified_ready = True
+            self.ready_at = time.monotonic()
+            self.ready_signal.set()
+        self.events.emit("notify", "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
+                         gen=self.number, pids=(pid,))
+
+    # -- ending it --------------------------------------------------------------------------------------------
+
+    def signal_group(self, signum: int) -> bool:
+        """Send `signum` to the generation's process group (the leader started a session of its own)."""
+        try:
+            os.killpg(self.leader, signum)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of the tree now; returns the pids that were still alive."""
+        killed: list[int] = []
+        for _ in range(3):
+            self.refresh()
+            self.signal_group(signal.SIGKILL)
+            survivors = self.living()
+            if not survivors:
+                break
+            for process in survivors:
+                try:
+                    process.kill()  # psutil checks the create time: a reused pid is never hit
+                    killed.append(process.pid)
+                except psutil.Error:
+                    pass
+        return sorted(set(killed))
+
+    async def drain(self, signum: int, timeout: float) -> list[int]:
+        """Ask the generation to stop, wait up to `timeout` for its whole tree to exit, then kill what remains.
+
+        Returns the pids that had to be killed.
+        """
+        self.refresh()
+        self.state = DRAINING
+        self.signal_group(signum)
+        await self.wait_gone(timeout)
+        if not self.living():
+            return []
+        killed = self.kill()
+        await self.wait_gone(5.0)
+        return killed
+
+    async def wait_gone(self, timeout: float) -> bool:
+        """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
+        last_refresh = time.monotonic()
+        with anyio.move_on_after(timeout):
+            while self.living():
+                await anyio.sleep(_DRAIN_POLL)
+                if time.monotonic() - last_refresh > _TREE_REFRESH:
+                    self.refresh()
+                    last_refresh = time.monotonic()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Release what the supervisor holds for this generation (its notify socket)."""
+        self.state = EXITED
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None

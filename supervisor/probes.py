@@ -1,0 +1,326 @@
+"""Readiness and health probes: one small class per kind, one parser.
+
+A verdict must be about the generation under test. The http and tcp probes therefore only count a connection
+that a process of that generation accepted (see attribution.py); one taken by the old generation through the
+shared socket is INCONCLUSIVE, never READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+
+from . import attribution
+from .errors import UserError
+from .units import parse_duration
+
+_URL = re.compile(r"^(?P<scheme>https?|tcp)://(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]*))(?::(?P<port>\d+))?(?P<path>/.*)?$")
+_HTTP_STATUS = re.compile(rb"^HTTP/\d(?:\.\d)? (\d{3})")
+KINDS = ("http", "tcp", "notify", "exec", "delay")
+
+
+class Verdict(enum.Enum):
+    READY = "ready"
+    NOT_READY = "not-ready"
+    INCONCLUSIVE = "inconclusive"  # answered by someone else: says nothing about this generation
+
+
+@dataclass(frozen=True)
+class Result:
+    """One probe attempt's outcome and a short human detail (`HTTP 200`, `connection refused`)."""
+
+    verdict: Verdict
+    detail: str
+
+    @property
+    def ready(self) -> bool:
+        return self.verdict is Verdict.READY
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A parsed --ready value. `strict` is False only for the default probe (a 404 then means "no endpoint")."""
+
+    kind: str
+    text: str
+    host: str | None = None
+    port: int | None = None
+    path: str = "/readyz"
+    command: str | None = None
+    seconds: float = 0.0
+    strict: bool = True
+
+
+DEFAULT_PROBE = ProbeSpec("http", "http (default: /readyz on the first TCP listener)", strict=False)
+NO_LISTENER_PROBE = ProbeSpec("delay", "delay:1s (default without a TCP listener)", seconds=1.0)
+
+
+def parse_probe(text: str) -> ProbeSpec:
+    """Parse `http[://HOST:PORT][/PATH]`, `tcp[://HOST:PORT]`, `notify`, `exec:COMMAND`, `delay:DURATION`."""
+    value = text.strip()
+    if value in ("http", "tcp", "notify"):
+        return ProbeSpec(value, value)
+    if value.startswith("exec:"):
+        command = value[5:].strip()
+        if not command:
+            raise UserError(f"invalid --ready {text!r}: exec: needs a command, like exec:/usr/local/bin/check")
+        return ProbeSpec("exec", value, command=command)
+    if value.startswith("delay:"):
+        return ProbeSpec("delay", value, seconds=parse_duration(value[6:], "--ready delay"))
+    if value.startswith(("http:/", "http/")) and not value.startswith("http://"):
+        return ProbeSpec("http", value, path="/" + value.split("/", 1)[1].lstrip("/"))
+    match = _URL.match(value)
+    if match:
+        if match.group("scheme") == "https":
+            raise UserError(f"invalid --ready {text!r}: https probes are not supported; probe the plain listener")
+        host = match.group("v6") or match.group("host") or None
+        port = int(match.group("port")) if match.group("port") else None
+        if port is not None and not 0 < port < 65536:
+            raise UserError(f"invalid --ready {text!r}: port {port} is out of range")
+        kind = match.group("scheme")
+        if kind == "tcp" and match.group("path"):
+            raise UserError(f"invalid --ready {text!r}: a tcp probe takes no path")
+        return ProbeSpec(kind, value, host=host, port=port, path=match.group("path") or "/readyz")
+    kind = value.split(":", 1)[0]
+    raise UserError(f"invalid --ready {text!r}: unknown probe kind {kind!r} (use one of: {', '.join(KINDS)})")
+
+
+class Subject(Protocol):
+    """What a probe needs to know about the generation under test."""
+
+    number: int
+    started_at: float
+    ready_signal: anyio.Event
+
+    def pids(self, fresh: bool = False) -> Sequence[int]: ...
+    @property
+    def notified_ready(self) -> bool: ...
+    @property
+    def notified_stopping(self) -> bool: ...
+    @property
+    def leader(self) -> int: ...
+
+
+class Probe(Protocol):
+    spec: ProbeSpec
+
+    async def check(self, subject: Subject) -> Result: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a network probe connects, and whether that address is one of our shared listeners."""
+
+    host: str
+    port: int
+    shared: bool
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+async def _connect(target: Target, subject: Subject, timeout: float) -> tuple[socket.socket | None, Result | None]:
+    """Open a connection accepted by `subject` — or say why not. The caller closes the socket."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, (target.host, target.port))
+    except OSError as exc:
+        sock.close()
+        return None, Result(Verdict.NOT_READY, f"cannot connect to {target}: {exc.strerror or exc}")
+    if not target.shared or not attribution.available():
+        return sock, None
+    inode = await _accepted_inode(sock, timeout)
+    if not inode:
+        sock.close()
+        return None, Result(Verdict.NOT_READY, f"connection to {target} not accepted by any process")
+    owner = attribution.owner(inode, subject.pids())
+    if owner is None:
+        await anyio.sleep(0.001)  # the fd is installed just after the socket gets its inode; workers may be new
+        owner = attribution.owner(inode, subject.pids(fresh=True))
+    if owner is None:
+        sock.close()
+        return None, Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation")
+    return sock, None
+
+
+async def _accepted_inode(sock: socket.socket, timeout: float) -> int | None:
+    """Wait until some process accepts our connection; the server-side socket's inode, or None on timeout."""
+    delay = 0.0005
+    with anyio.move_on_after(timeout):
+        while True:
+            inode = attribution.server_side_inode(sock)
+            if inode:
+                return inode
+            if inode is None:
+                return None
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+    return None
+
+
+async def _http_status(sock: socket.socket, host: str, path: str) -> int | None:
+    """Send one GET and return the response's status code (None if the reply is not HTTP)."""
+    loop = asyncio.get_running_loop()
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: supervise-probe\r\nConnection: close\r\n\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    received = b""
+    while b"\r\n" not in received and len(received) < 8192:
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            break
+        received += chunk
+    match = _HTTP_STATUS.match(received)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class HttpProbe:
+    """GET a path; 2xx/3xx is ready. The default (non-strict) probe takes 404 as "no endpoint, but serving"."""
+
+    spec: ProbeSpec
+    target: Target
+    timeout: float
+    on_lenient: Callable[[int], None] | None = None
+
+    async def check(self, subject: Subject) -> Result:
+        with anyio.move_on_after(self.timeout):
+            sock, failed = await _connect(self.target, subject, self.timeout)
+            if sock is None:
+                assert failed is not None
+                return failed
+            try:
+                status = await _http_status(sock, self.target.host, self.spec.path)
+            except OSError as exc:
+                return Result(Verdict.NOT_READY, f"GET {self.spec.path}: {exc.strerror or exc}")
+            finally:
+                sock.close()
+            if status is None:
+                return Result(Verdict.NOT_READY, f"GET {self.spec.path}: no HTTP response")
+            if 200 <= status < 400:
+                return Result(Verdict.READY, f"HTTP {status}")
+            if status == 404 and not self.spec.strict:
+                if self.on_lenient:
+                    self.on_lenient(subject.number)
+                return Result(Verdict.READY, "HTTP 404 (no readiness endpoint; serving)")
+            return Result(Verdict.NOT_READY, f"HTTP {status}")
+        return Result(Verdict.NOT_READY, f"GET {self.spec.path}: no answer within {self.timeout:g}s")
+
+
+@dataclass
+class TcpProbe:
+    """A connection accepted by the generation is ready."""
+
+    spec: ProbeSpec
+    target: Target
+    timeout: float
+
+    async def check(self, subject: Subject) -> Result:
+        with anyio.move_on_after(self.timeout):
+            sock, failed = await _connect(self.target, subject, self.timeout)
+            if sock is None:
+                assert failed is not None
+                return failed
+            sock.close()
+            return Result(Verdict.READY, f"accepted on {self.target}")
+        return Result(Verdict.NOT_READY, f"connection to {self.target} not accepted within {self.timeout:g}s")
+
+
+@dataclass
+class NotifyProbe:
+    """READY=1 from a process of the generation on its private NOTIFY_SOCKET; healthy until STOPPING=1."""
+
+    spec: ProbeSpec
+    timeout: float
+
+    async def check(self, subject: Subject) -> Result:
+        if not subject.notified_ready:
+            with anyio.move_on_after(self.timeout):
+                await subject.ready_signal.wait()  # wakes the moment READY=1 arrives: no polling delay
+        if subject.notified_stopping:
+            return Result(Verdict.NOT_READY, "sent STOPPING=1")
+        if subject.notified_ready:
+            return Result(Verdict.READY, "READY=1")
+        return Result(Verdict.NOT_READY, "no READY=1 yet")
+
+
+CommandRunner = Callable[[str, dict[str, str], float], Awaitable[str | None]]
+
+
+@dataclass
+class ExecProbe:
+    """A command that exits 0 when the generation is ready; it gets SUPERVISE_PID and SUPERVISE_GENERATION."""
+
+    spec: ProbeSpec
+    timeout: float
+    run: CommandRunner
+
+    async def check(self, subject: Subject) -> Result:
+        assert self.spec.command is not None
+        env = {"SUPERVISE_PID": str(subject.leader), "SUPERVISE_GENERATION": str(subject.number)}
+        failure = await self.run(self.spec.command, env, self.timeout)
+        if failure is None:
+            return Result(Verdict.READY, "exit 0")
+        return Result(Verdict.NOT_READY, failure)
+
+
+@dataclass
+class DelayProbe:
+    """Ready once the generation has stayed alive for a while (for servers that can signal nothing else)."""
+
+    spec: ProbeSpec
+
+    async def check(self, subject: Subject) -> Result:
+        await anyio.sleep(max(0.0, subject.started_at + self.spec.seconds - time.monotonic()))
+        return Result(Verdict.READY, f"alive for {self.spec.seconds:g}s")
+
+
+def build_probe(
+    spec: ProbeSpec,
+    default_target: tuple[str, int] | None,
+    shared_ports: set[int],
+    timeout: float,
+    run: CommandRunner,
+    on_lenient: Callable[[int], None] | None = None,
+) -> Probe:
+    """A probe object for `spec`. `default_target` is the first TCP listener (as a local probe reaches it)."""
+    if spec.kind in ("http", "tcp"):
+        if spec.host is None or spec.port is None:
+            if default_target is None:
+                raise UserError(f"--ready {spec.text}: needs a TCP --listen to probe, or an explicit http://HOST:PORT/PATH")
+            host = spec.host or default_target[0]
+            port = spec.port or default_target[1]
+        else:
+            host, port = spec.host, spec.port
+        target = Target(_numeric_host(host), port, shared=port in shared_ports)
+        if spec.kind == "http":
+            return HttpProbe(spec, target, timeout, on_lenient)
+        return TcpProbe(spec, target, timeout)
+    if spec.kind == "notify":
+        return NotifyProbe(spec, timeout)
+    if spec.kind == "exec":
+        return ExecProbe(spec, timeout, run)
+    return DelayProbe(spec)
+
+
+def _numeric_host(host: str) -> str:
+    """Resolve a probe host once, at start-up, so no probe ever waits on DNS (or a resolver thread)."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return host
+    except OSError:
+        pass
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as exc:
+        raise UserError(f"--ready: cannot resolve host {host!r}: {exc.strerror}") from None

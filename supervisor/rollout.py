@@ -1,0 +1,241 @@
+"""The upgrade state machine: spawning → waiting-ready → watching → draining → idle, or rolling-back → idle.
+
+The old generation is never told anything until the new one has been ready and healthy for the whole watch
+window, so every failure before draining is rolled back by killing the new generation alone: the old one keeps
+serving as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+
+from .commands import CommandRunner
+from .concurrency import first_completed
+from .config import Settings
+from .errors import UserError
+from .events import Events
+from .generation import Generation
+from .probes import Probe, Result, Verdict
+from .release import Release
+from .spawn import SpawnError
+
+IDLE, SPAWNING, WAITING_READY, WATCHING, DRAINING, ROLLING_BACK = (
+    "idle", "spawning", "waiting-ready", "watching", "draining", "rolling-back")
+PROMOTED, ROLLED_BACK, REFUSED = "promoted", "rolled-back", "refused"
+_FIRST_POLL = 0.01
+_FIRST_RETRY = 0.001
+_MAX_RETRY = 0.02
+_INCONCLUSIVE_RETRIES = 20
+
+
+class Host(Protocol):
+    """What the rollout needs from the supervisor that owns the generations."""
+
+    settings: Settings
+    events: Events
+    probe: Probe
+    commands: CommandRunner
+
+    def resolve_release(self) -> Release: ...
+    def launch(self, release: Release) -> Generation: ...
+    def promote(self, generation: Generation) -> None: ...
+    async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
+
+
+@dataclass
+class Outcome:
+    """How an upgrade ended, why, and how long each phase took (seconds since the upgrade began)."""
+
+    result: str
+    reason: str = ""
+    new_gen: int | None = None
+    old_gen: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> bool:
+        return self.result == PROMOTED
+
+
+class Failed(Exception):
+    """The new generation failed; the message is the rollback reason."""
+
+
+async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_interval: float) -> Result:
+    """Probe until ready (fast at first, backing off to `max_interval`), the generation exits, or time is up.
+
+    Raises Failed with the reason when it does not become ready.
+    """
+    last = Result(Verdict.NOT_READY, "no probe answered yet")
+
+    async def poll() -> Result:
+        nonlocal last
+        delay, quick = _FIRST_POLL, _FIRST_RETRY
+        while True:
+            result = await probe.check(generation)
+            if result.ready:
+                return result
+            last = result
+            if result.verdict is Verdict.INCONCLUSIVE:
+                # The old generation took the probe connection: not a failure, try again soon on a new one.
+                await anyio.sleep(quick)
+                quick = min(quick * 2, _MAX_RETRY)
+                continue
+            quick = _FIRST_RETRY
+            await anyio.sleep(delay)
+            delay = min(delay * 2, max_interval)
+
+    with anyio.move_on_after(timeout):
+        which, value = await first_completed(poll, generation.exit.wait)
+        if which == 1:
+            raise Failed(f"{value.describe()} during readiness")
+        return value
+    raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}")
+
+
+async def health_check(probe: Probe, generation: Generation) -> Result:
+    """One health verdict; an attempt answered by another generation is retried, as it proves nothing."""
+    result = await probe.check(generation)
+    for _ in range(_INCONCLUSIVE_RETRIES):
+        if result.verdict is not Verdict.INCONCLUSIVE:
+            break
+        await anyio.sleep(0.005)
+        result = await probe.check(generation)
+    return result
+
+
+async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int) -> None:
+    """Health-check through the watch window; raises Failed on `threshold` consecutive failures or an exit."""
+
+    async def checks() -> None:
+        failures = 0
+        while True:
+            await anyio.sleep(interval)
+            result = await health_check(probe, generation)
+            if result.verdict is Verdict.READY:
+                failures = 0
+            elif result.verdict is Verdict.NOT_READY:
+                failures += 1
+                if failures >= threshold:
+                    raise Failed(f"unhealthy in watch window: {failures} consecutive failures (last: {result.detail})")
+
+    with anyio.move_on_after(window):
+        which, value = await first_completed(checks, generation.exit.wait)
+        if which == 1:
+            raise Failed(f"{value.describe()} in watch window")
+
+
+@dataclass
+class Rollout:
+    """One upgrade from the serving generation to a new one. `state` is what status reports."""
+
+    host: Host
+    old: Generation | None
+    trigger: str
+    state: str = IDLE
+    new: Generation | None = None
+    began: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    on_state: Callable[[str], None] | None = None
+
+    def _enter(self, state: str) -> None:
+        self.state = state
+        if self.on_state:
+            self.on_state(state)
+
+    def _mark(self, phase: str) -> None:
+        self.timings[phase] = round(time.monotonic() - self.began, 6)
+
+    async def run(self) -> Outcome:
+        """Run the whole upgrade; never raises for a failed release — that is an Outcome."""
+        settings, events = self.host.settings, self.host.events
+        old_number = self.old.number if self.old else None
+        self._enter(SPAWNING)
+        refusal = await self._hook("pre-upgrade", settings.hooks.pre_upgrade, "")
+        if refusal:
+            events.emit("upgrade-refused", f"upgrade refused: pre-upgrade hook {refusal}", level="warning", gen=old_number)
+            self._enter(IDLE)
+            return Outcome(REFUSED, f"pre-upgrade hook {refusal}", old_gen=old_number)
+        try:
+            await self._bring_up()
+        except Failed as failure:
+            return await self._roll_back(str(failure))
+        return await self._promote_and_drain()
+
+    async def _bring_up(self) -> None:
+        settings, events = self.host.settings, self.host.events
+        try:
+            release = self.host.resolve_release()
+            self.new = self.host.launch(release)
+        except (SpawnError, UserError) as exc:
+            raise Failed(f"exec failed: {exc}") from None
+        self._mark("spawned")
+        self._enter(WAITING_READY)
+        result = await wait_ready(self.host.probe, self.new, settings.ready_timeout, settings.health_interval)
+        self._mark("ready")
+        ready_at = self.new.ready_at = self.new.ready_at or time.monotonic()
+        events.emit("ready", f"generation {self.new.number} ready after {ready_at - self.new.started_at:.3f}s ({result.detail})",
+                    gen=self.new.number, pids=self.new.pids(), elapsed=round(ready_at - self.new.started_at, 6), probe=result.detail)
+        if settings.watch > 0:
+            self._enter(WATCHING)
+            beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
+            events.emit("watching", f"watching generation {self.new.number} for {settings.watch:g}s{beside}", gen=self.new.number)
+            await watch(self.host.probe, self.new, settings.watch, settings.health_interval, settings.health_threshold)
+
+    async def _promote_and_drain(self) -> Outcome:
+        settings, events = self.host.settings, self.host.events
+        assert self.new is not None
+        self.host.promote(self.new)
+        self._mark("promoted")
+        old_number = self.old.number if self.old else None
+        events.emit("promoted", f"generation {self.new.number} promoted"
+                    + (f"; draining generation {old_number}" if old_number else ""),
+                    gen=self.new.number, pids=self.new.pids(), old_gen=old_number, timings=dict(self.timings))
+        self._enter(DRAINING)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._hook, "post-upgrade", settings.hooks.post_upgrade, "")
+            if self.old is not None:
+                await self.host.retire(self.old, graceful=True)
+        self._mark("old_gone")
+        self._enter(IDLE)
+        return Outcome(PROMOTED, "", self.new.number, old_number, dict(self.timings))
+
+    async def _roll_back(self, reason: str) -> Outcome:
+        events = self.host.events
+        self._enter(ROLLING_BACK)
+        new_number = self.new.number if self.new else None
+        old_number = self.old.number if self.old else None
+        if self.new is not None:
+            # Drained, not killed: before failing it may have accepted (and be answering) connections.
+            await self.host.retire(self.new, graceful=True)
+        self._mark("rolled_back")
+        keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
+        events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
+                    gen=new_number, old_gen=old_number, reason=reason, timings=dict(self.timings))
+        await self._hook("on-rollback", self.host.settings.hooks.on_rollback, reason)
+        self._enter(IDLE)
+        return Outcome(ROLLED_BACK, reason, new_number, old_number, dict(self.timings))
+
+    async def _hook(self, name: str, command: str | None, reason: str) -> str | None:
+        """Run one hook with the generations and reason in its environment; returns why it failed, or None."""
+        if not command:
+            return None
+        env = {
+            "SUPERVISE_HOOK": name,
+            "SUPERVISE_OLD_GENERATION": str(self.old.number) if self.old else "",
+            "SUPERVISE_OLD_PID": str(self.old.leader) if self.old else "",
+            "SUPERVISE_NEW_GENERATION": str(self.new.number) if self.new else "",
+            "SUPERVISE_NEW_PID": str(self.new.leader) if self.new else "",
+            "SUPERVISE_REASON": reason,
+        }
+        failure = await self.host.commands(command, env, self.host.settings.hooks.timeout)
+        level = "info" if failure is None else "warning"
+        self.host.events.emit("hook", f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
+                              hook=name, failure=failure)
+        return failure
+

@@ -1,0 +1,110 @@
+"""Process-level set-up around the Supervisor: resolve, bind, write the pidfile, run the event loop, clean up.
+
+Everything that can fail because of user input fails here, before any child is started, as a UserError.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import anyio
+
+from . import prctl
+from .config import Settings, default_runtime_dir
+from .errors import UserError
+from .events import Events
+from .listeners import Listener, inherited_from_systemd, open_listeners
+from .release import check_templates, logical_cwd, resolve
+from .spawn import ExecutableNotFound
+from .supervisor import Supervisor
+
+
+def _backend_options(loop: str) -> dict[str, object]:
+    if loop == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401 - only checking that it can be used
+    except ImportError:
+        if loop == "uvloop":
+            raise UserError("--loop uvloop: uvloop is not installed") from None
+        return {}
+    return {"use_uvloop": True}
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Fail early, with one line, if `path` cannot be created where it is asked for."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: {exc.strerror}") from None
+    if path.is_dir():
+        raise UserError(f"cannot write {what} {path}: it is a directory")
+    if not os.access(directory, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {what} {path}: permission denied")
+
+
+def _write_pidfile(path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise UserError(f"cannot write pidfile {path}: {exc.strerror}") from None
+
+
+def _remove_pidfile(path: Path) -> None:
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _runtime_dir() -> str:
+    """A private (0700) directory for this run's notify sockets; short, since socket paths are limited."""
+    parent = default_runtime_dir()
+    try:
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return tempfile.mkdtemp(prefix="run-", dir=parent)
+    except OSError:
+        return tempfile.mkdtemp(prefix="supervise-")
+
+
+def run(settings: Settings) -> int:
+    """Run the supervisor to completion and return its exit code."""
+    events = Events(settings.log_format, settings.log_level)
+    try:
+        release = resolve(settings.command, logical_cwd(settings.chdir), settings.env, os.environ.get("PATH"))
+    except ExecutableNotFound as exc:
+        raise UserError(str(exc)) from None
+    backend_options = _backend_options(settings.loop)
+    if settings.pidfile:
+        _check_writable(settings.pidfile, "pidfile")
+    if settings.control:
+        _check_writable(settings.control, "control socket")
+    listeners: list[Listener] = open_listeners(
+        settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
+    runtime_dir = ""
+    try:
+        check_templates(settings.command, [listener.name for listener in listeners])
+        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="")
+        for listener in listeners:
+            how = "adopted from systemd" if listener.adopted else "listening"
+            events.emit("listening", f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "
+                        f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
+        if settings.pidfile:
+            _write_pidfile(settings.pidfile)
+        runtime_dir = supervisor.runtime_dir = _runtime_dir()
+        prctl.set_child_subreaper()
+        return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
+    finally:
+        for listener in listeners:
+            listener.close()
+        if settings.pidfile:
+            _remove_pidfile(settings.pidfile)
+        if runtime_dir:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
