@@ -18,7 +18,12 @@ async def first_completed(*functions: Callable[[], Awaitable[Any]]) -> tuple[int
             winner.append((index, value))
         group.cancel_scope.cancel()
 
-    async with anyio.create_task_group() as group:
-        for index, function in enumerate(functions):
-            group.start_soon(run, index, function)
+    try:
+        async with anyio.create_task_group() as group:
+            for index, function in enumerate(functions):
+                group.start_soon(run, index, function)
+    except BaseExceptionGroup as errors:
+        if len(errors.exceptions) == 1:
+            raise errors.exceptions[0] from None  # callers expect the error itself, not a group of one
+        raise
     return winner[0]

@@ -159,20 +159,22 @@ class Generation:
 
     def kill(self) -> list[int]:
         """SIGKILL every process of the tree now; returns the pids that were still alive."""
-        killed: list[int] = []
+        self.refresh()
+        victims = self.living()
+        killed = {process.pid for process in victims}
         for _ in range(3):
-            self.refresh()
             self.signal_group(signal.SIGKILL)
-            survivors = self.living()
-            if not survivors:
-                break
-            for process in survivors:
+            for process in victims:
                 try:
                     process.kill()  # psutil checks the create time: a reused pid is never hit
-                    killed.append(process.pid)
                 except psutil.Error:
                     pass
-        return sorted(set(killed))
+            self.refresh()  # anything forked meanwhile
+            victims = self.living()
+            if not victims:
+                break
+            killed.update(process.pid for process in victims)
+        return sorted(killed)
 
     async def drain(self, signum: int, timeout: float) -> list[int]:
         """Ask the generation to stop, wait up to `timeout` for its whole tree to exit, then kill what remains.

@@ -93,6 +93,20 @@ def parse_probe(text: str) -> ProbeSpec:
     raise UserError(f"invalid --ready {text!r}: unknown probe kind {kind!r} (use one of: {', '.join(KINDS)})")
 
 
+_NOTHING_YET = {
+    "http": "no answer yet",
+    "tcp": "no connection accepted yet",
+    "notify": "no READY=1 received",
+    "exec": "the command has not succeeded yet",
+    "delay": "not alive long enough yet",
+}
+
+
+def nothing_yet(spec: ProbeSpec) -> Result:
+    """The verdict to report when not a single attempt has completed."""
+    return Result(Verdict.NOT_READY, _NOTHING_YET[spec.kind])
+
+
 class Subject(Protocol):
     """What a probe needs to know about the generation under test."""
 

@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import UserError
 from .events import Events
 from .generation import Generation
-from .probes import Probe, Result, Verdict
+from .probes import Probe, Result, Verdict, nothing_yet
 from .release import Release
 from .spawn import SpawnError
 
@@ -71,7 +71,7 @@ async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_i
 
     Raises Failed with the reason when it does not become ready.
     """
-    last = Result(Verdict.NOT_READY, "no probe answered yet")
+    last = nothing_yet(probe.spec)
 
     async def poll() -> Result:
         nonlocal last
