@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ def default_runtime_dir() -> Path:
         return Path(xdg) / "supervise"
     if os.geteuid() == 0:
         return Path("/run/supervise")
-    return Path(tempfile.gettempdir()) / f"supervise-{os.getuid()}"
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"supervise-{os.getuid()}"
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ class Rollout:
         self._mark("ready")
         ready_at = self.new.ready_at = self.new.ready_at or time.monotonic()
         events.emit("ready", f"generation {self.new.number} ready after {ready_at - self.new.started_at:.3f}s ({result.detail})",
-                    gen=self.new.number, pids=self.new.pids(), elapsed=round(ready_at - self.new.started_at, 6), probe=result.detail)
+                    gen=self.new.number, pids=self.new.pids(fresh=True), elapsed=round(ready_at - self.new.started_at, 6), probe=result.detail)
         if settings.watch > 0:
             self._enter(WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""

@@ -6,13 +6,12 @@ Everything that can fail because of user input fails here, before any child is s
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import time
 from pathlib import Path
 
 import anyio
 
-from . import prctl
+from . import libc
 from .config import Settings, default_runtime_dir
 from .errors import UserError
 from .events import Events
@@ -64,14 +63,25 @@ def _remove_pidfile(path: Path) -> None:
         pass
 
 
-def _runtime_dir() -> str:
-    """A private (0700) directory for this run's notify sockets; short, since socket paths are limited."""
+def _runtime_dir() -> Path:
+    """A private (0700) directory for this run's notify sockets; short, since socket paths are limited.
+
+    (Plain os calls rather than tempfile/shutil: those two modules alone add a megabyte to a long-lived RSS.)
+    """
     parent = default_runtime_dir()
     try:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return tempfile.mkdtemp(prefix="run-", dir=parent)
-    except OSError:
-        return tempfile.mkdtemp(prefix="supervise-")
+        directory = parent / f"run-{os.getpid()}-{time.monotonic_ns()}"
+        directory.mkdir(mode=0o700)
+    except OSError as exc:
+        raise UserError(f"cannot create runtime directory under {parent}: {exc.strerror}") from None
+    return directory
+
+
+def _remove_runtime_dir(directory: Path) -> None:
+    for entry in directory.iterdir():
+        entry.unlink(missing_ok=True)
+    directory.rmdir()
 
 
 def run(settings: Settings) -> int:
@@ -88,7 +98,7 @@ def run(settings: Settings) -> int:
         _check_writable(settings.control, "control socket")
     listeners: list[Listener] = open_listeners(
         settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
-    runtime_dir = ""
+    runtime_dir: Path | None = None
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release, runtime_dir="")
@@ -98,13 +108,14 @@ def run(settings: Settings) -> int:
                         f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
-        runtime_dir = supervisor.runtime_dir = _runtime_dir()
-        prctl.set_child_subreaper()
+        runtime_dir = _runtime_dir()
+        supervisor.runtime_dir = str(runtime_dir)
+        libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:
         for listener in listeners:
             listener.close()
         if settings.pidfile:
             _remove_pidfile(settings.pidfile)
-        if runtime_dir:
-            shutil.rmtree(runtime_dir, ignore_errors=True)
+        if runtime_dir is not None:
+            _remove_runtime_dir(runtime_dir)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from . import prctl
+from . import libc
 
 _MAX_FD = 65536
 
@@ -53,10 +52,11 @@ def resolve_executable(name: str, path: str | None, cwd: str | None) -> str:
         if os.path.isdir(candidate) or not os.access(candidate, os.X_OK):
             raise ExecutableNotFound(f"cannot execute {name}: permission denied (not an executable file)")
         return candidate
-    found = shutil.which(name, path=path if path is not None else os.defpath)
-    if found is None:
-        raise ExecutableNotFound(f"cannot execute {name}: command not found in PATH")
-    return os.path.abspath(found) if not os.path.isabs(found) else found
+    for directory in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.abspath(candidate)
+    raise ExecutableNotFound(f"cannot execute {name}: command not found in PATH")
 
 
 def _above(fd: int, minimum: int) -> int:
@@ -89,7 +89,7 @@ def _exec_child(
         for signum in reset:
             signal.signal(signum, signal.SIG_DFL)
         if spec.parent_death_signal is not None:
-            prctl.set_parent_death_signal(spec.parent_death_signal)
+            libc.set_parent_death_signal(spec.parent_death_signal)
             if os.getppid() != parent:
                 os._exit(1)  # the supervisor died before prctl: do not start an orphan
         os.setsid()
@@ -183,4 +183,5 @@ def child_environment(base: Mapping[str, str], extra: Mapping[str, str], listen_
 
 
 def _addressed_to_us(key: str) -> bool:
-    return key.startswith(("LISTEN_", "WATCHDOG_")) or key in ("NOTIFY_SOCKET", "MAINPID")
+    """Variables our own manager set for us (systemd, or an outer supervise), never meant for a child."""
+    return key.startswith(("LISTEN_", "WATCHDOG_", "SUPERVISE_")) or key in ("NOTIFY_SOCKET", "MAINPID")

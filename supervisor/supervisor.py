@@ -21,6 +21,7 @@ from .concurrency import first_completed
 from .config import Settings
 from .events import Events
 from .generation import DRAINING, EXITED, SERVING, Generation
+from .libc import release_free_memory
 from .listeners import Listener
 from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, build_probe
 from .reaper import Reaper
@@ -106,6 +107,7 @@ class Supervisor:
         """Bring the first generation up, then serve operations one at a time until cancelled or fatal."""
         try:
             await self._bring_up(self.release, first=True)
+            release_free_memory()
             while True:
                 await self._next_operation()
                 if self.serving is None or not self.serving.alive:
@@ -166,7 +168,7 @@ class Supervisor:
                 continue
             elapsed = (generation.ready_at or time.monotonic()) - generation.started_at
             self.events.emit("ready", f"generation {generation.number} ready after {elapsed:.3f}s ({result.detail})",
-                             gen=generation.number, pids=generation.pids(), elapsed=round(elapsed, 6), probe=result.detail)
+                             gen=generation.number, pids=generation.pids(fresh=True), elapsed=round(elapsed, 6), probe=result.detail)
             self.promote(generation)
             self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
             return generation
@@ -227,6 +229,7 @@ class Supervisor:
         """Stop a generation: drain it (signal, wait, kill the rest) or kill it at once; then forget it."""
         signame = self.settings.drain_signal.name
         began = time.monotonic()
+        self._adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.living():
             self.events.emit("draining", f"draining generation {generation.number} ({signame}, up to "
                              f"{self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
@@ -277,7 +280,23 @@ class Supervisor:
                             group.start_soon(self.retire, generation, True)
             for generation in list(self.generations):
                 await self.retire(generation, graceful=False)
+            self._kill_descendants()
         self.events.emit("stopped", "stopped" + (" (forced)" if self.forced else ""), exit_code=self.exit_code)
+
+    def _kill_descendants(self) -> None:
+        """Last sweep at exit: every generation is gone, so any process still below us is a leftover."""
+        try:
+            leftovers = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return
+        for process in leftovers:
+            try:
+                process.kill()
+            except psutil.Error:
+                continue
+            self.events.emit("leftover-killed", f"killed pid {process.pid}: still running after every generation was stopped",
+                             level="warning", pids=(process.pid,))
+        self.reaper.reap()
 
     # -- background duties ------------------------------------------------------------------------------------
 
@@ -323,7 +342,10 @@ class Supervisor:
             self._adopt_orphans()
 
     def _adopt_orphans(self) -> None:
-        """Processes re-parented to us (we are their subreaper) go back to the generation their environment names."""
+        """Processes re-parented to us (we are their subreaper) go back to the generation their environment names.
+
+        One whose generation is already finished must not outlive it: it is killed here.
+        """
         known = set(self.reaper.children)
         for generation in self.generations:
             known.update(generation.members)
@@ -335,13 +357,24 @@ class Supervisor:
             if process.pid in known:
                 continue
             try:
-                number = process.environ().get("SUPERVISE_GENERATION")
+                number = process.environ().get("SUPERVISE_GENERATION", "")
             except psutil.Error:
                 continue
-            for generation in self.generations:
-                if str(generation.number) == number:
-                    generation.remember(process.pid)
-                    generation.refresh()
+            owner = next((generation for generation in self.generations if str(generation.number) == number), None)
+            if owner is not None:
+                owner.remember(process.pid)
+                owner.refresh()
+            elif number.isdigit() and int(number) < self.next_number:
+                self._kill_leftover(process, int(number))
+
+    def _kill_leftover(self, process: psutil.Process, number: int) -> None:
+        try:
+            for member in [*process.children(recursive=True), process]:
+                member.kill()
+        except psutil.Error:
+            return
+        self.events.emit("leftover-killed", f"killed pid {process.pid}: left over from finished generation {number}",
+                         level="warning", gen=number, pids=(process.pid,))
 
     def _lenient_probe_used(self, number: int) -> None:
         if not self._lenient_logged:
