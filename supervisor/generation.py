@@ -44,6 +44,7 @@ class Generation:
     status_text: str = ""
     notified_ready: bool = False
     notified_stopping: bool = False
+    last_watchdog: float | None = None
     members: dict[int, psutil.Process] = field(default_factory=dict)
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
 
@@ -140,6 +141,8 @@ class Generation:
             self.status_text = fields["STATUS"]
         if fields.get("STOPPING") == "1":
             self.notified_stopping = True
+        if fields.get("WATCHDOG") == "1":
+            self.last_watchdog = time.monotonic()
         if fields.get("READY") == "1" and not self.notified_ready:
             self.notified_ready = True
             self.ready_at = time.monotonic()

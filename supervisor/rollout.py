@@ -8,7 +8,6 @@ serving as if nothing had happened.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,12 +140,13 @@ class Rollout:
     new: Generation | None = None
     began: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
-    on_state: Callable[[str], None] | None = None
 
     def _enter(self, state: str) -> None:
-        self.state = state
-        if self.on_state:
-            self.on_state(state)
+        previous, self.state = self.state, state
+        generation = self.new or self.old
+        self.host.events.emit("transition", f"upgrade: {previous} → {state}", level="debug",
+                              gen=generation.number if generation else None, previous=previous, state=state,
+                              elapsed=round(time.monotonic() - self.began, 6))
 
     def _mark(self, phase: str) -> None:
         self.timings[phase] = round(time.monotonic() - self.began, 6)

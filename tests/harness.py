@@ -56,6 +56,8 @@ class Supervise:
     args: list[str]
     env: dict[str, str] | None = None
     cwd: str | None = None
+    wrapper: list[str] = field(default_factory=list)  # argv prefix, e.g. a shell that sets up inherited fds
+    pass_fds: tuple[int, ...] = ()
     process: subprocess.Popen[bytes] = field(init=False)
     events: list[dict[str, Any]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -63,9 +65,9 @@ class Supervise:
     _reader: threading.Thread = field(init=False)
 
     def start(self) -> Supervise:
-        argv = [*supervise_command(), "--log-format", "json", "--log-level", "debug", *self.args]
+        argv = [*self.wrapper, *supervise_command(), "--log-format", "json", "--log-level", "debug", *self.args]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        env=self.env, cwd=self.cwd, start_new_session=True)
+                                        env=self.env, cwd=self.cwd, start_new_session=True, pass_fds=self.pass_fds)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
