@@ -243,13 +243,13 @@ class Supervisor:
             self.events.emit("drain-timeout", f"generation {generation.number} still running after "
                              f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
                              level="warning", gen=generation.number, pids=killed)
-        self.events.emit("retired", f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
-                         elapsed=round(elapsed, 6), killed=killed)
         generation.close()
         if generation in self.generations:
             self.generations.remove(generation)
         if self.serving is generation:
             self.serving = None
+        self.events.emit("retired", f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
+                         elapsed=round(elapsed, 6), killed=killed)
         return killed
 
     # -- stopping ---------------------------------------------------------------------------------------------
