@@ -114,6 +114,8 @@ def _octal(text: str | None) -> int | None:
 @click.option("--name", metavar="NAME", help="Name of this service in logs and of its control socket (default: the command's name).")
 @click.option("--control", type=click.Path(path_type=Path), metavar="PATH",
               help="Control socket path (default: $XDG_RUNTIME_DIR/supervise/NAME.sock, /run/supervise as root).")
+@click.option("--state-dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="Where rollout history and last-known-good/bad releases persist (default: beside the control socket).")
 @click.option("--pidfile", type=click.Path(path_type=Path), metavar="PATH", help="Write the supervisor's pid here.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log lines on stderr: text for people, json for machines.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
@@ -148,6 +150,7 @@ def _settings(options: dict[str, Any]) -> Settings:
         drain_timeout=options["drain_timeout"],
         name=options["name"] or os.path.basename(command[0]) or "supervise",
         control=options["control"],
+        state_dir=options["state_dir"],
         pidfile=options["pidfile"],
         max_restarts=options["max_restarts"],
         restart_window=options["restart_window"],
@@ -175,9 +178,15 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `supervise` console script."""
+    """Entry point of the `supervise` console script: `supervise ctl VERB` or the run form."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        run_command.main(args=argv, prog_name="supervise", standalone_mode=False)
+        if args[:1] == ["ctl"]:
+            from .control.client import ctl
+
+            ctl.main(args=args[1:], prog_name="supervise ctl", standalone_mode=False)
+        else:
+            run_command.main(args=args, prog_name="supervise", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

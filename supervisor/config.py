@@ -48,6 +48,7 @@ class Settings:
     drain_timeout: float = 30.0
     name: str = "supervise"
     control: Path | None = None
+    state_dir: Path | None = None
     pidfile: Path | None = None
     max_restarts: int = 5
     restart_window: float = 60.0
@@ -65,3 +66,8 @@ class Settings:
     def control_path(self) -> Path:
         """The control socket's path: --control, else derived from --name."""
         return self.control or default_runtime_dir() / f"{self.name}.sock"
+
+    @property
+    def state_path(self) -> Path:
+        """Where rollout history and last-known-good/bad persist: --state-dir, else beside the control socket."""
+        return (self.state_dir or self.control_path.parent) / f"{self.name}.state.json"

@@ -127,6 +127,13 @@ class Generation:
             self.refresh()
         return [process.pid for process in self.living()]
 
+    def mark_ready(self) -> float:
+        """Record readiness (the moment READY=1 arrived, if it did); returns seconds from start to ready."""
+        self.ready_at = self.ready_at or time.monotonic()
+        if self.state == STARTING:
+            self.state = READY
+        return self.ready_at - self.started_at
+
     # -- what it tells us -------------------------------------------------------------------------------------
 
     def notified(self, pid: int, fields: dict[str, str]) -> None:
@@ -187,6 +194,12 @@ class Generation:
         self.refresh()
         self.state = DRAINING
         self.signal_group(signum)
+        for process in self.living():  # like systemd: every process of the unit, also those that left the group
+            try:
+                if os.getpgid(process.pid) != self.leader:
+                    process.send_signal(signum)
+            except (OSError, psutil.Error):
+                continue
         await self.wait_gone(timeout)
         if not self.living():
             return []

@@ -41,6 +41,7 @@ class Host(Protocol):
     commands: CommandRunner
 
     def resolve_release(self) -> Release: ...
+    def refusal(self, release: Release, force: bool) -> str | None: ...
     def launch(self, release: Release) -> Generation: ...
     def promote(self, generation: Generation) -> None: ...
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
@@ -55,6 +56,10 @@ class Outcome:
     new_gen: int | None = None
     old_gen: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    kind: str = ""
+    trigger: str = ""
+    release: Release | None = None
+    started_at: float = field(default_factory=time.time)
 
     @property
     def promoted(self) -> bool:
@@ -62,7 +67,12 @@ class Outcome:
 
 
 class Failed(Exception):
-    """The new generation failed; the message is the rollback reason."""
+    """The new generation failed: `reason` for people, `kind` (exec-failed, exited, not-ready, unhealthy,
+    operator) for metrics and for deciding whether the release is to blame."""
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.reason, self.kind = reason, kind
 
 
 async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_interval: float) -> Result:
@@ -92,9 +102,9 @@ async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_i
     with anyio.move_on_after(timeout):
         which, value = await first_completed(poll, generation.exit.wait)
         if which == 1:
-            raise Failed(f"{value.describe()} during readiness")
+            raise Failed(f"{value.describe()} during readiness", "exited")
         return value
-    raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}")
+    raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}", "not-ready")
 
 
 async def health_check(probe: Probe, generation: Generation) -> Result:
@@ -121,12 +131,13 @@ async def watch(probe: Probe, generation: Generation, window: float, interval: f
             elif result.verdict is Verdict.NOT_READY:
                 failures += 1
                 if failures >= threshold:
-                    raise Failed(f"unhealthy in watch window: {failures} consecutive failures (last: {result.detail})")
+                    raise Failed(f"unhealthy in watch window: {failures} consecutive failures (last: {result.detail})",
+                                 "unhealthy")
 
     with anyio.move_on_after(window):
         which, value = await first_completed(checks, generation.exit.wait)
         if which == 1:
-            raise Failed(f"{value.describe()} in watch window")
+            raise Failed(f"{value.describe()} in watch window", "exited")
 
 
 @dataclass
@@ -136,10 +147,14 @@ class Rollout:
     host: Host
     old: Generation | None
     trigger: str
+    force: bool = False
+    release: Release | None = None  # a given release (rollback, liveness) instead of resolving from disk
     state: str = IDLE
     new: Generation | None = None
     began: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
+    _abort: anyio.Event = field(default_factory=anyio.Event)
+    _abort_reason: str = ""
 
     def _enter(self, state: str) -> None:
         previous, self.state = self.state, state
@@ -151,36 +166,56 @@ class Rollout:
     def _mark(self, phase: str) -> None:
         self.timings[phase] = round(time.monotonic() - self.began, 6)
 
+    def _outcome(self, result: str, reason: str = "", kind: str = "") -> Outcome:
+        return Outcome(result, reason, self.new.number if self.new else None, self.old.number if self.old else None,
+                       dict(self.timings), kind, self.trigger, self.release)
+
+    def abort(self, reason: str) -> bool:
+        """Roll back now (an operator's request); only possible before the old generation is told to drain."""
+        if self.state not in (SPAWNING, WAITING_READY, WATCHING):
+            return False
+        self._abort_reason = reason
+        self._abort.set()
+        return True
+
     async def run(self) -> Outcome:
         """Run the whole upgrade; never raises for a failed release — that is an Outcome."""
-        settings, events = self.host.settings, self.host.events
-        old_number = self.old.number if self.old else None
         self._enter(SPAWNING)
-        refusal = await self._hook("pre-upgrade", settings.hooks.pre_upgrade, "")
-        if refusal:
-            events.emit("upgrade-refused", f"upgrade refused: pre-upgrade hook {refusal}", level="warning", gen=old_number)
-            self._enter(IDLE)
-            return Outcome(REFUSED, f"pre-upgrade hook {refusal}", old_gen=old_number)
         try:
-            await self._bring_up()
+            self.release = self.release or self.host.resolve_release()
+        except (SpawnError, UserError) as exc:
+            return await self._roll_back(f"exec failed: {exc}", "exec-failed")
+        refusal = self.host.refusal(self.release, self.force)
+        if refusal is None:
+            failure = await self._hook("pre-upgrade", self.host.settings.hooks.pre_upgrade, "")
+            refusal = f"pre-upgrade hook {failure}" if failure else None
+        if refusal:
+            self.host.events.emit("upgrade-refused", f"upgrade refused: {refusal}", level="warning",
+                                  gen=self.old.number if self.old else None, reason=refusal)
+            self._enter(IDLE)
+            return self._outcome(REFUSED, refusal)
+        try:
+            which, _ = await first_completed(self._bring_up, self._abort.wait)
+            if which == 1:
+                raise Failed(self._abort_reason, "operator")
         except Failed as failure:
-            return await self._roll_back(str(failure))
+            return await self._roll_back(failure.reason, failure.kind)
         return await self._promote_and_drain()
 
     async def _bring_up(self) -> None:
         settings, events = self.host.settings, self.host.events
+        assert self.release is not None
         try:
-            release = self.host.resolve_release()
-            self.new = self.host.launch(release)
-        except (SpawnError, UserError) as exc:
-            raise Failed(f"exec failed: {exc}") from None
+            self.new = self.host.launch(self.release)
+        except SpawnError as exc:
+            raise Failed(f"exec failed: {exc}", "exec-failed") from None
         self._mark("spawned")
         self._enter(WAITING_READY)
         result = await wait_ready(self.host.probe, self.new, settings.ready_timeout, settings.health_interval)
         self._mark("ready")
-        ready_at = self.new.ready_at = self.new.ready_at or time.monotonic()
-        events.emit("ready", f"generation {self.new.number} ready after {ready_at - self.new.started_at:.3f}s ({result.detail})",
-                    gen=self.new.number, pids=self.new.pids(fresh=True), elapsed=round(ready_at - self.new.started_at, 6), probe=result.detail)
+        elapsed = self.new.mark_ready()
+        events.emit("ready", f"generation {self.new.number} ready after {elapsed:.3f}s ({result.detail})",
+                    gen=self.new.number, pids=self.new.pids(fresh=True), elapsed=round(elapsed, 6), probe=result.detail)
         if settings.watch > 0:
             self._enter(WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
@@ -203,9 +238,9 @@ class Rollout:
                 await self.host.retire(self.old, graceful=True)
         self._mark("old_gone")
         self._enter(IDLE)
-        return Outcome(PROMOTED, "", self.new.number, old_number, dict(self.timings))
+        return self._outcome(PROMOTED)
 
-    async def _roll_back(self, reason: str) -> Outcome:
+    async def _roll_back(self, reason: str, kind: str) -> Outcome:
         events = self.host.events
         self._enter(ROLLING_BACK)
         new_number = self.new.number if self.new else None
@@ -216,10 +251,10 @@ class Rollout:
         self._mark("rolled_back")
         keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
         events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
-                    gen=new_number, old_gen=old_number, reason=reason, timings=dict(self.timings))
+                    gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings))
         await self._hook("on-rollback", self.host.settings.hooks.on_rollback, reason)
         self._enter(IDLE)
-        return Outcome(ROLLED_BACK, reason, new_number, old_number, dict(self.timings))
+        return self._outcome(ROLLED_BACK, reason, kind)
 
     async def _hook(self, name: str, command: str | None, reason: str) -> str | None:
         """Run one hook with the generations and reason in its environment; returns why it failed, or None."""

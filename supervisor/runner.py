@@ -14,7 +14,9 @@ import anyio
 from . import libc
 from .config import Settings, default_runtime_dir
 from .errors import UserError
+from .control.server import ControlServer
 from .events import Events
+from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
 from .release import check_templates, logical_cwd, resolve
 from .spawn import ExecutableNotFound
@@ -94,14 +96,16 @@ def run(settings: Settings) -> int:
     backend_options = _backend_options(settings.loop)
     if settings.pidfile:
         _check_writable(settings.pidfile, "pidfile")
-    if settings.control:
-        _check_writable(settings.control, "control socket")
+    _check_writable(settings.control_path, "control socket")
     listeners: list[Listener] = open_listeners(
         settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
     runtime_dir: Path | None = None
+    supervisor: Supervisor | None = None
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
-        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="")
+        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path))
+        supervisor.control = ControlServer(supervisor, settings.control_path)
+        supervisor.control.bind()
         for listener in listeners:
             how = "adopted from systemd" if listener.adopted else "listening"
             events.emit("listening", f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "
@@ -113,6 +117,8 @@ def run(settings: Settings) -> int:
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:
+        if supervisor is not None and supervisor.control is not None:
+            supervisor.control.close()
         for listener in listeners:
             listener.close()
         if settings.pidfile:

@@ -9,34 +9,68 @@ from __future__ import annotations
 import os
 import signal
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psutil
 from anyio.abc import TaskGroup
 
+from . import __version__
 from .commands import CommandRunner
 from .concurrency import first_completed
 from .config import Settings
+from .control.metrics import Tally, TimedProbe
+from .errors import UserError
 from .events import Events
 from .generation import DRAINING, EXITED, SERVING, Generation
+from .history import Fingerprint, History, Record, fingerprint
 from .libc import release_free_memory
 from .listeners import Listener
-from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, build_probe
+from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Verdict, build_probe
 from .reaper import Reaper
 from .release import Release, resolve
-from .rollout import Failed, Outcome, Rollout, wait_ready
+from .rollout import ROLLED_BACK, Failed, Outcome, Rollout, health_check, wait_ready
 from .spawn import SpawnError
+from .workers import Worker
+
+if TYPE_CHECKING:
+    from .control.server import ControlServer
 
 _MAX_BACKOFF = 30.0
 _FIRST_BACKOFF = 0.1
-_TRACK_INTERVAL = 1.0
+_REAPER_INTERVAL = 1.0
+_RELEASE_AT_FAULT = ("exec-failed", "exited", "not-ready", "unhealthy")  # rollback kinds that mark a release bad
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
 
 class Fatal(Exception):
     """The supervisor cannot go on (the first generation cannot be executed, too many restarts)."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request for an upgrade (or rollback); several coalesced requests share the rollout's verdict."""
+
+    trigger: str
+    force: bool = False
+    release: Release | None = None
+    coalesced: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+    outcome: Outcome | None = None
+
+    def settle(self, outcome: Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.done.set()
+
+    def verdict(self) -> dict[str, Any]:
+        """The last line of a streamed upgrade: how it ended."""
+        outcome = self.outcome or Outcome("aborted", "no verdict")
+        return {"event": "verdict", "result": outcome.result, "reason": outcome.reason, "new_gen": outcome.new_gen,
+                "old_gen": outcome.old_gen, "timings": outcome.timings}
 
 
 @dataclass(eq=False)
@@ -52,17 +86,24 @@ class Supervisor:
     generations: list[Generation] = field(default_factory=list)
     serving: Generation | None = None
     rollout: Rollout | None = None
-    history: deque[Outcome] = field(default_factory=lambda: deque(maxlen=20))
+    history: History = field(default_factory=History)
+    control: ControlServer | None = None
     next_number: int = 1
     stopping: bool = False
     forced: bool = False
     exit_code: int = 0
-    upgrade_pending: bool = False
-    upgrade_trigger: str = ""
+    pending: list[Ticket] = field(default_factory=list)
+    tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
+    previous_release: Release | None = None
     failures: deque[float] = field(default_factory=deque)
     started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    tally: Tally = field(default_factory=Tally)
     probe: Probe = field(init=False)
     commands: CommandRunner = field(init=False)
+    workers: list[Worker] = field(init=False)
+    _fingerprints: dict[Release, Fingerprint] = field(init=False, default_factory=dict)
+    _liveness_failures: int = field(init=False, default=0)
     _wakeup: anyio.Event = field(init=False)
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
@@ -72,14 +113,19 @@ class Supervisor:
     def __post_init__(self) -> None:
         self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd)
         tcp = [listener for listener in self.listeners if listener.kind == "tcp"]
-        self.probe = build_probe(
+        self.probe = TimedProbe(build_probe(
             self.settings.ready or (DEFAULT_PROBE if tcp else NO_LISTENER_PROBE),
             tcp[0].probe_address() if tcp else None,
             {port for listener in tcp if (port := listener.tcp_port) is not None},
             self.settings.probe_timeout,
             self.commands,
             self._lenient_probe_used,
-        )
+        ), self.tally)
+        self.events.subscribe(self.tally.on_event)
+        self.workers = [
+            Worker("liveness", self.settings.health_interval, self._check_liveness),
+            Worker("reaper", _REAPER_INTERVAL, self._sweep),
+        ]
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -92,7 +138,10 @@ class Supervisor:
                 self._group = group
                 group.start_soon(self.reaper.run)
                 group.start_soon(self._receive_signals)
-                group.start_soon(self._track_trees)
+                for worker in self.workers:
+                    group.start_soon(worker.run)
+                if self.control is not None:
+                    group.start_soon(self.control.serve)
                 with self._operations:
                     await self._operate()
                 await self._shutdown()
@@ -101,6 +150,8 @@ class Supervisor:
             for generation in self.generations:
                 generation.close()
             self.reaper.close()
+            if self.control is not None:
+                self.control.close()
         return self.exit_code
 
     async def _operate(self) -> None:
@@ -119,6 +170,10 @@ class Supervisor:
             self.exit_code = 1
             self.stopping = True
 
+    @property
+    def upgrade_pending(self) -> bool:
+        return bool(self.pending)
+
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested or the serving generation dies."""
         if self.upgrade_pending or self.serving is None or not self.serving.alive:
@@ -127,28 +182,73 @@ class Supervisor:
 
     # -- operations -------------------------------------------------------------------------------------------
 
-    def request_upgrade(self, trigger: str) -> bool:
+    def request_upgrade(self, trigger: str, force: bool = False, release: Release | None = None) -> Ticket | None:
         """Ask for an upgrade. Requests during an upgrade coalesce into one more; none are taken once stopping."""
         if self.stopping:
             self.events.emit("upgrade-ignored", f"upgrade request ({trigger}) ignored: stopping", level="warning")
-            return False
-        if self.upgrade_pending:
+            return None
+        ticket = Ticket(trigger, force, release, coalesced=self.upgrade_pending)
+        if ticket.coalesced:
             self.events.emit("upgrade-coalesced", f"upgrade request ({trigger}) coalesced with the pending one", level="debug")
-            return True
-        self.upgrade_pending, self.upgrade_trigger = True, trigger
-        self.events.emit("upgrade-requested", f"upgrade requested ({trigger})", trigger=trigger)
-        self._wakeup.set()
-        return True
+        else:
+            self.events.emit("upgrade-requested", f"upgrade requested ({trigger})", trigger=trigger)
+            self._wakeup.set()
+        self.pending.append(ticket)
+        return ticket
+
+    def request_rollback(self) -> Ticket | None:
+        """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
+        if self.rollout is not None and self.rollout.abort("rolled back by operator"):
+            ticket = Ticket("ctl rollback")
+            self.tickets.append(ticket)
+            return ticket
+        if self.previous_release is None:
+            return None
+        return self.request_upgrade("ctl rollback", force=True, release=self.previous_release)
 
     async def _upgrade(self) -> Outcome:
-        self.upgrade_pending, self._wakeup = False, anyio.Event()
-        self.rollout = Rollout(self, self.serving, self.upgrade_trigger)
+        tickets, self.pending, self._wakeup = self.pending, [], anyio.Event()
+        self.tickets = tickets
+        trigger = ", ".join(dict.fromkeys(ticket.trigger for ticket in tickets))
+        release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
+        self.rollout = Rollout(self, self.serving, trigger, force=any(ticket.force for ticket in tickets), release=release)
+        outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
         try:
             outcome = await self.rollout.run()
+            self._record(outcome)
+        except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
+            outcome = await self._contain(self.rollout, exc)
         finally:
             self.rollout = None
-        self.history.append(outcome)
+            for ticket in self.tickets:
+                ticket.settle(outcome)
+            self.tickets = []
+            self._fingerprints.clear()
         return outcome
+
+    async def _contain(self, rollout: Rollout, exc: Exception) -> Outcome:
+        """An internal error in a rollout: remove its new generation and keep the old one serving."""
+        self.events.emit("internal-error", f"internal error during upgrade ({type(exc).__name__}: {exc}); removing the "
+                         "new generation, the old one keeps serving", level="error",
+                         traceback="".join(traceback.format_exception(exc)))
+        new = rollout.new
+        if new is not None and new is not self.serving:
+            await self.retire(new, graceful=True)
+        return Outcome(ROLLED_BACK, f"internal error: {exc}", new.number if new else None,
+                       rollout.old.number if rollout.old else None, kind="internal", trigger=rollout.trigger)
+
+    def _record(self, outcome: Outcome) -> None:
+        """Keep the rollout in the history; a release that failed by its own fault becomes known bad."""
+        release = outcome.release
+        print_ = self._fingerprint(release) if release else None
+        bad = print_ if outcome.result == ROLLED_BACK and outcome.kind in _RELEASE_AT_FAULT else None
+        self.history.add(Record(outcome.result, outcome.reason, outcome.trigger, outcome.new_gen, outcome.old_gen,
+                                outcome.started_at, outcome.timings, print_.as_dict() if print_ else None), bad)
+
+    def _fingerprint(self, release: Release) -> Fingerprint:
+        if release not in self._fingerprints:
+            self._fingerprints[release] = fingerprint(release)
+        return self._fingerprints[release]
 
     async def _bring_up(self, release: Release, first: bool = False) -> Generation:
         """Start `release` and wait until it is ready, retrying with backoff; it becomes the serving generation."""
@@ -166,7 +266,7 @@ class Supervisor:
                 await self.retire(generation, graceful=True)
                 await self._failed(f"generation {generation.number} {failure}")
                 continue
-            elapsed = (generation.ready_at or time.monotonic()) - generation.started_at
+            elapsed = generation.mark_ready()
             self.events.emit("ready", f"generation {generation.number} ready after {elapsed:.3f}s ({result.detail})",
                              gen=generation.number, pids=generation.pids(fresh=True), elapsed=round(elapsed, 6), probe=result.detail)
             self.promote(generation)
@@ -206,14 +306,17 @@ class Supervisor:
         self.release = resolve(current.argv, current.logical_cwd, current.env, os.environ.get("PATH"))
         return self.release
 
+    def refusal(self, release: Release, force: bool) -> str | None:
+        """Why an upgrade to `release` must not run, or None: it is known bad (unless forced)."""
+        if force or not self.history.is_known_bad(self._fingerprint(release)):
+            return None
+        return (f"release {self._fingerprint(release).digest} ({release.describe()}) is known bad: it was rolled back "
+                "before; deploy a fixed release, or force it (supervise ctl upgrade --force)")
+
     def launch(self, release: Release) -> Generation:
         """Spawn the next generation of `release` and start watching its exit."""
         number, self.next_number = self.next_number, self.next_number + 1
-        try:
-            generation = Generation.start(number, release, self.listeners, self.runtime_dir, self.reaper, self.events)
-        except SpawnError as exc:
-            self.events.emit("spawn-failed", f"generation {number}: {exc}", level="error", gen=number)
-            raise
+        generation = Generation.start(number, release, self.listeners, self.runtime_dir, self.reaper, self.events)
         self.generations.append(generation)
         self.events.emit("spawned", f"generation {number} started: {release.describe()}", gen=number,
                          pids=(generation.leader,), argv=list(release.argv), executable=release.executable, cwd=release.cwd)
@@ -222,8 +325,11 @@ class Supervisor:
 
     def promote(self, generation: Generation) -> None:
         """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies)."""
+        if self.serving is not None and self.serving.release != generation.release:
+            self.previous_release = self.serving.release
         self.serving = generation
         generation.state = SERVING
+        self.history.good(self._fingerprint(generation.release))
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         """Stop a generation: drain it (signal, wait, kill the rest) or kill it at once; then forget it."""
@@ -252,6 +358,78 @@ class Supervisor:
                          elapsed=round(elapsed, 6), killed=killed)
         return killed
 
+    # -- what the control API shows ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything `supervise ctl status` shows, as JSON-ready data."""
+        rollout = self.rollout
+        return {
+            "supervisor": {"pid": os.getpid(), "name": self.settings.name, "version": __version__,
+                           "uptime": round(time.monotonic() - self.started_at, 3), "started_at": self.started_wall,
+                           "state": "stopping" if self.stopping else (rollout.state if rollout else "idle"),
+                           "control": str(self.settings.control_path), "restarts": self.tally.restarts},
+            "listeners": [{"name": listener.name, "address": listener.address, "kind": listener.kind,
+                           "adopted": listener.adopted, "fd": 3 + index} for index, listener in enumerate(self.listeners)],
+            "generations": [self._generation_status(generation) for generation in self.generations],
+            "rollout": None if rollout is None else {
+                "state": rollout.state, "trigger": rollout.trigger, "elapsed": round(time.monotonic() - rollout.began, 3),
+                "new_gen": rollout.new.number if rollout.new else None, "old_gen": rollout.old.number if rollout.old else None},
+            "history": self.history.as_dict()["records"],
+            "last_known_good": self.history.last_known_good,
+            "last_known_bad": self.history.last_known_bad,
+            "state_error": self.history.save_error,
+            "workers": [worker.info() for worker in self.workers],
+        }
+
+    def _generation_status(self, generation: Generation) -> dict[str, Any]:
+        rss, cpu = 0, 0.0
+        for process in generation.living():
+            try:
+                with process.oneshot():
+                    rss += process.memory_info().rss
+                    cpu += process.cpu_percent()
+            except psutil.Error:
+                continue
+        ready_after = generation.ready_at - generation.started_at if generation.ready_at else None
+        return {"number": generation.number, "state": generation.state, "serving": generation is self.serving,
+                "pid": generation.leader, "pids": generation.pids(), "age": round(time.monotonic() - generation.started_at, 3),
+                "rss": rss, "cpu_percent": round(cpu, 1), "ready": generation.ready_at is not None,
+                "ready_after": round(ready_after, 3) if ready_after is not None else None, "status": generation.status_text,
+                "argv": list(generation.release.argv), "executable": generation.release.executable,
+                "cwd": generation.release.cwd}
+
+    def plan(self, force: bool) -> dict[str, Any]:
+        """What an upgrade would do now, step by step, without doing any of it (ctl upgrade --dry-run)."""
+        settings = self.settings
+        number, old = self.next_number, self.serving
+        try:
+            release = resolve(self.release.argv, self.release.logical_cwd, self.release.env, os.environ.get("PATH"))
+        except (SpawnError, UserError) as exc:
+            return {"error": str(exc), "steps": [f"roll back at once: exec failed: {exc}"]}
+        print_ = fingerprint(release)
+        known_bad = self.history.is_known_bad(print_)
+        hooks = settings.hooks
+        steps = [] if not known_bad or force else [f"refuse: release {print_.digest} is known bad (pass --force)"]
+        if hooks.pre_upgrade:
+            steps.append(f"run pre-upgrade hook (up to {hooks.timeout:g}s), refuse the upgrade if it fails: {hooks.pre_upgrade}")
+        steps.append(f"start generation {number}: {release.describe()} (in {release.cwd})")
+        steps.append(f"wait up to {settings.ready_timeout:g}s for readiness: {self.probe.spec.text}, answered by "
+                     f"generation {number}'s own processes; polls from 10ms to {settings.health_interval:g}s")
+        if settings.watch > 0:
+            steps.append(f"watch {settings.watch:g}s beside generation {old.number if old else '-'}: health check every "
+                         f"{settings.health_interval:g}s, roll back after {settings.health_threshold} failures in a row")
+        if old is not None:
+            steps.append(f"drain generation {old.number}: {settings.drain_signal.name}, SIGKILL its tree after "
+                         f"{settings.drain_timeout:g}s")
+        if hooks.post_upgrade:
+            steps.append(f"run post-upgrade hook: {hooks.post_upgrade}")
+        return {"command": list(release.argv), "executable": release.executable, "cwd": release.cwd,
+                "fingerprint": print_.digest, "known_bad": known_bad, "probe": self.probe.spec.text,
+                "timeouts": {"ready": settings.ready_timeout, "probe": settings.probe_timeout, "watch": settings.watch,
+                             "drain": settings.drain_timeout, "hook": hooks.timeout},
+                "hooks": {"pre_upgrade": hooks.pre_upgrade, "post_upgrade": hooks.post_upgrade, "on_rollback": hooks.on_rollback},
+                "steps": steps}
+
     # -- stopping ---------------------------------------------------------------------------------------------
 
     def stop(self, reason: str) -> None:
@@ -272,6 +450,9 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        for ticket in self.pending:
+            ticket.settle(Outcome("aborted", "the supervisor is stopping"))
+        self.pending = []
         with anyio.CancelScope(shield=True):
             if not self.forced:
                 with anyio.CancelScope() as self._drain:
@@ -333,13 +514,34 @@ class Supervisor:
                          level="info" if expected else "warning", gen=generation.number, pids=(generation.leader,),
                          code=status.code, signal=status.signal, expected=expected)
 
-    async def _track_trees(self) -> None:
-        """Keep each generation's process tree current, so draining can reach processes that re-parented."""
-        while True:
-            await anyio.sleep(_TRACK_INTERVAL)
-            for generation in self.generations:
-                generation.refresh()
-            self._adopt_orphans()
+    async def _sweep(self) -> None:
+        """The reaper worker: reap zombies, keep process trees current, clear leftovers and stale socket files."""
+        self.reaper.reap()
+        for generation in self.generations:
+            generation.refresh()
+        self._adopt_orphans()
+        live = {f"gen{generation.number}.notify" for generation in self.generations}
+        for entry in os.scandir(self.runtime_dir):
+            if entry.name.endswith(".notify") and entry.name not in live:
+                os.unlink(entry.path)
+
+    async def _check_liveness(self) -> None:
+        """The liveness worker: health-check the serving generation when nothing else is going on; after
+        --health-threshold failures in a row, replace it through the zero-downtime upgrade path."""
+        target = self.serving
+        if target is None or self.rollout is not None or self.upgrade_pending or self.stopping:
+            self._liveness_failures = 0
+            return
+        result = await health_check(self.probe, target)
+        if result.verdict is Verdict.READY:
+            self._liveness_failures = 0
+        elif result.verdict is Verdict.NOT_READY:
+            self._liveness_failures += 1
+        if self._liveness_failures >= self.settings.health_threshold and self.serving is target:
+            self._liveness_failures = 0
+            self.events.emit("unhealthy", f"generation {target.number} failed {self.settings.health_threshold} health "
+                             f"checks in a row ({result.detail}): replacing it", level="warning", gen=target.number)
+            self.request_upgrade(f"liveness: {result.detail}", force=True, release=target.release)
 
     def _adopt_orphans(self) -> None:
         """Processes re-parented to us (we are their subreaper) go back to the generation their environment names.

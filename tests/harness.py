@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -58,6 +60,7 @@ class Supervise:
     cwd: str | None = None
     wrapper: list[str] = field(default_factory=list)  # argv prefix, e.g. a shell that sets up inherited fds
     pass_fds: tuple[int, ...] = ()
+    private_dir: str | None = None
     process: subprocess.Popen[bytes] = field(init=False)
     events: list[dict[str, Any]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -65,7 +68,11 @@ class Supervise:
     _reader: threading.Thread = field(init=False)
 
     def start(self) -> Supervise:
-        argv = [*self.wrapper, *supervise_command(), "--log-format", "json", "--log-level", "debug", *self.args]
+        options = list(self.args)
+        if "--control" not in options:  # a private control socket and state, so tests never meet each other
+            self.private_dir = tempfile.mkdtemp(prefix="supervise-test-")
+            options[:0] = ["--control", os.path.join(self.private_dir, "control.sock")]
+        argv = [*self.wrapper, *supervise_command(), "--log-format", "json", "--log-level", "debug", *options]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         env=self.env, cwd=self.cwd, start_new_session=True, pass_fds=self.pass_fds)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -156,6 +163,8 @@ class Supervise:
             except psutil.Error:
                 pass
         self._reader.join(5)
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 def started(args: list[str], **kwargs: Any) -> Iterator[Supervise]:

@@ -1,0 +1,553 @@
+"""`supervise ctl`: talk to a running supervisor through its control socket.
+
+Standard library only (plus click, already loaded by the command line): a ctl command is often run in a
+deploy script or a shell loop, so it must start fast and must not pull in the supervisor's runtime (aiohttp,
+anyio). HTTP/1.1 over an AF_UNIX socket with http.client.
+
+Exit codes: 0 done (upgrade promoted); 1 the supervisor answered with a failure (rolled back, refused, any
+non-2xx answer such as an unknown signal or a stop in progress); 2 bad usage of ctl itself (unknown flag,
+--name with --control, several supervisors and none chosen); 3 no supervisor to talk to (no socket, nothing
+listening on it, permission denied, connection lost); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote, urlencode
+
+import click
+
+from ..errors import UserError
+
+CONNECT_TIMEOUT = 5.0  # a live supervisor accepts at once; a wedged one must not hang a deploy script
+ANSWER_TIMEOUT = 30.0  # longest wait for a non-streamed answer
+HISTORY_SHOWN = 5  # rollouts listed by `status`
+PROG = "supervise ctl"
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+class CtlError(UserError):
+    """The supervisor refused or failed what was asked; reported as one line."""
+
+    exit_code = EXIT_FAILED
+
+
+class Unreachable(UserError):
+    """There is no supervisor to talk to at the socket (or it went away mid-answer)."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+# -- transport ----------------------------------------------------------------------------------------------
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to a unix stream socket instead of a TCP host."""
+
+    def __init__(self, socket_path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        """Connect with CONNECT_TIMEOUT, then read with the connection's own timeout (None for streams)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(self.socket_path)
+            sock.settimeout(self.timeout)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+_UNREACHABLE_REASONS = {
+    errno.ENOENT: "no such socket (is it running?)",
+    errno.ECONNREFUSED: "connection refused (stale socket: the supervisor is gone)",
+    errno.EACCES: "permission denied connecting (run as the supervisor's user or root)",
+    errno.ENOTSOCK: "not a socket",
+}
+
+
+def _unreachable(path: Path, exc: OSError) -> Unreachable:
+    """The one line that says why the socket at `path` cannot be used."""
+    if isinstance(exc, TimeoutError):
+        reason = "timed out (the supervisor does not answer)"
+    else:
+        reason = _UNREACHABLE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc) or type(exc).__name__
+    return Unreachable(f"cannot reach supervisor at {path}: {reason}")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The control socket of one supervisor."""
+
+    path: Path
+
+    def request(self, method: str, target: str, *, stream: bool = False) -> http.client.HTTPResponse:
+        """Send one request and return the response with its head read; a stream's body has no read timeout."""
+        connection = UnixHTTPConnection(str(self.path), None if stream else ANSWER_TIMEOUT)
+        try:
+            connection.request(method, target, headers={"Accept": "application/json, application/x-ndjson, text/plain"})
+            return connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self.lost(exc) from None
+
+    def lost(self, exc: Exception) -> Unreachable:
+        """The error for a failed connection or an answer cut short."""
+        if isinstance(exc, OSError) and not isinstance(exc, http.client.RemoteDisconnected):
+            return _unreachable(self.path, exc)
+        return Unreachable(f"connection to supervisor at {self.path} lost: {exc or type(exc).__name__}")
+
+    def read(self, response: http.client.HTTPResponse) -> bytes:
+        """The whole body of a non-streamed answer."""
+        try:
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self.lost(exc) from None
+
+    def json(self, response: http.client.HTTPResponse) -> dict[str, Any]:
+        """The JSON object of an answer; a non-2xx answer becomes a CtlError with the server's message."""
+        body = self.read(response)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not 200 <= response.status < 300:
+            raise CtlError(_error_text(response, data, body))
+        if not isinstance(data, dict):
+            raise CtlError(f"unexpected answer from the supervisor (HTTP {response.status}): {_excerpt(body)}")
+        return data
+
+    def lines(self, response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+        """The objects of an NDJSON stream, each as soon as its line arrives."""
+        try:
+            for raw in response:
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    raise CtlError(f"unexpected line from the supervisor: {_excerpt(line)}") from None
+                if isinstance(item, dict):
+                    yield item
+        except (OSError, http.client.HTTPException) as exc:
+            raise self.lost(exc) from None
+
+    def check(self, response: http.client.HTTPResponse) -> None:
+        """Fail with the server's message unless the answer is 2xx (for answers whose body is read later)."""
+        if not 200 <= response.status < 300:
+            self.json(response)
+
+
+def _error_text(response: http.client.HTTPResponse, data: Any, body: bytes) -> str:
+    """The server's `error` message, or the HTTP status line when the body has none."""
+    if isinstance(data, dict) and data.get("error"):
+        return str(data["error"])
+    return f"HTTP {response.status} {response.reason}" + (f": {_excerpt(body)}" if body.strip() else "")
+
+
+def _excerpt(body: bytes, limit: int = 200) -> str:
+    text = body.decode(errors="replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -- finding the supervisor ---------------------------------------------------------------------------------
+
+
+def find_socket(name: str | None, control: Path | None) -> Path:
+    """The control socket: --control, else NAME.sock in the runtime dir, else the only socket there."""
+    if control is not None:
+        return control
+    from ..config import default_runtime_dir  # not at module level: it imports the probes (asyncio)
+
+    directory = default_runtime_dir()
+    if name is not None:
+        return directory / f"{name}.sock"
+    found = sorted(directory.glob("*.sock"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise Unreachable(f"no supervisor found in {directory}; pass --name or --control")
+    raise UserError(f"several supervisors in {directory} ({', '.join(path.stem for path in found)}); pass --name")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the group options said; the socket is looked up only when a verb needs it."""
+
+    name: str | None
+    control: Path | None
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(find_socket(self.name, self.control))
+
+
+# -- formatting ---------------------------------------------------------------------------------------------
+
+
+def human_duration(seconds: float | None) -> str:
+    """3s, 2m10s, 1h02m, 2d03h; 350ms and 1.5s below ten seconds; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def clock(timestamp: str | float | None) -> str:
+    """HH:MM:SS in local time, from an ISO-8601 string (the events' `ts`) or epoch seconds."""
+    if timestamp is None:
+        return "--:--:--"
+    try:
+        when = (datetime.fromtimestamp(timestamp) if isinstance(timestamp, (int, float))
+                else datetime.fromisoformat(timestamp).astimezone())
+    except (ValueError, OverflowError, OSError):
+        return str(timestamp)
+    return when.strftime("%H:%M:%S")
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """One readable line: `HH:MM:SS gen N message`, with the level when it is not plain info."""
+    parts = [clock(event.get("ts"))]
+    if event.get("gen") is not None:
+        parts.append(f"gen {event['gen']}")
+    level = event.get("level", "info")
+    if level != "info":
+        parts.append(f"{str(level).upper()}:")
+    parts.append(str(event.get("msg") or event.get("event", "")))
+    return " ".join(parts)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart."""
+    widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [headers, *rows]]
+
+
+def _pids(pids: Any) -> str:
+    return ",".join(map(str, pids)) if pids else "-"
+
+
+def _mib(size: Any) -> str:
+    return f"{size / (1 << 20):.1f}" if isinstance(size, (int, float)) else "-"
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def _yes_no(value: Any) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
+def _total(timings: Any) -> float | None:
+    """A rollout's duration: its last phase's time since it began."""
+    values = [value for value in (timings or {}).values() if isinstance(value, (int, float))]
+    return max(values) if values else None
+
+
+def _release(fingerprint: dict[str, Any] | None) -> str:
+    if not fingerprint:
+        return "-"
+    argv = " ".join(fingerprint.get("argv") or [fingerprint.get("executable", "?")])
+    return f"{fingerprint.get('digest', '?')}  {argv}"
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The readable form of GET /status."""
+    lines = _header_lines(status)
+    lines += ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
+                         [_generation_row(generation) for generation in status.get("generations") or []])]
+    lines += _rollout_lines(status.get("rollout"))
+    lines += _history_lines(status)
+    lines += _worker_lines(status.get("workers") or [])
+    return lines
+
+
+def _header_lines(status: dict[str, Any]) -> list[str]:
+    supervisor = status.get("supervisor") or {}
+    lines = [
+        f"supervisor  pid {supervisor.get('pid', '?')}  name {supervisor.get('name', '?')}  "
+        f"up {human_duration(supervisor.get('uptime'))}  state {supervisor.get('state', '?')}",
+    ]
+    for listener in status.get("listeners") or []:
+        lines.append(f"listening   {listener.get('name', '?')} {listener.get('address', '?')}")
+    return lines
+
+
+def _generation_row(generation: dict[str, Any]) -> list[str]:
+    return [
+        str(generation.get("number", "?")),
+        str(generation.get("state", "?")),
+        _pids(generation.get("pids")),
+        human_duration(generation.get("age")),
+        _mib(generation.get("rss")),
+        _percent(generation.get("cpu_percent")),
+        _yes_no(generation.get("ready")),
+        str(generation.get("status") or "-"),
+    ]
+
+
+def _rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
+    if not rollout:
+        return []
+    return ["", f"rollout     {rollout.get('state', '?')}: generation {rollout.get('new_gen', '?')} "
+                f"replacing {rollout.get('old_gen') or 'none'}, for {human_duration(rollout.get('elapsed'))}"]
+
+
+def _history_lines(status: dict[str, Any]) -> list[str]:
+    records = (status.get("history") or [])[-HISTORY_SHOWN:]
+    lines = []
+    if records:
+        rows = [[clock(record.get("started_at")), str(record.get("result", "?")),
+                 f"{record.get('old_gen') or '-'}->{record.get('new_gen') or '-'}",
+                 human_duration(_total(record.get("timings"))), str(record.get("reason") or "-")]
+                for record in reversed(records)]
+        lines += ["", *table(["WHEN", "RESULT", "GENS", "TOOK", "REASON"], rows)]
+    lines += ["", f"last known good  {_release(status.get('last_known_good'))}",
+              f"last known bad   {_release(status.get('last_known_bad'))}"]
+    if status.get("state_error"):
+        lines.append(f"WARNING: {status['state_error']}")
+    return lines
+
+
+def _worker_lines(workers: list[dict[str, Any]]) -> list[str]:
+    if not workers:
+        return []
+    rows = [[str(worker.get("name", "?")), human_duration(worker.get("interval")), str(worker.get("runs", 0)),
+             clock(worker.get("last_run")) if worker.get("last_run") else "never", str(worker.get("last_error") or "-")]
+            for worker in workers]
+    return ["", *table(["WORKER", "EVERY", "RUNS", "LAST RUN", "LAST ERROR"], rows)]
+
+
+def plan_lines(plan: dict[str, Any]) -> list[str]:
+    """The readable form of an upgrade plan (POST /upgrade?dry_run=1)."""
+    timeouts = ", ".join(f"{key} {_seconds(value)}" for key, value in (plan.get("timeouts") or {}).items())
+    hooks = ", ".join(f"{key}: {value}" for key, value in (plan.get("hooks") or {}).items() if value) or "none"
+    lines = ["upgrade plan (dry run: nothing was started)"]
+    if plan.get("error"):
+        return [*lines, f"  the release cannot be started: {plan['error']}", "steps:", *_numbered(plan.get("steps"))]
+    lines += [
+        f"  command      {' '.join(plan.get('command') or [])}",
+        f"  executable   {plan.get('executable', '?')}",
+        f"  cwd          {plan.get('cwd', '?')}",
+        f"  fingerprint  {plan.get('fingerprint', '?')}" + ("  (KNOWN BAD)" if plan.get("known_bad") else ""),
+        f"  probe        {plan.get('probe', '?')}",
+        f"  timeouts     {timeouts or '-'}",
+        f"  hooks        {hooks}",
+        "steps:",
+        *_numbered(plan.get("steps")),
+    ]
+    return lines
+
+
+def _numbered(steps: list[str] | None) -> list[str]:
+    return [f"  {number}. {step}" for number, step in enumerate(steps or [], start=1)]
+
+
+def _seconds(value: Any) -> str:
+    return human_duration(value) if isinstance(value, (int, float)) else str(value)
+
+
+# -- verbs --------------------------------------------------------------------------------------------------
+
+
+def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse, accepted: set[str]) -> int:
+    """Print a rollout's progress events as they arrive, then its verdict; 0 if the result is `accepted`."""
+    endpoint.check(response)
+    for event in endpoint.lines(response):
+        if event.get("event") == "verdict":
+            click.echo(verdict_line(event))
+            return 0 if event.get("result") in accepted else EXIT_FAILED
+        if event.get("level") != "debug":
+            click.echo(describe_event(event))
+    raise CtlError("the supervisor ended the stream without a verdict (is it stopping?)")
+
+
+def verdict_line(verdict: dict[str, Any]) -> str:
+    """`promoted generation N in 2.1s`, `rolled back: REASON`, `refused: REASON`."""
+    result = verdict.get("result")
+    if result == "promoted":
+        took = _total(verdict.get("timings"))
+        return f"promoted generation {verdict.get('new_gen', '?')}" + (f" in {human_duration(took)}" if took else "")
+    label = "rolled back" if result == "rolled-back" else str(result)
+    return f"{label}: {verdict.get('reason') or 'no reason given'}"
+
+
+class CtlGroup(click.Group):
+    """A click group that reports errors as `supervise ctl: error: ...` and exits with the verb's code."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> NoReturn:  # type: ignore[override]
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args=args, prog_name=prog_name or PROG, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except UserError as exc:
+            _fail(str(exc), exc.exit_code)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the reader left (`ctl events | head`)
+            sys.exit(0)
+        sys.exit(code or 0)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"{PROG}: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=CtlGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--name", metavar="NAME", help="The supervisor started with --name NAME (its socket in the runtime dir).")
+@click.option("--control", type=click.Path(path_type=Path, readable=False), metavar="PATH",
+              help="The supervisor's control socket. Default: the only socket in $XDG_RUNTIME_DIR/supervise "
+                   "(/run/supervise as root).")
+@click.pass_context
+def ctl(context: click.Context, name: str | None, control: Path | None) -> None:
+    """Ask a running supervisor what is running, or tell it to upgrade, roll back, stop or signal.
+
+    Exit codes: 0 done; 1 refused or failed (upgrade rolled back, error from the supervisor);
+    2 bad usage; 3 no supervisor reachable.
+    """
+    if name is not None and control is not None:
+        raise click.UsageError("pass --name or --control, not both")
+    context.obj = Target(name, control)
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="The status as the API returns it, for scripts.")
+@click.pass_obj
+def status(target: Target, as_json: bool) -> int:
+    """What is running: the supervisor, each generation, the current rollout, recent history, workers."""
+    endpoint = target.endpoint()
+    data = endpoint.json(endpoint.request("GET", "/status"))
+    click.echo(json.dumps(data, indent=2) if as_json else "\n".join(status_lines(data)))
+    return 0
+
+
+@ctl.command()
+@click.option("--no-wait", is_flag=True, help="Return as soon as the supervisor accepted the request.")
+@click.option("--dry-run", is_flag=True, help="Print what the upgrade would do, and do nothing.")
+@click.option("--force", is_flag=True, help="Upgrade even to a release that is known bad (it failed before).")
+@click.pass_obj
+def upgrade(target: Target, no_wait: bool, dry_run: bool, force: bool) -> int:
+    """Start a new generation and replace the serving one if it proves ready (like SIGHUP).
+
+    Progress is printed as it happens; exit 0 when the new generation is promoted, 1 when it was rolled back
+    or refused, with the reason.
+    """
+    endpoint = target.endpoint()
+    query: dict[str, str] = {"wait": "0" if no_wait or dry_run else "1"}
+    if dry_run:
+        query["dry_run"] = "1"
+    if force:
+        query["force"] = "1"
+    response = endpoint.request("POST", "/upgrade?" + urlencode(query), stream=not (no_wait or dry_run))
+    if dry_run:
+        return _show_plan(endpoint.json(response).get("plan") or {}, force)
+    if no_wait:
+        return _show_accepted(endpoint.json(response))
+    return follow_rollout(endpoint, response, accepted={"promoted"})
+
+
+def _show_plan(plan: dict[str, Any], force: bool) -> int:
+    click.echo("\n".join(plan_lines(plan)))
+    if plan.get("error"):
+        return EXIT_FAILED
+    if plan.get("known_bad") and not force:
+        click.echo("this release is known bad: the upgrade would be refused (pass --force to run it anyway)")
+        return EXIT_FAILED
+    return 0
+
+
+def _show_accepted(answer: dict[str, Any]) -> int:
+    click.echo("upgrade accepted" + (" (coalesced with the one already pending)" if answer.get("coalesced") else ""))
+    return 0
+
+
+@ctl.command()
+@click.pass_obj
+def rollback(target: Target) -> int:
+    """Undo the last upgrade: drop the new generation during its watch window, or re-deploy the previous one.
+
+    Exit 0 when the previous release is serving again, 1 when that was refused or failed.
+    """
+    endpoint = target.endpoint()
+    response = endpoint.request("POST", "/rollback", stream=True)
+    return follow_rollout(endpoint, response, accepted={"promoted", "rolled-back"})
+
+
+@ctl.command()
+@click.pass_obj
+def stop(target: Target) -> int:
+    """Drain every generation and make the supervisor exit (like SIGTERM); returns at once."""
+    endpoint = target.endpoint()
+    endpoint.json(endpoint.request("POST", "/stop"))
+    click.echo("stopping")
+    return 0
+
+
+@ctl.command(name="signal")
+@click.argument("sig", metavar="SIG")
+@click.pass_obj
+def send_signal(target: Target, sig: str) -> int:
+    """Send SIG (USR1, SIGUSR1 or a number) to the serving generation's process group."""
+    endpoint = target.endpoint()
+    answer = endpoint.json(endpoint.request("POST", "/signal/" + quote(sig, safe="")))
+    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {_pids(answer.get('pids'))})")
+    return 0
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the events as NDJSON, every level included.")
+@click.pass_obj
+def events(target: Target, as_json: bool) -> int:
+    """Follow the supervisor's events live until Ctrl-C (or until the supervisor stops)."""
+    endpoint = target.endpoint()
+    response = endpoint.request("GET", "/events", stream=True)
+    endpoint.check(response)
+    try:
+        for event in endpoint.lines(response):
+            if as_json:
+                click.echo(json.dumps(event))
+            elif event.get("level") != "debug":
+                click.echo(describe_event(event))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+@ctl.command()
+@click.pass_obj
+def metrics(target: Target) -> int:
+    """The Prometheus text exposition, as a scraper would see it."""
+    endpoint = target.endpoint()
+    response = endpoint.request("GET", "/metrics")
+    endpoint.check(response)
+    click.echo(endpoint.read(response).decode(errors="replace"), nl=False)
+    return 0

@@ -1,0 +1,189 @@
+"""Metrics: counted from events as they happen, rendered in Prometheus text format when scraped.
+
+Counting is plain Python so it costs nothing at start-up; prometheus_client is imported only for a scrape.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..events import Event
+from ..probes import Probe, ProbeSpec, Result, Subject
+
+if TYPE_CHECKING:
+    from ..supervisor import Supervisor
+
+_PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TCP_INFO_SIZE = 104
+_TCPI_UNACKED = 24  # for a listening socket: connections waiting in the accept queue
+_TCPI_SACKED = 28  # for a listening socket: the accept queue's limit (the backlog)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram, enough for Prometheus exposition."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, int]]:
+        running, result = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            running += count
+            result.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return result
+
+
+@dataclass
+class Tally:
+    """Everything counted so far. Subscribe `on_event` to the event stream."""
+
+    upgrades: Counter[str] = field(default_factory=Counter)
+    rollbacks: Counter[str] = field(default_factory=Counter)
+    restarts: int = 0
+    phases: dict[str, Histogram] = field(default_factory=dict)
+    probes: dict[str, Histogram] = field(default_factory=dict)
+
+    def on_event(self, event: Event) -> None:
+        if event.kind == "promoted":
+            self.upgrades["promoted"] += 1
+            self._phases(event.fields.get("timings", {}))
+        elif event.kind == "rolled-back":
+            self.upgrades["rolled-back"] += 1
+            self.rollbacks[event.fields.get("category", "other")] += 1
+        elif event.kind == "upgrade-refused":
+            self.upgrades["refused"] += 1
+        elif event.kind == "restarting":
+            self.restarts += 1
+        elif event.kind == "retired" and "elapsed" in event.fields:
+            self.phases.setdefault("drain", Histogram(_PHASE_BUCKETS)).observe(event.fields["elapsed"])
+
+    def _phases(self, timings: dict[str, float]) -> None:
+        previous = 0.0
+        for phase in ("spawned", "ready", "promoted"):
+            if phase in timings:
+                self.phases.setdefault(phase, Histogram(_PHASE_BUCKETS)).observe(max(0.0, timings[phase] - previous))
+                previous = timings[phase]
+
+    def observe_probe(self, kind: str, seconds: float) -> None:
+        self.probes.setdefault(kind, Histogram(_PROBE_BUCKETS)).observe(seconds)
+
+
+@dataclass
+class TimedProbe:
+    """A probe that reports each attempt's duration to the tally."""
+
+    inner: Probe
+    tally: Tally
+
+    @property
+    def spec(self) -> ProbeSpec:
+        return self.inner.spec
+
+    async def check(self, subject: Subject) -> Result:
+        began = time.perf_counter()
+        result = await self.inner.check(subject)
+        self.tally.observe_probe(self.inner.spec.kind, time.perf_counter() - began)
+        return result
+
+
+def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """(waiting, limit) of a TCP listening socket's accept queue, from TCP_INFO; None where unsupported."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        return struct.unpack_from("=I", info, _TCPI_UNACKED)[0], struct.unpack_from("=I", info, _TCPI_SACKED)[0]
+    except (OSError, AttributeError, struct.error):
+        return None
+
+
+def render(supervisor: Supervisor) -> bytes:
+    """The Prometheus text exposition of the supervisor's state and tally."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    tally = supervisor.tally
+    families: list[Any] = []
+    serving = GaugeMetricFamily("supervise_generation", "Number of the serving generation (0: none)")
+    serving.add_metric([], supervisor.serving.number if supervisor.serving else 0)
+    families.append(serving)
+    alive = GaugeMetricFamily("supervise_generations", "Generations alive, by state", labels=["state"])
+    for state, count in Counter(generation.state for generation in supervisor.generations).items():
+        alive.add_metric([state], count)
+    families.append(alive)
+    upgrades = CounterMetricFamily("supervise_upgrades", "Upgrades by outcome", labels=["outcome"])
+    for outcome in ("promoted", "rolled-back", "refused"):
+        upgrades.add_metric([outcome], tally.upgrades[outcome])
+    families.append(upgrades)
+    rollbacks = CounterMetricFamily("supervise_rollbacks", "Rollbacks by reason", labels=["reason"])
+    for reason, count in tally.rollbacks.items():
+        rollbacks.add_metric([reason], count)
+    families.append(rollbacks)
+    restarts = CounterMetricFamily("supervise_restarts", "Restarts of a generation that died")
+    restarts.add_metric([], tally.restarts)
+    families.append(restarts)
+    families.append(_histograms("supervise_upgrade_phase_seconds", "Duration of each upgrade phase", "phase", tally.phases,
+                                HistogramMetricFamily))
+    families.append(_histograms("supervise_probe_seconds", "Duration of one probe attempt", "kind", tally.probes,
+                                HistogramMetricFamily))
+    families.extend(_process_families(supervisor, GaugeMetricFamily, CounterMetricFamily))
+    families.append(_queue_family(supervisor, GaugeMetricFamily))
+    uptime = GaugeMetricFamily("supervise_uptime_seconds", "Seconds since the supervisor started")
+    uptime.add_metric([], time.monotonic() - supervisor.started_at)
+    families.append(uptime)
+
+    class Snapshot:
+        def collect(self) -> list[Any]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+def _histograms(name: str, documentation: str, label: str, histograms: dict[str, Histogram], family_type: Any) -> Any:
+    family = family_type(name, documentation, labels=[label])
+    for value, histogram in histograms.items():
+        family.add_metric([value], histogram.buckets(), histogram.total)
+    return family
+
+
+def _process_families(supervisor: Supervisor, gauge: Any, counter: Any) -> list[Any]:
+    rss = gauge("supervise_child_rss_bytes", "Resident memory of each process of each generation", labels=["gen", "pid"])
+    cpu = counter("supervise_child_cpu_seconds", "CPU time of each process of each generation", labels=["gen", "pid"])
+    for generation in supervisor.generations:
+        for process in generation.living():
+            try:
+                with process.oneshot():
+                    memory, times = process.memory_info().rss, process.cpu_times()
+            except Exception:  # noqa: BLE001 - a process may vanish between listing and reading
+                continue
+            labels = [str(generation.number), str(process.pid)]
+            rss.add_metric(labels, memory)
+            cpu.add_metric(labels, times.user + times.system)
+    return [rss, cpu]
+
+
+def _queue_family(supervisor: Supervisor, gauge: Any) -> Any:
+    queue = gauge("supervise_listener_accept_queue", "Connections waiting to be accepted on each TCP listener",
+                  labels=["listener", "address"])
+    for listener in supervisor.listeners:
+        if listener.kind == "tcp" and (depth := accept_queue(listener.sock)) is not None:
+            queue.add_metric([listener.name, listener.address], depth[0])
+    return queue

@@ -1,0 +1,270 @@
+"""The control API: HTTP/JSON over a unix socket, for our own user (or root) only.
+
+The socket is bound at start-up — so a bad path fails early and clients can connect at once — but aiohttp is
+imported and the server started only when the first connection arrives: a supervisor nobody queries stays
+small and starts fast. The connection waits in the socket's backlog meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..errors import UserError
+from ..events import LEVELS, Event
+from ..units import parse_signal
+from .metrics import render
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..supervisor import Supervisor, Ticket
+
+_UCRED = struct.Struct("3i")
+_MAX_BODY = 64 * 1024
+_STREAM_BUFFER = 1000
+NDJSON = "application/x-ndjson"
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "0").lower() in ("1", "true", "yes")
+
+
+def _peer_uid(request: web.Request) -> int | None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None:
+        return None
+    _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(uid)
+
+
+@dataclass
+class ControlServer:
+    """Owns the control socket file and, once used, the aiohttp server behind it."""
+
+    supervisor: Supervisor
+    path: Path
+    sock: socket.socket | None = None
+    inode: tuple[int, int] | None = field(default=None, repr=False)
+
+    def bind(self) -> None:
+        """Create the socket, mode 0600 from the start (umask), refusing to steal a live supervisor's socket."""
+        path = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.path.exists():
+                self._remove_stale()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            previous = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(previous)
+            sock.listen(64)
+        except OSError as exc:
+            raise UserError(f"cannot create control socket {path}: {exc.strerror}") from None
+        st = os.stat(path)
+        self.sock, self.inode = sock, (st.st_dev, st.st_ino)
+
+    def _remove_stale(self) -> None:
+        if not stat.S_ISSOCK(os.stat(self.path).st_mode):
+            raise UserError(f"cannot create control socket {self.path}: the file exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(self.path))
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(self.path)
+                return
+        raise UserError(f"control socket {self.path} is in use by another supervisor: pass another --name or --control")
+
+    async def serve(self) -> None:
+        """Wait for the first client, then run the API until cancelled."""
+        assert self.sock is not None
+        await anyio.wait_socket_readable(self.sock)
+        from aiohttp import web
+
+        app = web.Application(client_max_size=_MAX_BODY, middlewares=[self._guard])
+        app.add_routes([
+            web.get("/status", self._status),
+            web.post("/upgrade", self._upgrade),
+            web.post("/rollback", self._rollback),
+            web.post("/stop", self._stop),
+            web.post("/signal/{name}", self._signal),
+            web.get("/events", self._events),
+            web.get("/metrics", self._metrics),
+        ])
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, self.sock).start()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                await runner.cleanup()
+
+    def close(self) -> None:
+        """Remove the socket file (if it is still ours) and close the socket."""
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self.inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        if self.sock is not None:
+            self.sock.close()
+
+    # -- middleware ---------------------------------------------------------------------------------------------
+
+    @property
+    def _guard(self) -> Callable[..., Any]:
+        from aiohttp import web
+
+        supervisor = self.supervisor
+
+        @web.middleware
+        async def guard(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+            uid = _peer_uid(request)
+            if uid not in (os.getuid(), 0):
+                supervisor.events.emit("control-refused", f"control request {request.method} {request.path} from uid "
+                                       f"{uid} refused: only uid {os.getuid()} or root", level="warning", uid=uid)
+                return _error(403, "permission denied: the control socket is for the supervisor's own user or root")
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:
+                return _error(exc.status, exc.reason)
+            except UserError as exc:
+                return _error(400, str(exc))
+
+        return guard
+
+    # -- handlers -----------------------------------------------------------------------------------------------
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        return _json(self.supervisor.status())
+
+    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
+        force = _flag(request, "force")
+        if _flag(request, "dry_run"):
+            return _json({"plan": self.supervisor.plan(force)})
+        if request.query.get("wait", "1") in ("0", "false", "no"):
+            ticket = self.supervisor.request_upgrade("ctl upgrade", force=force)
+            if ticket is None:
+                return _error(409, "not accepted: the supervisor is stopping")
+            return _json({"accepted": True, "coalesced": ticket.coalesced}, status=202)
+        return await self._verdict_stream(request, lambda: self.supervisor.request_upgrade("ctl upgrade", force=force),
+                                          "not accepted: the supervisor is stopping")
+
+    async def _rollback(self, request: web.Request) -> web.StreamResponse:
+        return await self._verdict_stream(request, self.supervisor.request_rollback, "nothing to roll back to")
+
+    async def _stop(self, request: web.Request) -> web.StreamResponse:
+        self.supervisor.stop("ctl stop")
+        return _json({"stopping": True}, status=202)
+
+    async def _signal(self, request: web.Request) -> web.StreamResponse:
+        signum = parse_signal(request.match_info["name"])
+        target = self.supervisor.serving
+        if not self.supervisor.forward(signum) or target is None:
+            return _error(409, "no generation is serving")
+        return _json({"signal": signum.name, "gen": target.number, "pids": target.pids()})
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        return web.Response(body=render(self.supervisor), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        level = request.query.get("level", "info")
+        if level not in LEVELS:
+            raise UserError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
+        with self._subscription(LEVELS[level]) as received:
+            response = await self._open_stream(request)
+            async for event in received:
+                await response.write(_line(event.as_dict()))
+        return response
+
+    # -- streaming ----------------------------------------------------------------------------------------------
+
+    async def _open_stream(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+        await response.prepare(request)
+        return response
+
+    def _subscription(self, minimum: int) -> _Subscription:
+        return _Subscription(self.supervisor, minimum)
+
+    async def _verdict_stream(self, request: web.Request, start: Callable[[], Ticket | None], refusal: str) -> web.StreamResponse:
+        """Stream the operation's events as NDJSON, then its verdict as the last line."""
+        with self._subscription(LEVELS["info"]) as received:
+            ticket = start()
+            if ticket is None:
+                return _error(409, refusal)
+            response = await self._open_stream(request)
+
+            async def forward() -> None:
+                async for event in received:
+                    await response.write(_line(event.as_dict()))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(forward)
+                await ticket.done.wait()
+                await anyio.sleep(0)  # let the events of the verdict itself be forwarded first
+                group.cancel_scope.cancel()
+            await response.write(_line(ticket.verdict()))
+        return response
+
+
+@dataclass
+class _Subscription:
+    """Events of at least `minimum` level, buffered for one streaming client (dropped if it cannot keep up)."""
+
+    supervisor: Supervisor
+    minimum: int
+    unsubscribe: Callable[[], None] | None = None
+    receive: Any = None
+    send: Any = None
+
+    def __enter__(self) -> Any:
+        self.send, self.receive = anyio.create_memory_object_stream[Event](_STREAM_BUFFER)
+
+        def deliver(event: Event) -> None:
+            if LEVELS[event.level] >= self.minimum:
+                try:
+                    self.send.send_nowait(event)
+                except anyio.WouldBlock:
+                    pass
+
+        self.unsubscribe = self.supervisor.events.subscribe(deliver)
+        return self.receive
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.unsubscribe:
+            self.unsubscribe()
+        self.send.close()
+        self.receive.close()
+
+
+def _line(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, default=str) + "\n").encode()
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    from aiohttp import web
+
+    return web.json_response(data, status=status, dumps=lambda value: json.dumps(value, default=str))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status=status)
