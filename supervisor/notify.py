@@ -13,8 +13,11 @@ import asyncio
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .events import Event
 
 _UCRED = struct.Struct("iII")
 _MAX_DATAGRAM = 4096
@@ -93,3 +96,88 @@ class NotifySocket:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _address(value: str) -> str | None:
+    """NOTIFY_SOCKET as given by systemd: a path, or `@name` for the abstract namespace."""
+    if value.startswith("@"):
+        return "\0" + value[1:]
+    return value if value.startswith("/") else None
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, as RELOADING=1 wants it in MONOTONIC_USEC."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+@dataclass
+class SystemdNotifier:
+    """sd_notify, sending side: tells the supervisor's own manager (systemd) what is going on.
+
+    Driven by events: READY=1 when the first generation serves; RELOADING=1 (with MONOTONIC_USEC) when an
+    upgrade starts and READY=1 again when it is promoted, rolled back or refused (so `Type=notify-reload` and
+    TimeoutStartSec apply to reloads); STATUS= one line; STOPPING=1. The pid never changes: MAINPID stays right.
+    """
+
+    address: str
+    sock: socket.socket = field(init=False)
+    ready_sent: bool = False
+    last_outcome: str = ""
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)  # a manager that stops reading must never stall the event loop
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | os._Environ[str]) -> SystemdNotifier | None:
+        """A notifier if systemd gave us a NOTIFY_SOCKET, else None."""
+        address = _address(environ.get("NOTIFY_SOCKET", ""))
+        return cls(address) if address else None
+
+    def send(self, **fields: object) -> None:
+        """Send one message; if the manager is gone or its queue is full the message is dropped, not waited for."""
+        message = "\n".join(f"{key}={value}" for key, value in fields.items())
+        try:
+            self.sock.sendto(message.encode(), self.address)
+        except OSError:
+            pass
+
+    def on_event(self, event: Event) -> None:
+        """Translate supervisor events into sd_notify messages."""
+        if event.kind == "serving" and not self.ready_sent:
+            self.ready_sent = True
+            self.send(READY=1, STATUS=f"serving generation {event.gen} (pid {_pids(event)})")
+        elif event.kind == "transition" and event.fields.get("state") == "spawning" and self.ready_sent:
+            self.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="upgrading")
+        elif event.kind == "promoted":
+            self.send(READY=1, STATUS=f"serving generation {event.gen} (pid {_pids(event)}); last upgrade promoted")
+        elif event.kind == "rolled-back":
+            old = event.fields.get("old_gen")
+            self.send(READY=1, STATUS=f"upgrade to generation {event.gen} rolled back: {event.fields.get('reason')}"
+                      + (f"; serving generation {old}" if old else ""))
+        elif event.kind == "upgrade-refused":
+            self.send(READY=1, STATUS=f"upgrade refused: {event.fields.get('reason')}")
+        elif event.kind == "restarting":
+            self.send(STATUS=f"restarting: {event.fields.get('reason')}")
+        elif event.kind == "stopping":
+            self.send(STOPPING=1, STATUS="stopping: draining every generation")
+
+    def watchdog_interval(self, environ: dict[str, str] | os._Environ[str]) -> float | None:
+        """Half of WATCHDOG_USEC, if the watchdog is enabled for this process."""
+        try:
+            usec = int(environ.get("WATCHDOG_USEC", "0"))
+            pid = int(environ.get("WATCHDOG_PID", str(os.getpid())))
+        except ValueError:
+            return None
+        return usec / 2_000_000 if usec > 0 and pid == os.getpid() else None
+
+    async def ping(self) -> None:
+        """WATCHDOG=1: sent from the event loop, so a stuck loop stops the pings and systemd acts."""
+        self.send(WATCHDOG=1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _pids(event: Event) -> str:
+    return ",".join(map(str, event.pids)) or "?"

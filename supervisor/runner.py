@@ -18,6 +18,7 @@ from .control.server import ControlServer
 from .events import Events
 from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
+from .notify import SystemdNotifier
 from .release import check_templates, logical_cwd, resolve
 from .spawn import ExecutableNotFound
 from .supervisor import Supervisor
@@ -103,7 +104,8 @@ def run(settings: Settings) -> int:
     supervisor: Supervisor | None = None
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
-        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path))
+        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path),
+                                systemd=SystemdNotifier.from_environ(os.environ))
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
         for listener in listeners:

@@ -29,6 +29,7 @@ from .generation import DRAINING, EXITED, SERVING, Generation
 from .history import Fingerprint, History, Record, fingerprint
 from .libc import release_free_memory
 from .listeners import Listener
+from .notify import SystemdNotifier
 from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Verdict, build_probe
 from .reaper import Reaper
 from .release import Release, resolve
@@ -88,6 +89,7 @@ class Supervisor:
     rollout: Rollout | None = None
     history: History = field(default_factory=History)
     control: ControlServer | None = None
+    systemd: SystemdNotifier | None = None
     next_number: int = 1
     stopping: bool = False
     forced: bool = False
@@ -126,6 +128,11 @@ class Supervisor:
             Worker("liveness", self.settings.health_interval, self._check_liveness),
             Worker("reaper", _REAPER_INTERVAL, self._sweep),
         ]
+        if self.systemd is not None:
+            self.events.subscribe(self.systemd.on_event)
+            interval = self.systemd.watchdog_interval(os.environ)
+            if interval:
+                self.workers.append(Worker("watchdog", interval, self.systemd.ping))
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -152,6 +159,8 @@ class Supervisor:
             self.reaper.close()
             if self.control is not None:
                 self.control.close()
+            if self.systemd is not None:
+                self.systemd.close()
         return self.exit_code
 
     async def _operate(self) -> None:
