@@ -107,6 +107,9 @@ def _octal(text: str | None) -> int | None:
 @click.option("--hook-timeout", type=DURATION, default="60s", show_default=True, help="Time limit of each hook command.")
 @click.option("--chdir", metavar="DIR", help="Working directory of the children, resolved again on every upgrade "
               "(default: the current directory as the shell names it, symlinks kept).")
+@click.option("--user", metavar="USER", help="Run the children as this user (name or uid); the supervisor stays root "
+              "to bind privileged ports. Sets USER, LOGNAME, HOME.")
+@click.option("--group", metavar="GROUP", help="Run the children with this group (default: the user's primary group).")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment variable for the children (repeatable).")
 @click.option("--backlog", type=click.IntRange(min=1), default=4096, show_default=True, help="Listen backlog of TCP and unix listeners.")
 @click.option("--no-nodelay", is_flag=True, help="Do not set TCP_NODELAY on TCP listeners (accepted connections inherit it).")
@@ -158,6 +161,8 @@ def _settings(options: dict[str, Any]) -> Settings:
         nodelay=not options["no_nodelay"],
         unix_mode=_octal(options["unix_mode"]),
         chdir=options["chdir"],
+        user=options["user"],
+        group=options["group"],
         env=tuple(_env_pair(text) for text in options["env"]),
         hooks=Hooks(options["pre_upgrade"], options["post_upgrade"], options["on_rollback"], options["hook_timeout"]),
         log_format=options["log_format"],

@@ -56,6 +56,8 @@ class Settings:
     nodelay: bool = True
     unix_mode: int | None = None
     chdir: str | None = None
+    user: str | None = None
+    group: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     hooks: Hooks = field(default_factory=Hooks)
     log_format: str = "text"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 import psutil
 
+from .credentials import Credentials
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
@@ -50,7 +51,8 @@ class Generation:
 
     @classmethod
     def start(
-        cls, number: int, release: Release, listeners: Sequence[Listener], runtime_dir: str, reaper: Reaper, events: Events
+        cls, number: int, release: Release, listeners: Sequence[Listener], runtime_dir: str, reaper: Reaper, events: Events,
+        credentials: Credentials | None = None,
     ) -> Generation:
         """Spawn the release as generation `number`. Raises SpawnError (nothing left running) if it cannot."""
         names = [listener.name for listener in listeners]
@@ -61,9 +63,10 @@ class Generation:
             if generation is not None:
                 generation.notified(pid, fields)
 
-        notify = NotifySocket(notify_path, on_notify)
+        notify = NotifySocket(notify_path, on_notify, (credentials.uid, credentials.gid) if credentials else None)
         try:
-            env = child_environment(os.environ, generation_env(release, number, notify_path), len(listeners), names)
+            extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path)}
+            env = child_environment(os.environ, extra, len(listeners), names)
             spec = ProcessSpec(
                 release.executable,
                 substitute(release.argv, names),
@@ -71,6 +74,7 @@ class Generation:
                 cwd=release.cwd,
                 pass_fds=tuple(listener.sock.fileno() for listener in listeners),
                 set_listen_pid=bool(listeners),
+                credentials=credentials,
             )
             pid = spawn(spec)
         except BaseException:

@@ -52,6 +52,7 @@ class NotifySocket:
 
     path: str
     handler: NotifyHandler
+    owner: tuple[int, int] | None = None  # (uid, gid) of children that run as another user: they must reach it
     sock: socket.socket = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class NotifySocket:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self.sock.bind(self.path)
+            if self.owner is not None:
+                os.chown(self.path, *self.owner)
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()

@@ -15,6 +15,7 @@ from . import libc
 from .config import Settings, default_runtime_dir
 from .errors import UserError
 from .control.server import ControlServer
+from .credentials import resolve as resolve_credentials
 from .events import Events
 from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
@@ -66,16 +67,21 @@ def _remove_pidfile(path: Path) -> None:
         pass
 
 
-def _runtime_dir() -> Path:
+def _runtime_dir(shared: bool) -> Path:
     """A private (0700) directory for this run's notify sockets; short, since socket paths are limited.
 
-    (Plain os calls rather than tempfile/shutil: those two modules alone add a megabyte to a long-lived RSS.)
+    `shared`: children run as another user and must reach their socket, so the directories become traversable
+    (0711: no listing); each notify socket itself belongs to that user. (Plain os calls rather than
+    tempfile/shutil: those two modules alone add a megabyte to a long-lived RSS.)
     """
     parent = default_runtime_dir()
     try:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         directory = parent / f"run-{os.getpid()}-{time.monotonic_ns()}"
         directory.mkdir(mode=0o700)
+        if shared:
+            parent.chmod(0o711)
+            directory.chmod(0o711)
     except OSError as exc:
         raise UserError(f"cannot create runtime directory under {parent}: {exc.strerror}") from None
     return directory
@@ -95,6 +101,7 @@ def run(settings: Settings) -> int:
     except ExecutableNotFound as exc:
         raise UserError(str(exc)) from None
     backend_options = _backend_options(settings.loop)
+    credentials = resolve_credentials(settings.user, settings.group)
     if settings.pidfile:
         _check_writable(settings.pidfile, "pidfile")
     _check_writable(settings.control_path, "control socket")
@@ -105,7 +112,7 @@ def run(settings: Settings) -> int:
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path),
-                                systemd=SystemdNotifier.from_environ(os.environ))
+                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
         for listener in listeners:
@@ -114,7 +121,7 @@ def run(settings: Settings) -> int:
                         f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
-        runtime_dir = _runtime_dir()
+        runtime_dir = _runtime_dir(shared=credentials is not None)
         supervisor.runtime_dir = str(runtime_dir)
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)

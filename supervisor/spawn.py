@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import libc
+from .credentials import Credentials
 
 _MAX_FD = 65536
 
@@ -33,6 +34,7 @@ class ProcessSpec:
     pass_fds: tuple[int, ...] = ()
     set_listen_pid: bool = False
     parent_death_signal: int | None = signal.SIGKILL
+    credentials: Credentials | None = None
 
 
 class SpawnError(Exception):
@@ -98,6 +100,11 @@ def _exec_child(
         first_free = 3 + len(fds)
         os.closerange(first_free, report)
         os.closerange(report + 1, _MAX_FD)
+        if spec.credentials is not None:
+            stage = "setuid"
+            os.setgroups(spec.credentials.groups)
+            os.setgid(spec.credentials.gid)
+            os.setuid(spec.credentials.uid)
         if spec.cwd is not None:
             stage = "chdir"
             os.chdir(spec.cwd)
@@ -122,6 +129,8 @@ def _describe_failure(spec: ProcessSpec, data: bytes) -> str:
         reason += " (not a binary and no #! line)"
     if stage == "chdir":
         return f"cannot start {spec.argv[0]}: cannot change directory to {spec.cwd}: {reason}"
+    if stage == "setuid" and spec.credentials is not None:
+        return f"cannot start {spec.argv[0]}: cannot become user {spec.credentials.name}: {reason}"
     return f"cannot execute {spec.argv[0]}: {reason}"
 
 

@@ -23,6 +23,7 @@ from .commands import CommandRunner
 from .concurrency import first_completed
 from .config import Settings
 from .control.metrics import Tally, TimedProbe
+from .credentials import Credentials
 from .errors import UserError
 from .events import Events
 from .generation import DRAINING, EXITED, SERVING, Generation
@@ -90,6 +91,7 @@ class Supervisor:
     history: History = field(default_factory=History)
     control: ControlServer | None = None
     systemd: SystemdNotifier | None = None
+    credentials: Credentials | None = None
     next_number: int = 1
     stopping: bool = False
     forced: bool = False
@@ -325,7 +327,8 @@ class Supervisor:
     def launch(self, release: Release) -> Generation:
         """Spawn the next generation of `release` and start watching its exit."""
         number, self.next_number = self.next_number, self.next_number + 1
-        generation = Generation.start(number, release, self.listeners, self.runtime_dir, self.reaper, self.events)
+        generation = Generation.start(number, release, self.listeners, self.runtime_dir, self.reaper, self.events,
+                                      self.credentials)
         self.generations.append(generation)
         self.events.emit("spawned", f"generation {number} started: {release.describe()}", gen=number,
                          pids=(generation.leader,), argv=list(release.argv), executable=release.executable, cwd=release.cwd)
