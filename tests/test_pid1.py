@@ -1,0 +1,55 @@
+"""supervise as PID 1 of a container (a new PID namespace): orphans are reaped, signals work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from harness import PYTHON, STUB, Supervise, free_port, http_get
+
+UNSHARE = shutil.which("unshare")
+
+
+def can_unshare() -> bool:
+    if UNSHARE is None:
+        return False
+    done = subprocess.run([UNSHARE, "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=10)
+    return done.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not can_unshare(), reason="cannot create a PID namespace here (needs root or userns)")
+
+
+@pytest.mark.timeout(30)
+def test_supervise_as_pid1_reaps_orphans_and_stops_on_sigterm(tmp_path) -> None:
+    port = free_port()
+    # The child leaves orphans behind: each subshell starts a short sleep and exits at once.
+    script = tmp_path / "run"
+    script.write_text(f"#!/bin/sh\nfor i in 1 2 3; do (sleep 0.3 &) ; done\nexec {PYTHON} {STUB}\n")
+    script.chmod(0o755)
+    sup = Supervise(["-l", f"127.0.0.1:{port}", "--watch", "0", "--", str(script)],
+                    wrapper=[UNSHARE, "--pid", "--fork", "--mount-proc"]).start()
+    try:
+        sup.wait_for("serving")
+        inner = psutil.Process(sup.pid).children()[0]  # supervise itself: PID 1 inside the namespace
+        env = json.loads(http_get(port, "/env")[1])
+        assert env["ppid"] == 1, "the child's parent is PID 1 of the namespace: the supervisor"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            zombies = [child for child in inner.children() if child.status() == psutil.STATUS_ZOMBIE]
+            sleepers = [child for child in inner.children() if child.name() == "sleep"]
+            if not zombies and not sleepers:
+                break
+            time.sleep(0.1)
+        assert not zombies and not sleepers, "orphans re-parented to PID 1 must be reaped"
+        inner.send_signal(signal.SIGTERM)
+        assert sup.wait_exit(10) == 0
+        assert sup.wait_for("stopped")["exit_code"] == 0
+    finally:
+        sup.stop()
