@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
-from .config import Hooks, Settings
+from .config import Settings, from_command_line
 from .errors import UserError
-from .listeners import parse_listen
-from .probes import parse_probe
-from .units import parse_duration, parse_signal
+from .units import parse_duration
 
 _EPILOG = """
 \b
@@ -61,26 +59,13 @@ class Duration(click.ParamType):
 DURATION = Duration()
 
 
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise UserError(f"invalid --env {text!r}: expected KEY=VALUE")
-    return key, value
-
-
-def _octal(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise UserError(f"invalid --unix-mode {text!r}: expected an octal mode like 660") from None
-
-
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False, "max_content_width": 100},
     epilog=_EPILOG,
 )
+@click.option("-c", "--config", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="TOML file with any of these options (names with underscores, plus command = [...], [env], [hooks]). "
+                   "Read again on every upgrade; flags given here win over it.")
 @click.option("-l", "--listen", "listen", multiple=True, metavar="[NAME=]ADDRESS",
               help="Socket to hold and pass on (repeatable): HOST:PORT, :PORT (all addresses), [::1]:PORT, "
                    "tcp://…, udp://HOST:PORT, unix:/path. NAME shows in LISTEN_FDNAMES (default listen0, listen1, …).")
@@ -133,42 +118,10 @@ def run_command(**options: Any) -> None:
     COMMAND inherits them (systemd socket-activation convention). On SIGHUP a new generation starts, must be
     provably ready, and only then replaces the old one — or is rolled back while the old one keeps serving.
     """
-    sys.exit(_run(_settings(options)))
-
-
-def _settings(options: dict[str, Any]) -> Settings:
-    command = tuple(options["command"])
-    if not command:
-        raise UserError("no command given: usage: supervise [OPTIONS] -- COMMAND [ARG...]")
-    return Settings(
-        command=command,
-        listen=tuple(parse_listen(text, index) for index, text in enumerate(options["listen"])),
-        ready=parse_probe(options["ready"]) if options["ready"] else None,
-        ready_timeout=options["ready_timeout"],
-        probe_timeout=options["probe_timeout"],
-        watch=options["watch"],
-        health_interval=options["health_interval"],
-        health_threshold=options["health_threshold"],
-        drain_signal=parse_signal(options["drain_signal"]),
-        drain_timeout=options["drain_timeout"],
-        name=options["name"] or os.path.basename(command[0]) or "supervise",
-        control=options["control"],
-        state_dir=options["state_dir"],
-        pidfile=options["pidfile"],
-        max_restarts=options["max_restarts"],
-        restart_window=options["restart_window"],
-        backlog=options["backlog"],
-        nodelay=not options["no_nodelay"],
-        unix_mode=_octal(options["unix_mode"]),
-        chdir=options["chdir"],
-        user=options["user"],
-        group=options["group"],
-        env=tuple(_env_pair(text) for text in options["env"]),
-        hooks=Hooks(options["pre_upgrade"], options["post_upgrade"], options["on_rollback"], options["hook_timeout"]),
-        log_format=options["log_format"],
-        log_level=options["log_level"],
-        loop=options["loop"],
-    )
+    context = click.get_current_context()
+    explicit = frozenset(name for name in options
+                         if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
+    sys.exit(_run(from_command_line(options, explicit, options.pop("config"))))
 
 
 def _run(settings: Settings) -> int:

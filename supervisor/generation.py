@@ -48,6 +48,7 @@ class Generation:
     last_watchdog: float | None = None
     members: dict[int, psutil.Process] = field(default_factory=dict)
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
+    listeners: tuple[Listener, ...] = ()  # the sockets it inherited: kept open while it may use them
 
     @classmethod
     def start(
@@ -80,7 +81,7 @@ class Generation:
         except BaseException:
             notify.close()
             raise
-        generation = cls(number, release, pid, reaper.watch(pid), events, notify)
+        generation = cls(number, release, pid, reaper.watch(pid), events, notify, listeners=tuple(listeners))
         generation.remember(pid)
         notify.start()
         return generation

@@ -72,7 +72,7 @@ def parse_listen(text: str, index: int) -> ListenSpec:
     return ListenSpec(name, kind, host=host or None, port=port, explicit_name=explicit)
 
 
-@dataclass
+@dataclass(eq=False)
 class Listener:
     """A bound (or adopted) socket held open by the supervisor for its whole life."""
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import UserError
-from .spawn import resolve_executable
+from .spawn import ExecutableNotFound, resolve_executable
 
 _FD_TEMPLATE = re.compile(r"\{fd(?::([A-Za-z0-9_.\-]+))?\}")
 
@@ -52,7 +52,7 @@ def resolve(argv: Sequence[str], logical: str, env: Sequence[tuple[str, str]], p
     """Resolve the working directory and executable now; raises a clear error if either is missing."""
     cwd = os.path.realpath(logical)
     if not os.path.isdir(cwd):
-        raise UserError(f"working directory {logical} does not exist")
+        raise ExecutableNotFound(f"cannot start {argv[0]}: working directory {logical} does not exist")
     executable = resolve_executable(argv[0], path, cwd)
     return Release(tuple(argv), executable, cwd, logical, tuple(env))
 

@@ -19,6 +19,7 @@ from .config import Settings
 from .errors import UserError
 from .events import Events
 from .generation import Generation
+from .listeners import Listener
 from .probes import Probe, Result, Verdict, nothing_yet
 from .release import Release
 from .spawn import SpawnError
@@ -32,18 +33,31 @@ _MAX_RETRY = 0.02
 _INCONCLUSIVE_RETRIES = 20
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one upgrade deploys: the settings as just re-read, their probe, the resolved release, the listeners.
+
+    It takes effect for the whole supervisor only if the upgrade is promoted.
+    """
+
+    settings: Settings
+    probe: Probe
+    release: Release
+    listeners: tuple[Listener, ...]
+
+
 class Host(Protocol):
     """What the rollout needs from the supervisor that owns the generations."""
 
     settings: Settings
     events: Events
-    probe: Probe
     commands: CommandRunner
 
-    def resolve_release(self) -> Release: ...
+    def prepare(self, release: Release | None) -> Plan: ...
     def refusal(self, release: Release, force: bool) -> str | None: ...
-    def launch(self, release: Release) -> Generation: ...
-    def promote(self, generation: Generation) -> None: ...
+    def launch(self, plan: Plan) -> Generation: ...
+    def promote(self, generation: Generation, plan: Plan | None = None) -> None: ...
+    def discard(self, plan: Plan) -> None: ...
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
 
 
@@ -149,12 +163,18 @@ class Rollout:
     trigger: str
     force: bool = False
     release: Release | None = None  # a given release (rollback, liveness) instead of resolving from disk
+    plan: Plan | None = None
     state: str = IDLE
     new: Generation | None = None
     began: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
     _abort: anyio.Event = field(default_factory=anyio.Event)
     _abort_reason: str = ""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this upgrade runs with: the re-read ones once prepared."""
+        return self.plan.settings if self.plan else self.host.settings
 
     def _enter(self, state: str) -> None:
         previous, self.state = self.state, state
@@ -182,12 +202,15 @@ class Rollout:
         """Run the whole upgrade; never raises for a failed release — that is an Outcome."""
         self._enter(SPAWNING)
         try:
-            self.release = self.release or self.host.resolve_release()
-        except (SpawnError, UserError) as exc:
+            self.plan = self.host.prepare(self.release)
+            self.release = self.plan.release
+            refusal = self.host.refusal(self.release, self.force)
+        except SpawnError as exc:
             return await self._roll_back(f"exec failed: {exc}", "exec-failed")
-        refusal = self.host.refusal(self.release, self.force)
+        except UserError as exc:
+            refusal = str(exc)  # an invalid config: nothing was started, nothing changes
         if refusal is None:
-            failure = await self._hook("pre-upgrade", self.host.settings.hooks.pre_upgrade, "")
+            failure = await self._hook("pre-upgrade", self.settings.hooks.pre_upgrade, "")
             refusal = f"pre-upgrade hook {failure}" if failure else None
         if refusal:
             self.host.events.emit("upgrade-refused", f"upgrade refused: {refusal}", level="warning",
@@ -203,15 +226,15 @@ class Rollout:
         return await self._promote_and_drain()
 
     async def _bring_up(self) -> None:
-        settings, events = self.host.settings, self.host.events
-        assert self.release is not None
+        settings, events, plan = self.settings, self.host.events, self.plan
+        assert plan is not None
         try:
-            self.new = self.host.launch(self.release)
+            self.new = self.host.launch(plan)
         except SpawnError as exc:
             raise Failed(f"exec failed: {exc}", "exec-failed") from None
         self._mark("spawned")
         self._enter(WAITING_READY)
-        result = await wait_ready(self.host.probe, self.new, settings.ready_timeout, settings.health_interval)
+        result = await wait_ready(plan.probe, self.new, settings.ready_timeout, settings.health_interval)
         self._mark("ready")
         elapsed = self.new.mark_ready()
         events.emit("ready", f"generation {self.new.number} ready after {elapsed:.3f}s ({result.detail})",
@@ -220,12 +243,12 @@ class Rollout:
             self._enter(WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
             events.emit("watching", f"watching generation {self.new.number} for {settings.watch:g}s{beside}", gen=self.new.number)
-            await watch(self.host.probe, self.new, settings.watch, settings.health_interval, settings.health_threshold)
+            await watch(plan.probe, self.new, settings.watch, settings.health_interval, settings.health_threshold)
 
     async def _promote_and_drain(self) -> Outcome:
-        settings, events = self.host.settings, self.host.events
+        settings, events = self.settings, self.host.events
         assert self.new is not None
-        self.host.promote(self.new)
+        self.host.promote(self.new, self.plan)
         self._mark("promoted")
         old_number = self.old.number if self.old else None
         events.emit("promoted", f"generation {self.new.number} promoted"
@@ -248,11 +271,13 @@ class Rollout:
         if self.new is not None:
             # Drained, not killed: before failing it may have accepted (and be answering) connections.
             await self.host.retire(self.new, graceful=True)
+        if self.plan is not None:
+            self.host.discard(self.plan)
         self._mark("rolled_back")
         keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
         events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
                     gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings))
-        await self._hook("on-rollback", self.host.settings.hooks.on_rollback, reason)
+        await self._hook("on-rollback", self.settings.hooks.on_rollback, reason)
         self._enter(IDLE)
         return self._outcome(ROLLED_BACK, reason, kind)
 
@@ -268,7 +293,7 @@ class Rollout:
             "SUPERVISE_NEW_PID": str(self.new.leader) if self.new else "",
             "SUPERVISE_REASON": reason,
         }
-        failure = await self.host.commands(command, env, self.host.settings.hooks.timeout)
+        failure = await self.host.commands(command, env, self.settings.hooks.timeout)
         level = "info" if failure is None else "warning"
         self.host.events.emit("hook", f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
                               hook=name, failure=failure)

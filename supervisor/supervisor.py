@@ -11,6 +11,7 @@ import signal
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from anyio.abc import TaskGroup
 from . import __version__
 from .commands import CommandRunner
 from .concurrency import first_completed
-from .config import Settings
+from .config import Settings, reread
 from .control.metrics import Tally, TimedProbe
 from .credentials import Credentials
 from .errors import UserError
@@ -29,12 +30,12 @@ from .events import Events
 from .generation import DRAINING, EXITED, SERVING, Generation
 from .history import Fingerprint, History, Record, fingerprint
 from .libc import release_free_memory
-from .listeners import Listener
+from .listeners import Listener, bind
 from .notify import SystemdNotifier
 from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Verdict, build_probe
 from .reaper import Reaper
-from .release import Release, resolve
-from .rollout import ROLLED_BACK, Failed, Outcome, Rollout, health_check, wait_ready
+from .release import Release, check_templates, logical_cwd, resolve
+from .rollout import PROMOTED, ROLLED_BACK, Failed, Outcome, Plan, Rollout, health_check, wait_ready
 from .spawn import SpawnError
 from .workers import Worker
 
@@ -116,15 +117,7 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd)
-        tcp = [listener for listener in self.listeners if listener.kind == "tcp"]
-        self.probe = TimedProbe(build_probe(
-            self.settings.ready or (DEFAULT_PROBE if tcp else NO_LISTENER_PROBE),
-            tcp[0].probe_address() if tcp else None,
-            {port for listener in tcp if (port := listener.tcp_port) is not None},
-            self.settings.probe_timeout,
-            self.commands,
-            self._lenient_probe_used,
-        ), self.tally)
+        self.probe = self._build_probe(self.settings, self.listeners)
         self.events.subscribe(self.tally.on_event)
         self.workers = [
             Worker("liveness", self.settings.health_interval, self._check_liveness),
@@ -135,6 +128,17 @@ class Supervisor:
             interval = self.systemd.watchdog_interval(os.environ)
             if interval:
                 self.workers.append(Worker("watchdog", interval, self.systemd.ping))
+
+    def _build_probe(self, settings: Settings, listeners: Sequence[Listener]) -> Probe:
+        tcp = [listener for listener in listeners if listener.kind == "tcp"]
+        return TimedProbe(build_probe(
+            settings.ready or (DEFAULT_PROBE if tcp else NO_LISTENER_PROBE),
+            tcp[0].probe_address() if tcp else None,
+            {port for listener in tcp if (port := listener.tcp_port) is not None},
+            settings.probe_timeout,
+            self.commands,
+            self._lenient_probe_used,
+        ), self.tally)
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -239,14 +243,18 @@ class Supervisor:
 
     async def _contain(self, rollout: Rollout, exc: Exception) -> Outcome:
         """An internal error in a rollout: remove its new generation and keep the old one serving."""
-        self.events.emit("internal-error", f"internal error during upgrade ({type(exc).__name__}: {exc}); removing the "
-                         "new generation, the old one keeps serving", level="error",
+        self.events.emit("internal-error", f"internal error during upgrade ({type(exc).__name__}: {exc}); keeping "
+                         "one serving generation", level="error",
                          traceback="".join(traceback.format_exception(exc)))
-        new = rollout.new
-        if new is not None and new is not self.serving:
+        new, old = rollout.new, rollout.old
+        numbers = (new.number if new else None, old.number if old else None)
+        if new is not None and new is self.serving:  # already promoted: it stays; the old one must still go
+            if old is not None and old in self.generations:
+                await self.retire(old, graceful=True)
+            return Outcome(PROMOTED, f"internal error after promotion: {exc}", *numbers, trigger=rollout.trigger)
+        if new is not None:
             await self.retire(new, graceful=True)
-        return Outcome(ROLLED_BACK, f"internal error: {exc}", new.number if new else None,
-                       rollout.old.number if rollout.old else None, kind="internal", trigger=rollout.trigger)
+        return Outcome(ROLLED_BACK, f"internal error: {exc}", *numbers, kind="internal", trigger=rollout.trigger)
 
     def _record(self, outcome: Outcome) -> None:
         """Keep the rollout in the history; a release that failed by its own fault becomes known bad."""
@@ -265,7 +273,7 @@ class Supervisor:
         """Start `release` and wait until it is ready, retrying with backoff; it becomes the serving generation."""
         while True:
             try:
-                generation = self.launch(release)
+                generation = self.launch(Plan(self.settings, self.probe, release, tuple(self.listeners)))
             except SpawnError as exc:
                 if first:
                     raise Fatal(str(exc)) from None
@@ -311,11 +319,59 @@ class Supervisor:
 
     # -- the rollout's host interface -------------------------------------------------------------------------
 
-    def resolve_release(self) -> Release:
-        """Resolve the command on disk again (a replaced binary or flipped symlink is picked up)."""
-        current = self.release
-        self.release = resolve(current.argv, current.logical_cwd, current.env, os.environ.get("PATH"))
-        return self.release
+    def prepare(self, release: Release | None) -> Plan:
+        """What the next upgrade deploys: the config file read again (if any), listeners it adds bound, the
+        command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given."""
+        try:
+            settings = reread(self.settings)
+            listeners = self._listeners_for(settings)
+        except UserError as exc:
+            raise UserError(f"invalid config: {exc}") from None
+        try:
+            check_templates(settings.command, [listener.name for listener in listeners])
+            probe = self._build_probe(settings, listeners)
+        except UserError as exc:
+            self.discard(Plan(settings, self.probe, self.release, listeners))
+            raise UserError(f"invalid config: {exc}") from None
+        if release is None:
+            logical = logical_cwd(settings.chdir) if settings.chdir else self.release.logical_cwd
+            release = resolve(settings.command, logical, settings.env, os.environ.get("PATH"))
+        return Plan(settings, probe, release, listeners)
+
+    def _listeners_for(self, settings: Settings) -> tuple[Listener, ...]:
+        """The listeners `settings` asks for: the ones we hold are reused, new ones bound now."""
+        held = {listener.spec: listener for listener in self._all_listeners() if listener.spec is not None}
+        chosen = []
+        try:
+            for spec in settings.listen:
+                chosen.append(held.get(spec) or bind(spec, settings.backlog, settings.nodelay, settings.unix_mode))
+        except UserError:
+            for listener in chosen:
+                if listener not in held.values():
+                    listener.close()
+            raise
+        chosen.extend(listener for listener in self.listeners if listener.spec is None)  # adopted, never in a file
+        return tuple(chosen)
+
+    def _all_listeners(self) -> list[Listener]:
+        found = list(self.listeners)
+        for generation in self.generations:
+            found.extend(listener for listener in generation.listeners if listener not in found)
+        return found
+
+    def discard(self, plan: Plan) -> None:
+        """An upgrade that was not promoted: close listeners it bound that nothing uses."""
+        self._close_unused(plan.listeners)
+
+    def _close_unused(self, candidates: Sequence[Listener]) -> None:
+        in_use = set(self.listeners)
+        for generation in self.generations:
+            in_use.update(generation.listeners)
+        for listener in candidates:
+            if listener not in in_use and listener.sock.fileno() != -1:
+                self.events.emit("listener-closed", f"closed listener {listener.name} ({listener.address}): no "
+                                 "generation uses it any more", name=listener.name, address=listener.address)
+                listener.close()
 
     def refusal(self, release: Release, force: bool) -> str | None:
         """Why an upgrade to `release` must not run, or None: it is known bad (unless forced)."""
@@ -324,10 +380,11 @@ class Supervisor:
         return (f"release {self._fingerprint(release).digest} ({release.describe()}) is known bad: it was rolled back "
                 "before; deploy a fixed release, or force it (supervise ctl upgrade --force)")
 
-    def launch(self, release: Release) -> Generation:
-        """Spawn the next generation of `release` and start watching its exit."""
+    def launch(self, plan: Plan) -> Generation:
+        """Spawn the next generation as `plan` says and start watching its exit."""
         number, self.next_number = self.next_number, self.next_number + 1
-        generation = Generation.start(number, release, self.listeners, self.runtime_dir, self.reaper, self.events,
+        release = plan.release
+        generation = Generation.start(number, release, plan.listeners, self.runtime_dir, self.reaper, self.events,
                                       self.credentials)
         self.generations.append(generation)
         self.events.emit("spawned", f"generation {number} started: {release.describe()}", gen=number,
@@ -335,10 +392,14 @@ class Supervisor:
         self._group.start_soon(self._report_exit, generation)
         return generation
 
-    def promote(self, generation: Generation) -> None:
-        """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies)."""
+    def promote(self, generation: Generation, plan: Plan | None = None) -> None:
+        """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies); the
+        settings it was deployed with become the supervisor's."""
         if self.serving is not None and self.serving.release != generation.release:
             self.previous_release = self.serving.release
+        if plan is not None:
+            self.settings, self.probe, self.release = plan.settings, plan.probe, plan.release
+            self.listeners = list(plan.listeners)
         self.serving = generation
         generation.state = SERVING
         self.history.good(self._fingerprint(generation.release))
@@ -366,6 +427,7 @@ class Supervisor:
             self.generations.remove(generation)
         if self.serving is generation:
             self.serving = None
+        self._close_unused(generation.listeners)
         self.events.emit("retired", f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
                          elapsed=round(elapsed, 6), killed=killed)
         return killed
@@ -412,10 +474,14 @@ class Supervisor:
 
     def plan(self, force: bool) -> dict[str, Any]:
         """What an upgrade would do now, step by step, without doing any of it (ctl upgrade --dry-run)."""
-        settings = self.settings
         number, old = self.next_number, self.serving
         try:
-            release = resolve(self.release.argv, self.release.logical_cwd, self.release.env, os.environ.get("PATH"))
+            settings = reread(self.settings)
+        except UserError as exc:
+            return {"error": f"invalid config: {exc}", "steps": [f"refuse: invalid config: {exc}"]}
+        try:
+            logical = logical_cwd(settings.chdir) if settings.chdir else self.release.logical_cwd
+            release = resolve(settings.command, logical, settings.env, os.environ.get("PATH"))
         except (SpawnError, UserError) as exc:
             return {"error": str(exc), "steps": [f"roll back at once: exec failed: {exc}"]}
         print_ = fingerprint(release)
@@ -424,8 +490,13 @@ class Supervisor:
         steps = [] if not known_bad or force else [f"refuse: release {print_.digest} is known bad (pass --force)"]
         if hooks.pre_upgrade:
             steps.append(f"run pre-upgrade hook (up to {hooks.timeout:g}s), refuse the upgrade if it fails: {hooks.pre_upgrade}")
+        held = {listener.spec for listener in self.listeners}
+        steps.extend(f"bind new listener {spec.name} on {spec}" for spec in settings.listen if spec not in held)
+        steps.extend(f"stop passing listener {listener.name} ({listener.address}); close it once unused"
+                     for listener in self.listeners if listener.spec is not None and listener.spec not in settings.listen)
         steps.append(f"start generation {number}: {release.describe()} (in {release.cwd})")
-        steps.append(f"wait up to {settings.ready_timeout:g}s for readiness: {self.probe.spec.text}, answered by "
+        probe_text = settings.ready.text if settings.ready else self.probe.spec.text
+        steps.append(f"wait up to {settings.ready_timeout:g}s for readiness: {probe_text}, answered by "
                      f"generation {number}'s own processes; polls from 10ms to {settings.health_interval:g}s")
         if settings.watch > 0:
             steps.append(f"watch {settings.watch:g}s beside generation {old.number if old else '-'}: health check every "
@@ -436,7 +507,7 @@ class Supervisor:
         if hooks.post_upgrade:
             steps.append(f"run post-upgrade hook: {hooks.post_upgrade}")
         return {"command": list(release.argv), "executable": release.executable, "cwd": release.cwd,
-                "fingerprint": print_.digest, "known_bad": known_bad, "probe": self.probe.spec.text,
+                "fingerprint": print_.digest, "known_bad": known_bad, "probe": probe_text,
                 "timeouts": {"ready": settings.ready_timeout, "probe": settings.probe_timeout, "watch": settings.watch,
                              "drain": settings.drain_timeout, "hook": hooks.timeout},
                 "hooks": {"pre_upgrade": hooks.pre_upgrade, "post_upgrade": hooks.post_upgrade, "on_rollback": hooks.on_rollback},
