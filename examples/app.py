@@ -144,7 +144,8 @@ def sd_notify(message: str) -> None:
 
 
 def log(message: str) -> None:
-    print(f"app: pid {os.getpid()} {message}", file=sys.stderr, flush=True)
+    """One write per line: stderr is shared with the supervisor, whose log lines must not be split by ours."""
+    os.write(2, f"app: pid {os.getpid()} {message}\n".encode())
 
 
 def watch_signals(*signals: signal.Signals) -> asyncio.Future[signal.Signals]:

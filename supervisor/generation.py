@@ -19,6 +19,7 @@ from .credentials import Credentials
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
+from .proctree import descendants
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
 from .spawn import ProcessSpec, child_environment, spawn
@@ -46,6 +47,7 @@ class Generation:
     notified_ready: bool = False
     notified_stopping: bool = False
     last_watchdog: float | None = None
+    notified_ready_at: float | None = None
     members: dict[int, psutil.Process] = field(default_factory=dict)
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
     listeners: tuple[Listener, ...] = ()  # the sockets it inherited: kept open while it may use them
@@ -109,10 +111,11 @@ class Generation:
         """Add every current descendant of every living member (new workers, grandchildren)."""
         for process in list(self.members.values()):
             try:
-                children = process.children(recursive=True) if process.is_running() else []
+                if not process.is_running():
+                    continue
             except psutil.Error:
                 continue
-            for child in children:
+            for child in descendants(process):
                 self.members.setdefault(child.pid, child)
 
     def living(self) -> list[psutil.Process]:
@@ -132,9 +135,9 @@ class Generation:
             self.refresh()
         return [process.pid for process in self.living()]
 
-    def mark_ready(self) -> float:
-        """Record readiness (the moment READY=1 arrived, if it did); returns seconds from start to ready."""
-        self.ready_at = self.ready_at or time.monotonic()
+    def mark_ready(self, by_notify: bool) -> float:
+        """Record readiness — when READY=1 arrived if that is what proved it, else now; returns seconds since start."""
+        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
         if self.state == STARTING:
             self.state = READY
         return self.ready_at - self.started_at
@@ -157,7 +160,7 @@ class Generation:
             self.last_watchdog = time.monotonic()
         if fields.get("READY") == "1" and not self.notified_ready:
             self.notified_ready = True
-            self.ready_at = time.monotonic()
+            self.notified_ready_at = time.monotonic()
             self.ready_signal.set()
         self.events.emit("notify", "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
                          gen=self.number, pids=(pid,))

@@ -77,6 +77,7 @@ def _runtime_dir(shared: bool) -> Path:
     parent = default_runtime_dir()
     try:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _remove_stale_runtime_dirs(parent)
         directory = parent / f"run-{os.getpid()}-{time.monotonic_ns()}"
         directory.mkdir(mode=0o700)
         if shared:
@@ -85,6 +86,20 @@ def _runtime_dir(shared: bool) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create runtime directory under {parent}: {exc.strerror}") from None
     return directory
+
+
+def _remove_stale_runtime_dirs(parent: Path) -> None:
+    """Directories left by supervisors that were killed (SIGKILL leaves no chance to clean up)."""
+    for entry in parent.glob("run-*-*"):
+        pid = entry.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove_runtime_dir(entry)
+        except PermissionError:
+            continue  # alive, someone else's
 
 
 def _remove_runtime_dir(directory: Path) -> None:

@@ -32,6 +32,7 @@ from .history import Fingerprint, History, Record, fingerprint
 from .libc import release_free_memory
 from .listeners import Listener, bind
 from .notify import SystemdNotifier
+from .proctree import children, descendants
 from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Verdict, build_probe
 from .reaper import Reaper
 from .release import Release, check_templates, logical_cwd, resolve
@@ -285,9 +286,9 @@ class Supervisor:
                 await self.retire(generation, graceful=True)
                 await self._failed(f"generation {generation.number} {failure}")
                 continue
-            elapsed = generation.mark_ready()
+            elapsed = generation.mark_ready(self.probe.spec.kind == "notify")
             self.events.emit("ready", f"generation {generation.number} ready after {elapsed:.3f}s ({result.detail})",
-                             gen=generation.number, pids=generation.pids(fresh=True), elapsed=round(elapsed, 6), probe=result.detail)
+                             gen=generation.number, pids=generation.pids(), elapsed=round(elapsed, 6), probe=result.detail)
             self.promote(generation)
             self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
             return generation
@@ -402,7 +403,10 @@ class Supervisor:
             self.listeners = list(plan.listeners)
         self.serving = generation
         generation.state = SERVING
-        self.history.good(self._fingerprint(generation.release))
+        self._group.start_soon(self._remember_good, generation.release)  # off the promotion's critical path
+
+    async def _remember_good(self, release: Release) -> None:
+        self.history.good(self._fingerprint(release))
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         """Stop a generation: drain it (signal, wait, kill the rest) or kill it at once; then forget it."""
@@ -549,11 +553,7 @@ class Supervisor:
 
     def _kill_descendants(self) -> None:
         """Last sweep at exit: every generation is gone, so any process still below us is a leftover."""
-        try:
-            leftovers = psutil.Process().children(recursive=True)
-        except psutil.Error:
-            return
-        for process in leftovers:
+        for process in descendants(psutil.Process()):
             try:
                 process.kill()
             except psutil.Error:
@@ -634,11 +634,7 @@ class Supervisor:
         known = set(self.reaper.children)
         for generation in self.generations:
             known.update(generation.members)
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:
-            return
-        for process in children:
+        for process in children(psutil.Process()):
             if process.pid in known:
                 continue
             try:

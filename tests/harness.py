@@ -85,8 +85,8 @@ class Supervise:
             line = raw.decode(errors="replace").rstrip("\n")
             with self._changed:
                 self.lines.append(line)
-                try:
-                    event = json.loads(line)
+                try:  # a child's own output may precede our JSON on the same line (shared stderr)
+                    event = json.loads(line[line.index('{"ts"'):]) if '{"ts"' in line else None
                 except ValueError:
                     event = None
                 if isinstance(event, dict) and "event" in event:

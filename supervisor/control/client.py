@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import http.client
 import json
-import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -245,7 +244,7 @@ def describe_event(event: dict[str, Any]) -> str:
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     """Left-aligned columns two spaces apart."""
     widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
 
 
 def _pids(pids: Any) -> str:
@@ -411,9 +410,6 @@ class CtlGroup(click.Group):
             _fail(exc.format_message(), exc.exit_code)
         except UserError as exc:
             _fail(str(exc), exc.exit_code)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the reader left (`ctl events | head`)
-            sys.exit(0)
         sys.exit(code or 0)
 
 

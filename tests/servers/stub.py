@@ -70,8 +70,8 @@ class Stub:
         return self.stop_accepting_at is not None
 
     def log(self, message: str) -> None:
-        print(f"stub: pid {os.getpid()} gen {self.generation} tag {self.options.tag} {message}",
-              file=sys.stderr, flush=True)
+        """One write per line: stderr is shared with the supervisor, whose JSON lines must not be split by ours."""
+        os.write(2, f"stub: pid {os.getpid()} gen {self.generation} tag {self.options.tag} {message}\n".encode())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
