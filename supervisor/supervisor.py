@@ -323,6 +323,7 @@ class Supervisor:
     def prepare(self, release: Release | None) -> Plan:
         """What the next upgrade deploys: the config file read again (if any), listeners it adds bound, the
         command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given."""
+        self._fingerprints.clear()  # a deploy may have rewritten the files of an identical-looking release
         try:
             settings = reread(self.settings)
             listeners = self._listeners_for(settings)

@@ -138,6 +138,8 @@ class ControlServer:
                 supervisor.events.emit("control-refused", f"control request {request.method} {request.path} from uid "
                                        f"{uid} refused: only uid {os.getuid()} or root", level="warning", uid=uid)
                 return _error(403, "permission denied: the control socket is for the supervisor's own user or root")
+            if (request.content_length or 0) > _MAX_BODY:  # no handler reads a body: reject it before anything runs
+                return _error(413, f"request body too large (limit {_MAX_BODY} bytes)")
             try:
                 return await handler(request)
             except web.HTTPException as exc:
