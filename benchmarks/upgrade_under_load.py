@@ -423,8 +423,10 @@ class Supervised(System):
             log_ts = parse_ts(verdict["ts"]) - parse_ts(notified[0][1]["ts"])
         decision = timings["promoted"] - timings["ready"]
         # notify: the verdict *is* the READY=1 wake-up, so the share is the decision after it (exact, one clock);
-        # http: the share also holds the polling lag after the app became ready (its READY=1 marks that instant).
-        share = decision if self.probe == "notify" else ready_to_promoted
+        # http: the share also holds the polling lag after the app became ready, measured from the READY=1 the app
+        # sends anyway (the `notify` event's timestamp, 1 ms resolution) to the promotion; the `ready` event's
+        # elapsed is the probe's verdict in http mode, not the app's READY=1.
+        share = decision if self.probe == "notify" else log_ts
         record.update(
             timings=timings, phases=phases, drain_s=retired["elapsed"], killed=retired.get("killed"),
             probe=ready[0][1].get("probe") if ready else None,
