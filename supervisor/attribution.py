@@ -86,12 +86,18 @@ def server_side_inode(client: socket.socket) -> int | None:
 
 
 def owner(inode: int, pids: Iterable[int]) -> int | None:
-    """The first of `pids` that holds socket `inode` in its fd table, or None."""
+    """The first of `pids` that holds socket `inode` in its fd table, or None.
+
+    Raises PermissionError when a process's fd table may not be read (children of another user need
+    CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH).
+    """
     target = f"socket:[{inode}]"
     for pid in pids:
         directory = f"/proc/{pid}/fd"
         try:
             names = os.listdir(directory)
+        except PermissionError:
+            raise  # the caller must say so: without access every probe would look answered by someone else
         except OSError:
             continue
         for name in names:

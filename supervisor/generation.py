@@ -22,7 +22,7 @@ from .notify import NotifySocket
 from .proctree import descendants
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
-from .spawn import ProcessSpec, child_environment, spawn
+from .spawn import ProcessSpec, SpawnError, child_environment, spawn
 
 # States a generation moves through; `starting` → `ready` → `serving` → `draining` → `exited`.
 STARTING, READY, SERVING, DRAINING, EXITED = "starting", "ready", "serving", "draining", "exited"
@@ -66,7 +66,12 @@ class Generation:
             if generation is not None:
                 generation.notified(pid, fields)
 
-        notify = NotifySocket(notify_path, on_notify, (credentials.uid, credentials.gid) if credentials else None)
+        try:
+            notify = NotifySocket(notify_path, on_notify, (credentials.uid, credentials.gid) if credentials else None)
+        except OSError as exc:
+            raise SpawnError(f"cannot create the notify socket {notify_path} for generation {number}: "
+                             f"{exc.strerror or exc}" + (" (giving it to another user needs CAP_CHOWN)"
+                                                         if credentials and isinstance(exc, PermissionError) else "")) from None
         try:
             extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path)}
             env = child_environment(os.environ, extra, len(listeners), names)

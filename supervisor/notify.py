@@ -147,9 +147,13 @@ class SystemdNotifier:
 
     def on_event(self, event: Event) -> None:
         """Translate supervisor events into sd_notify messages."""
-        if event.kind == "serving" and not self.ready_sent:
-            self.ready_sent = True
-            self.send(READY=1, STATUS=f"serving generation {event.gen} (pid {_pids(event)})")
+        if event.kind == "serving":  # the first generation, or one that replaced a dead one
+            status = f"serving generation {event.gen} (pid {_pids(event)})"
+            if self.ready_sent:
+                self.send(STATUS=status)
+            else:
+                self.ready_sent = True
+                self.send(READY=1, STATUS=status)
         elif event.kind == "transition" and event.fields.get("state") == "spawning" and self.ready_sent:
             self.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="upgrading")
         elif event.kind == "promoted":

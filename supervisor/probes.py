@@ -158,10 +158,15 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> tuple[so
     if not inode:
         sock.close()
         return None, Result(Verdict.NOT_READY, f"connection to {target} not accepted by any process")
-    owner = attribution.owner(inode, subject.pids())
-    if owner is None:
-        await anyio.sleep(0.001)  # the fd is installed just after the socket gets its inode; workers may be new
-        owner = attribution.owner(inode, subject.pids(fresh=True))
+    try:
+        owner = attribution.owner(inode, subject.pids())
+        if owner is None:
+            await anyio.sleep(0.001)  # the fd is installed just after the socket gets its inode; workers may be new
+            owner = attribution.owner(inode, subject.pids(fresh=True))
+    except PermissionError as exc:
+        sock.close()
+        return None, Result(Verdict.NOT_READY, f"cannot tell which process accepted the probe: {exc.filename}: permission "
+                                               "denied (needs CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH)")
     if owner is None:
         sock.close()
         return None, Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation")

@@ -67,6 +67,9 @@ def _remove_pidfile(path: Path) -> None:
         pass
 
 
+_MAX_RUNTIME_PATH = 60  # leaves room for /run-PID-NANOSECONDS/genN.notify within AF_UNIX's 107 bytes
+
+
 def _runtime_dir(shared: bool) -> Path:
     """A private (0700) directory for this run's notify sockets; short, since socket paths are limited.
 
@@ -75,6 +78,8 @@ def _runtime_dir(shared: bool) -> Path:
     tempfile/shutil: those two modules alone add a megabyte to a long-lived RSS.)
     """
     parent = default_runtime_dir()
+    if len(str(parent)) > _MAX_RUNTIME_PATH:  # socket paths are limited to 107 bytes: fall back to a short one
+        parent = Path("/tmp") / f"supervise-{os.getuid()}"
     try:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _remove_stale_runtime_dirs(parent)

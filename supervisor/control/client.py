@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import http.client
 import json
+import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -165,6 +166,8 @@ def _excerpt(body: bytes, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+SYSTEM_RUNTIME_DIR = Path("/run/supervise")
+
 # -- finding the supervisor ---------------------------------------------------------------------------------
 
 
@@ -174,15 +177,19 @@ def find_socket(name: str | None, control: Path | None) -> Path:
         return control
     from ..config import default_runtime_dir  # not at module level: it imports the probes (asyncio)
 
-    directory = default_runtime_dir()
+    directories = [default_runtime_dir()]
+    if os.geteuid() == 0 and SYSTEM_RUNTIME_DIR not in directories:
+        directories.append(SYSTEM_RUNTIME_DIR)  # a root login shell with XDG_RUNTIME_DIR set, a system unit without
     if name is not None:
-        return directory / f"{name}.sock"
-    found = sorted(directory.glob("*.sock"))
+        return next((path for directory in directories if (path := directory / f"{name}.sock").exists()),
+                    directories[0] / f"{name}.sock")
+    found = sorted(path for directory in directories for path in directory.glob("*.sock"))
+    where = " or ".join(map(str, directories))
     if len(found) == 1:
         return found[0]
     if not found:
-        raise Unreachable(f"no supervisor found in {directory}; pass --name or --control")
-    raise UserError(f"several supervisors in {directory} ({', '.join(path.stem for path in found)}); pass --name")
+        raise Unreachable(f"no supervisor found in {where}; pass --name or --control")
+    raise UserError(f"several supervisors in {where} ({', '.join(path.stem for path in found)}); pass --name")
 
 
 @dataclass(frozen=True)

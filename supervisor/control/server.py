@@ -71,7 +71,7 @@ class ControlServer:
                 os.umask(previous)
             sock.listen(64)
         except OSError as exc:
-            raise UserError(f"cannot create control socket {path}: {exc.strerror}") from None
+            raise UserError(f"cannot create control socket {path}: {exc.strerror or exc}") from None
         st = os.stat(path)
         self.sock, self.inode = sock, (st.st_dev, st.st_ino)
 
