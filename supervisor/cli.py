@@ -86,6 +86,10 @@ DURATION = Duration()
 @click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
               help="Restarts of a dying generation allowed within --restart-window; one more failure exits non-zero.")
 @click.option("--restart-window", type=DURATION, default="60s", show_default=True, help="The window --max-restarts counts in.")
+@click.option("--upgrade-on-change", "upgrade_on_change", multiple=True, metavar="PATH",
+              help="Upgrade when this file or symlink changes (a replaced binary, a flipped `current` link); repeatable.")
+@click.option("--change-settle", type=DURATION, default="1s", show_default=True,
+              help="With --upgrade-on-change: how long the paths must stay unchanged before the upgrade starts.")
 @click.option("--pre-upgrade", metavar="CMD", help="Shell command run before an upgrade; non-zero refuses the upgrade.")
 @click.option("--post-upgrade", metavar="CMD", help="Shell command run after a new generation is promoted.")
 @click.option("--on-rollback", metavar="CMD", help="Shell command run after an upgrade is rolled back (reason in $SUPERVISE_REASON).")

@@ -73,6 +73,8 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     loop: str = "auto"
+    upgrade_on_change: tuple[str, ...] = ()
+    change_settle: float = 1.0
     sources: Sources | None = field(default=None, compare=False)
 
     @property
@@ -87,15 +89,18 @@ class Settings:
 
 
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
-_FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources")
-_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "restart_window", "hook_timeout")
+_FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
+          "change_settle")
+_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "restart_window", "hook_timeout",
+              "change_settle")
 _COUNTS = {"health_threshold": 1, "max_restarts": 0, "backlog": 1}
 _TEXTS = ("ready", "drain_signal", "name", "chdir", "user", "group", "unix_mode", "pre_upgrade", "post_upgrade",
           "on_rollback", "log_format", "log_level", "loop")
 _PATHS = ("control", "state_dir", "pidfile")
 _FILE_TABLES = {"hooks": {"pre_upgrade": "pre_upgrade", "post_upgrade": "post_upgrade", "on_rollback": "on_rollback",
                           "timeout": "hook_timeout"}}
-FILE_KEYS = frozenset((*_DURATIONS, *_COUNTS, *_TEXTS, *_PATHS, "listen", "command", "env", "nodelay", "hooks"))
+FILE_KEYS = frozenset((*_DURATIONS, *_COUNTS, *_TEXTS, *_PATHS, "listen", "command", "env", "nodelay", "hooks",
+                       "upgrade_on_change"))
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,8 @@ def read_file(path: Path) -> dict[str, Any]:
             options["no_nodelay"] = not _expect(path, key, value, bool)
         elif key == "env":
             options["env"] = [f"{name}={item}" for name, item in _expect(path, key, value, dict).items()]
-        elif key in ("listen", "command"):
-            options[key] = [value] if key == "listen" and isinstance(value, str) else _expect(path, key, value, list)
+        elif key in ("listen", "command", "upgrade_on_change"):
+            options[key] = [value] if key != "command" and isinstance(value, str) else _expect(path, key, value, list)
         else:
             options[key] = value
     return options
@@ -196,6 +201,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         user=text["user"],
         group=text["group"],
         env=tuple(_env_pair(item) for item in options.get("env") or ()),
+        upgrade_on_change=tuple(os.path.abspath(str(item)) for item in options.get("upgrade_on_change") or ()),
         hooks=Hooks(text["pre_upgrade"], text["post_upgrade"], text["on_rollback"],
                     _duration("hook_timeout", options["hook_timeout"])),
         log_format=text["log_format"] or "text",

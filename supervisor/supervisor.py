@@ -38,6 +38,7 @@ from .reaper import Reaper
 from .release import Release, check_templates, logical_cwd, resolve
 from .rollout import PROMOTED, ROLLED_BACK, Failed, Outcome, Plan, Rollout, health_check, wait_ready
 from .spawn import SpawnError
+from .triggers import ChangeTrigger
 from .workers import Worker
 
 if TYPE_CHECKING:
@@ -156,6 +157,10 @@ class Supervisor:
                     group.start_soon(worker.run)
                 if self.control is not None:
                     group.start_soon(self.control.serve)
+                if self.settings.upgrade_on_change:
+                    trigger = ChangeTrigger(self.settings.upgrade_on_change, self.settings.change_settle,
+                                            lambda what: self.request_upgrade(what))
+                    group.start_soon(trigger.run)
                 with self._operations:
                     await self._operate()
                 await self._shutdown()
