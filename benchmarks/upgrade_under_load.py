@@ -1137,7 +1137,7 @@ def print_report(report: dict[str, Any]) -> None:
 
     fds = report["fds"]
     counts = fds["num_fds"]
-    print(f"\n4. Supervisor open fds (psutil num_fds), stub release, --ready tcp --watch 0, light load (2 clients)")
+    print("\n4. Supervisor open fds (psutil num_fds), stub release, --ready tcp --watch 0, light load (2 clients)")
     print("  " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
           + f"  → identical: {fds['identical']}; verdicts {fds['verdicts']}; upgrade median "
           f"{fmt(fds['upgrade_s']['median'], 3)} s; load {fds['load']['requests']} requests, {fds['load']['failed']} failed")

@@ -104,7 +104,7 @@ def test_repeated_upgrades_under_load_fail_no_request(release: Release, port: in
             release.deploy("--tag", f"v{number}")
             verdict = sup.upgrade()
             assert verdict["event"] == "promoted", verdict
-            sup.wait_for("retired", where=lambda event: event["gen"] == verdict["old_gen"])
+            sup.wait_for("retired", where=lambda event, old=verdict["old_gen"]: event["gen"] == old)
             assert tag_of(port) == f"v{number}"
     finally:
         stats = load.stop()

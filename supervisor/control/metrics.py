@@ -45,7 +45,7 @@ class Histogram:
 
     def buckets(self) -> list[tuple[str, int]]:
         running, result = 0, []
-        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             result.append(("+Inf" if bound == float("inf") else repr(bound), running))
         return result

@@ -22,6 +22,7 @@ import anyio
 from ..errors import UserError
 from ..events import LEVELS, Event
 from ..units import parse_signal
+from . import views
 from .metrics import render
 
 if TYPE_CHECKING:
@@ -152,12 +153,12 @@ class ControlServer:
     # -- handlers -----------------------------------------------------------------------------------------------
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
-        return _json(self.supervisor.status())
+        return _json(views.status(self.supervisor))
 
     async def _upgrade(self, request: web.Request) -> web.StreamResponse:
         force = _flag(request, "force")
         if _flag(request, "dry_run"):
-            return _json({"plan": self.supervisor.plan(force)})
+            return _json({"plan": views.plan(self.supervisor, force)})
         if request.query.get("wait", "1") in ("0", "false", "no"):
             ticket = self.supervisor.request_upgrade("ctl upgrade", force=force)
             if ticket is None:
