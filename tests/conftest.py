@@ -1,0 +1,13 @@
+"""Test-session set-up shared by every test module."""
+
+from __future__ import annotations
+
+import signal
+
+# A test run started in the background by a non-interactive shell (as CI may be) ignores SIGINT and SIGQUIT,
+# and every process the tests start would inherit that: tests that send Ctrl-C to a child would then test
+# nothing. Give the session (and so its children) the dispositions of a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
