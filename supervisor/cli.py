@@ -36,8 +36,8 @@ Signals: HUP upgrade · TERM/INT drain everything and exit 0 · second INT or QU
 \b
 Examples:
   supervise --listen :8080 -- python examples/app.py
-  supervise -l web=127.0.0.1:8080 --ready http:/healthz -- gunicorn --bind fd://{fd:web} app:app
-  supervise -l :8000 -- uvicorn app:app --fd {fd}
+  supervise -l 127.0.0.1:8080 --ready http:/healthz -- gunicorn --no-control-socket app:app
+  supervise -l :8000 -- uvicorn --backlog 4096 app:app --fd {fd}
   supervise -l unix:/run/app.sock --ready notify -- ./server
 """
 
