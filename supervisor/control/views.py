@@ -27,7 +27,8 @@ def status(supervisor: Supervisor) -> dict[str, Any]:
         "supervisor": {"pid": os.getpid(), "name": supervisor.settings.name, "version": __version__,
                        "uptime": round(time.monotonic() - supervisor.started_at, 3), "started_at": supervisor.started_wall,
                        "state": "stopping" if supervisor.stopping else (rollout.state if rollout else "idle"),
-                       "control": str(supervisor.settings.control_path), "restarts": supervisor.tally.restarts},
+                       "control": str(supervisor.settings.control_path), "restarts": supervisor.tally.restarts,
+                       "orphans_reaped": supervisor.reaper.orphans_reaped},
         "listeners": [{"name": listener.name, "address": listener.address, "kind": listener.kind,
                        "adopted": listener.adopted, "fd": 3 + index} for index, listener in enumerate(supervisor.listeners)],
         "generations": [_generation_status(supervisor, generation) for generation in supervisor.generations],
@@ -51,10 +52,12 @@ def _generation_status(supervisor: Supervisor, generation: Generation) -> dict[s
         except psutil.Error:
             continue
     ready_after = generation.ready_at - generation.started_at if generation.ready_at else None
+    watchdog = round(time.monotonic() - generation.last_watchdog, 3) if generation.last_watchdog else None
     return {"number": generation.number, "state": generation.state, "serving": generation is supervisor.serving,
             "pid": generation.leader, "pids": generation.pids(), "age": round(time.monotonic() - generation.started_at, 3),
             "rss": rss, "cpu_percent": round(cpu, 1), "ready": generation.ready_at is not None,
             "ready_after": round(ready_after, 3) if ready_after is not None else None, "status": generation.status_text,
+            "watchdog_age": watchdog,
             "argv": list(generation.release.argv), "executable": generation.release.executable,
             "cwd": generation.release.cwd}
 
