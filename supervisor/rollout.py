@@ -213,6 +213,8 @@ class Rollout:
             failure = await self._hook("pre-upgrade", self.settings.hooks.pre_upgrade, "")
             refusal = f"pre-upgrade hook {failure}" if failure else None
         if refusal:
+            if self.plan is not None:
+                self.host.discard(self.plan)  # listeners it bound for nothing
             self.host.events.emit("upgrade-refused", f"upgrade refused: {refusal}", level="warning",
                                   gen=self.old.number if self.old else None, reason=refusal)
             self._enter(IDLE)

@@ -337,11 +337,15 @@ class Supervisor:
             check_templates(settings.command, [listener.name for listener in listeners])
             probe = self._build_probe(settings, listeners)
         except UserError as exc:
-            self.discard(Plan(settings, self.probe, self.release, listeners))
+            self._close_unused(listeners)
             raise UserError(f"invalid config: {exc}") from None
         if release is None:
             logical = logical_cwd(settings.chdir) if settings.chdir else self.release.logical_cwd
-            release = resolve(settings.command, logical, settings.env, os.environ.get("PATH"))
+            try:
+                release = resolve(settings.command, logical, settings.env, os.environ.get("PATH"))
+            except SpawnError:
+                self._close_unused(listeners)
+                raise
         return Plan(settings, probe, release, listeners)
 
     def _listeners_for(self, settings: Settings) -> tuple[Listener, ...]:

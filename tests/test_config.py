@@ -110,3 +110,20 @@ def test_bad_config_file_is_one_clear_error(tmp_path: Path, text: str, message: 
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("supervise: error:") and message in lines[0], done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_refused_upgrade_leaves_no_listener_bound(tmp_path: Path) -> None:
+    port, extra_port, path = free_port(), free_port(), tmp_path / "supervise.toml"
+    write(path, config(port, "a"))
+    sup = Supervise(["--config", str(path)]).start()
+    try:
+        sup.wait_for("serving")
+        refusing = config(port, "b", listen=f'"127.0.0.1:{port}", "admin=127.0.0.1:{extra_port}"')
+        write(path, refusing + '[hooks]\npre_upgrade = "exit 1"\n')
+        refused = sup.upgrade()
+        assert refused["event"] == "upgrade-refused" and "pre-upgrade hook" in refused["reason"], refused
+        assert wait_port_free(extra_port, 5), "the listener bound for a refused upgrade must be closed"
+        assert env_of(port)["tag"] == "a"
+    finally:
+        sup.stop()
