@@ -123,6 +123,7 @@ def test_a_refused_upgrade_leaves_no_listener_bound(tmp_path: Path) -> None:
         write(path, refusing + '[hooks]\npre_upgrade = "exit 1"\n')
         refused = sup.upgrade()
         assert refused["event"] == "upgrade-refused" and "pre-upgrade hook" in refused["reason"], refused
+        assert sup.wait_for("listener-closed", timeout=5)["name"] == "admin"  # closed on purpose, not by the GC
         assert wait_port_free(extra_port, 5), "the listener bound for a refused upgrade must be closed"
         assert env_of(port)["tag"] == "a"
     finally:
