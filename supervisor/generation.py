@@ -140,12 +140,14 @@ class Generation:
             self.refresh()
         return [process.pid for process in self.living()]
 
-    def mark_ready(self, by_notify: bool) -> float:
-        """Record readiness — when READY=1 arrived if that is what proved it, else now; returns seconds since start."""
+    def mark_ready(self, detail: str, by_notify: bool) -> None:
+        """Record and announce readiness — when READY=1 arrived if that is what proved it, else now."""
         self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
         if self.state == STARTING:
             self.state = READY
-        return self.ready_at - self.started_at
+        elapsed = self.ready_at - self.started_at
+        self.events.emit("ready", f"generation {self.number} ready after {elapsed:.3f}s ({detail})", gen=self.number,
+                         pids=self.pids(), elapsed=round(elapsed, 6), probe=detail)
 
     # -- what it tells us -------------------------------------------------------------------------------------
 

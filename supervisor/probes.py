@@ -141,8 +141,8 @@ class Target:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-async def _connect(target: Target, subject: Subject, timeout: float) -> tuple[socket.socket | None, Result | None]:
-    """Open a connection accepted by `subject` — or say why not. The caller closes the socket."""
+async def _connect(target: Target, subject: Subject, timeout: float) -> socket.socket | Result:
+    """A connection accepted by `subject` (the caller closes it), or the Result saying why there is none."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -151,13 +151,13 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> tuple[so
         await loop.sock_connect(sock, (target.host, target.port))
     except OSError as exc:
         sock.close()
-        return None, Result(Verdict.NOT_READY, f"cannot connect to {target}: {exc.strerror or exc}")
+        return Result(Verdict.NOT_READY, f"cannot connect to {target}: {exc.strerror or exc}")
     if not target.shared or not attribution.available():
-        return sock, None
+        return sock
     inode = await _accepted_inode(sock, timeout)
     if not inode:
         sock.close()
-        return None, Result(Verdict.NOT_READY, f"connection to {target} not accepted by any process")
+        return Result(Verdict.NOT_READY, f"connection to {target} not accepted by any process")
     try:
         owner = attribution.owner(inode, subject.pids())
         if owner is None:
@@ -165,12 +165,12 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> tuple[so
             owner = attribution.owner(inode, subject.pids(fresh=True))
     except PermissionError as exc:
         sock.close()
-        return None, Result(Verdict.NOT_READY, f"cannot tell which process accepted the probe: {exc.filename}: permission "
+        return Result(Verdict.NOT_READY, f"cannot tell which process accepted the probe: {exc.filename}: permission "
                                                "denied (needs CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH)")
     if owner is None:
         sock.close()
-        return None, Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation")
-    return sock, None
+        return Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation")
+    return sock
 
 
 async def _accepted_inode(sock: socket.socket, timeout: float) -> int | None:
@@ -214,10 +214,9 @@ class HttpProbe:
 
     async def check(self, subject: Subject) -> Result:
         with anyio.move_on_after(self.timeout):
-            sock, failed = await _connect(self.target, subject, self.timeout)
-            if sock is None:
-                assert failed is not None
-                return failed
+            sock = await _connect(self.target, subject, self.timeout)
+            if isinstance(sock, Result):
+                return sock
             try:
                 status = await _http_status(sock, self.target.host, self.spec.path)
             except OSError as exc:
@@ -246,10 +245,9 @@ class TcpProbe:
 
     async def check(self, subject: Subject) -> Result:
         with anyio.move_on_after(self.timeout):
-            sock, failed = await _connect(self.target, subject, self.timeout)
-            if sock is None:
-                assert failed is not None
-                return failed
+            sock = await _connect(self.target, subject, self.timeout)
+            if isinstance(sock, Result):
+                return sock
             sock.close()
             return Result(Verdict.READY, f"accepted on {self.target}")
         return Result(Verdict.NOT_READY, f"connection to {self.target} not accepted within {self.timeout:g}s")

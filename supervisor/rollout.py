@@ -238,9 +238,7 @@ class Rollout:
         self._enter(WAITING_READY)
         result = await wait_ready(plan.probe, self.new, settings.ready_timeout, settings.health_interval)
         self._mark("ready")
-        elapsed = self.new.mark_ready(plan.probe.spec.kind == "notify")
-        events.emit("ready", f"generation {self.new.number} ready after {elapsed:.3f}s ({result.detail})",
-                    gen=self.new.number, pids=self.new.pids(), elapsed=round(elapsed, 6), probe=result.detail)
+        self.new.mark_ready(result.detail, plan.probe.spec.kind == "notify")
         if settings.watch > 0:
             self._enter(WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""

@@ -290,9 +290,7 @@ class Supervisor:
                 await self.retire(generation, graceful=True)
                 await self._failed(f"generation {generation.number} {failure}")
                 continue
-            elapsed = generation.mark_ready(self.probe.spec.kind == "notify")
-            self.events.emit("ready", f"generation {generation.number} ready after {elapsed:.3f}s ({result.detail})",
-                             gen=generation.number, pids=generation.pids(), elapsed=round(elapsed, 6), probe=result.detail)
+            generation.mark_ready(result.detail, self.probe.spec.kind == "notify")
             self.promote(generation)
             self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
             return generation
