@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/upgrade_under_load.py --quick
+	$(BIN)/python benchmarks/instances.py --upgrades 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

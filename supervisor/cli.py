@@ -26,8 +26,9 @@ How an upgrade works (SIGHUP, or `systemctl reload`):
 \b
 What the child gets: the sockets at fds 3, 4, ... in --listen order, and
   LISTEN_FDS, LISTEN_PID (its own pid), LISTEN_FDNAMES, NOTIFY_SOCKET (private to
-  its generation), SUPERVISE_GENERATION. In arguments, {fd} is replaced by the
-  first socket's fd number and {fd:NAME} by that listener's.
+  the instance), SUPERVISE_GENERATION, SUPERVISE_INSTANCE (0..N-1 with -n N). In
+  arguments, {fd} is replaced by the first socket's fd number and {fd:NAME} by
+  that listener's.
 
 \b
 Signals: HUP upgrade · TERM/INT drain everything and exit 0 · second INT or QUIT
@@ -39,6 +40,7 @@ Examples:
   supervise -l 127.0.0.1:8080 --ready http:/healthz -- gunicorn --no-control-socket app:app
   supervise -l :8000 -- uvicorn --backlog 4096 app:app --fd {fd}
   supervise -l unix:/run/app.sock --ready notify -- ./server
+  supervise -l :8080 -n 4 --strategy rolling --batch 1 -- ./server
 """
 
 
@@ -86,6 +88,19 @@ DURATION = Duration()
 @click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
               help="Restarts of a dying generation allowed within --restart-window; one more failure exits non-zero.")
 @click.option("--restart-window", type=DURATION, default="60s", show_default=True, help="The window --max-restarts counts in.")
+@click.option("-n", "--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Instances of COMMAND per generation, all on the same sockets, each with its own NOTIFY_SOCKET "
+                   "and SUPERVISE_INSTANCE=0..N-1; a dead one is replaced alone. Change live: supervise ctl scale N.")
+@click.option("--strategy", type=click.Choice(["surge", "rolling"]), default="surge", show_default=True,
+              help="How an upgrade replaces the instances: surge starts all N new ones at once (fastest, up to 2N "
+                   "processes for a moment); rolling replaces them --batch at a time. Neither drains an old instance "
+                   "before a new one is ready, so never fewer than N are ready.")
+@click.option("--batch", metavar="COUNT|PERCENT", help="With rolling: new instances per batch, like 1 or 25% of N (default 1).")
+@click.option("--max-surge", metavar="COUNT|PERCENT",
+              help="With rolling: processes allowed above N during the upgrade (default: the batch size); caps the batch.")
+@click.option("--success-percent", type=click.IntRange(min=1, max=100), default=100, show_default=True,
+              help="Share of a batch that must become ready; below it the upgrade stops and every batch already "
+                   "replaced is rolled back, old instances first ready, then new ones drained.")
 @click.option("--upgrade-on-change", "upgrade_on_change", multiple=True, metavar="PATH",
               help="Upgrade when this file or symlink changes (a replaced binary, a flipped `current` link); repeatable.")
 @click.option("--change-settle", type=DURATION, default="1s", show_default=True,
@@ -129,7 +144,9 @@ def run_command(**options: Any) -> None:
 
 
 def _run(settings: Settings) -> int:
-    from .runner import run  # the runtime (anyio, psutil) is imported only once the arguments are known good
+    from .runner import (
+        run,  # the runtime (anyio, psutil) is imported only once the arguments are known good
+    )
 
     return run(settings)
 

@@ -27,3 +27,13 @@ async def first_completed(*functions: Callable[[], Awaitable[Any]]) -> tuple[int
             raise errors.exceptions[0] from None  # callers expect the error itself, not a group of one
         raise
     return winner[0]
+
+
+async def gather(*functions: Callable[[], Awaitable[Any]]) -> None:
+    """Run the functions concurrently until all are done; the first error cancels the rest and is raised as is."""
+    try:
+        async with anyio.create_task_group() as group:
+            for function in functions:
+                group.start_soon(function)
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None  # callers handle the error itself (Fatal), never a group of them

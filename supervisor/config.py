@@ -19,6 +19,7 @@ from typing import Any
 from .errors import UserError
 from .listeners import ListenSpec, parse_listen
 from .probes import ProbeSpec, parse_probe
+from .strategy import Strategy, build_strategy
 from .units import parse_duration, parse_signal
 
 
@@ -75,6 +76,8 @@ class Settings:
     loop: str = "auto"
     upgrade_on_change: tuple[str, ...] = ()
     change_settle: float = 1.0
+    processes: int = 1
+    strategy: Strategy = field(default_factory=Strategy)
     sources: Sources | None = field(default=None, compare=False)
 
     @property
@@ -93,13 +96,14 @@ _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", 
           "change_settle")
 _DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "restart_window", "hook_timeout",
               "change_settle")
-_COUNTS = {"health_threshold": 1, "max_restarts": 0, "backlog": 1}
+_COUNTS = {"health_threshold": 1, "max_restarts": 0, "backlog": 1, "processes": 1}
 _TEXTS = ("ready", "drain_signal", "name", "chdir", "user", "group", "unix_mode", "pre_upgrade", "post_upgrade",
           "on_rollback", "log_format", "log_level", "loop")
 _PATHS = ("control", "state_dir", "pidfile")
 _FILE_TABLES = {"hooks": {"pre_upgrade": "pre_upgrade", "post_upgrade": "post_upgrade", "on_rollback": "on_rollback",
                           "timeout": "hook_timeout"}}
-FILE_KEYS = frozenset((*_DURATIONS, *_COUNTS, *_TEXTS, *_PATHS, "listen", "command", "env", "nodelay", "hooks",
+_STRATEGY = ("strategy", "batch", "max_surge", "success_percent")
+FILE_KEYS = frozenset((*_DURATIONS, *_COUNTS, *_TEXTS, *_PATHS, *_STRATEGY, "listen", "command", "env", "nodelay", "hooks",
                        "upgrade_on_change"))
 
 
@@ -207,6 +211,8 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         log_format=text["log_format"] or "text",
         log_level=text["log_level"] or "info",
         loop=text["loop"] or "auto",
+        strategy=build_strategy(*(None if options.get(key) is None else str(options[key]) for key in _STRATEGY[:3]),
+                                options.get("success_percent", 100)),
         sources=sources,
     )
 

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -23,18 +23,21 @@ class Event:
     level: str = "info"
     gen: int | None = None
     pids: tuple[int, ...] = ()
+    instance: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
         """A flat JSON-ready form: the fixed keys first, then the event's own fields."""
         data: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(self.time, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": self.level,
             "event": self.kind,
         }
         if self.gen is not None:
             data["gen"] = self.gen
+        if self.instance is not None:
+            data["instance"] = self.instance
         if self.pids:
             data["pids"] = list(self.pids)
         data["msg"] = self.message
@@ -55,10 +58,11 @@ class Events:
     subscribers: list[Subscriber] = field(default_factory=list)
 
     def emit(
-        self, kind: str, message: str, *, level: str = "info", gen: int | None = None, pids: tuple[int, ...] | list[int] = (), **fields: Any
+        self, kind: str, message: str, *, level: str = "info", gen: int | None = None, pids: tuple[int, ...] | list[int] = (),
+        instance: int | None = None, **fields: Any
     ) -> Event:
         """Publish one event to the log and every subscriber."""
-        event = Event(kind, message, level, gen, tuple(pids), fields)
+        event = Event(kind, message, level, gen, tuple(pids), instance, fields)
         if LEVELS[level] >= LEVELS[self.log_level]:
             self._write(event)
         for subscriber in list(self.subscribers):
@@ -76,6 +80,8 @@ class Events:
         else:
             stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
             where = f"gen {event.gen}" if event.gen is not None else ""
+            if event.instance is not None:
+                where += f" #{event.instance}"
             if event.pids:
                 where += (" " if where else "") + "pid " + ",".join(map(str, event.pids))
             tag = f"[{where}] " if where else ""

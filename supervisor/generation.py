@@ -1,242 +1,152 @@
-"""A generation: the processes started from one release at one time, and everything known about them.
+"""A generation: the instances started from one release at one time (SUPERVISE_INSTANCE=0..N-1).
 
-Its process tree is remembered (psutil objects carry their create time, so a reused pid is never signalled)
-so that draining and killing reach grandchildren too — even one that left the process group with setsid().
+It is what an upgrade replaces and a rollback restores. Its instances come and go one at a time — a dead one
+is replaced, `ctl scale` adds or drains some, a rolling upgrade drains them batch by batch — so this holds the
+set: which instances are ready, which indexes are free, the pids of all of them.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
 import psutil
 
-from .credentials import Credentials
-from .events import Events
+from .instance import DRAINING, EXITED, READY, SERVING, STARTING, Instance, Launcher
 from .listeners import Listener
-from .notify import NotifySocket
-from .proctree import descendants
-from .reaper import ChildExit, ExitStatus, Reaper
-from .release import Release, generation_env, substitute
-from .spawn import ProcessSpec, SpawnError, child_environment, spawn
-
-# States a generation moves through; `starting` → `ready` → `serving` → `draining` → `exited`.
-STARTING, READY, SERVING, DRAINING, EXITED = "starting", "ready", "serving", "draining", "exited"
-_DRAIN_POLL = 0.02
-_TREE_REFRESH = 0.25
+from .reaper import ExitStatus
+from .release import Release
 
 
 @dataclass(eq=False)
 class Generation:
-    """One running instance of a release, its process tree, and what it told us over NOTIFY_SOCKET."""
+    """The instances of one release, and the sockets they inherited (kept open while any may use them)."""
 
     number: int
     release: Release
-    leader: int
-    exit: ChildExit
-    events: Events
-    notify: NotifySocket | None = None
+    listeners: tuple[Listener, ...]
+    launcher: Launcher
+    instances: list[Instance] = field(default_factory=list)
     state: str = STARTING
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
-    status_text: str = ""
-    notified_ready: bool = False
-    notified_stopping: bool = False
-    last_watchdog: float | None = None
-    notified_ready_at: float | None = None
-    members: dict[int, psutil.Process] = field(default_factory=dict)
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
-    listeners: tuple[Listener, ...] = ()  # the sockets it inherited: kept open while it may use them
+    casualty: anyio.Event = field(default_factory=anyio.Event)  # an instance that had been ready died
+    lost: tuple[Instance, ExitStatus] | None = None
+    _spawned: int = 0
 
-    @classmethod
-    def start(
-        cls, number: int, release: Release, listeners: Sequence[Listener], runtime_dir: str, reaper: Reaper, events: Events,
-        credentials: Credentials | None = None,
-    ) -> Generation:
-        """Spawn the release as generation `number`. Raises SpawnError (nothing left running) if it cannot."""
-        names = [listener.name for listener in listeners]
-        notify_path = os.path.join(runtime_dir, f"gen{number}.notify")
-        generation: Generation | None = None
+    def spawn(self, index: int) -> Instance:
+        """Start instance `index`; raises SpawnError (nothing left running) if it cannot."""
+        instance = Instance.start(self.launcher, self.number, index, self._spawned + 1, self.release, self.listeners)
+        self._spawned += 1
+        self.instances.append(instance)
+        return instance
 
-        def on_notify(pid: int, fields: dict[str, str]) -> None:
-            if generation is not None:
-                generation.notified(pid, fields)
+    def forget(self, instance: Instance) -> None:
+        """An instance is gone for good: release what we hold for it."""
+        instance.close()
+        if instance in self.instances:
+            self.instances.remove(instance)
 
-        try:
-            notify = NotifySocket(notify_path, on_notify, (credentials.uid, credentials.gid) if credentials else None)
-        except OSError as exc:
-            raise SpawnError(f"cannot create the notify socket {notify_path} for generation {number}: "
-                             f"{exc.strerror or exc}" + (" (giving it to another user needs CAP_CHOWN)"
-                                                         if credentials and isinstance(exc, PermissionError) else "")) from None
-        try:
-            extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path)}
-            env = child_environment(os.environ, extra, len(listeners), names)
-            spec = ProcessSpec(
-                release.executable,
-                substitute(release.argv, names),
-                env,
-                cwd=release.cwd,
-                pass_fds=tuple(listener.sock.fileno() for listener in listeners),
-                set_listen_pid=bool(listeners),
-                credentials=credentials,
-            )
-            pid = spawn(spec)
-        except BaseException:
-            notify.close()
-            raise
-        generation = cls(number, release, pid, reaper.watch(pid), events, notify, listeners=tuple(listeners))
-        generation.remember(pid)
-        notify.start()
-        return generation
+    def mark_ready(self) -> None:
+        """The generation's first instances are ready (a probe of the generation may now wait on that)."""
+        if self.ready_at is None:
+            self.ready_at = time.monotonic()
+            if self.state == STARTING:
+                self.state = READY
+            self.ready_signal.set()
 
-    # -- what we know about its processes ---------------------------------------------------------------------
+    def serve(self) -> None:
+        """The generation becomes the serving one; its ready instances are serving instances."""
+        self.state = SERVING
+        for instance in self.ready():
+            instance.state = SERVING
+
+    def exited(self, instance: Instance, status: ExitStatus) -> bool:
+        """Note an instance's exit; True if it was unexpected (not drained, not stopped by us)."""
+        if instance.state in (DRAINING, EXITED):
+            return False
+        if instance.ready_at is not None and self.lost is None:
+            self.lost = (instance, status)
+            self.casualty.set()
+        return True
+
+    # -- which instances -----------------------------------------------------------------------------------------
+
+    def current(self) -> list[Instance]:
+        """Instances that hold their index: alive, or dead but not yet replaced — anything but draining."""
+        return [instance for instance in self.instances if instance.state not in (DRAINING, EXITED)]
+
+    def ready(self) -> list[Instance]:
+        """Instances proved ready, alive and not draining."""
+        return [instance for instance in self.instances if instance.ready]
+
+    def dead(self) -> list[Instance]:
+        """Instances that died on their own and still wait for a replacement."""
+        return [instance for instance in self.current() if not instance.alive]
+
+    def free_indexes(self, count: int) -> list[int]:
+        """The `count` lowest instance indexes no current instance holds."""
+        taken = {instance.index for instance in self.current()}
+        free: list[int] = []
+        index = 0
+        while len(free) < count:
+            if index not in taken:
+                free.append(index)
+            index += 1
+        return free
+
+    # -- the processes of all instances ---------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        """Whether the main process is still running (not yet reaped)."""
-        return self.exit.status is None
+        return any(instance.alive for instance in self.instances)
 
     @property
-    def exit_status(self) -> ExitStatus | None:
-        return self.exit.status
+    def leader(self) -> int:
+        """The main pid of its first living instance (for hooks and probes that name one pid)."""
+        living = sorted((instance for instance in self.instances if instance.alive), key=lambda item: item.index)
+        return living[0].leader if living else (self.instances[0].leader if self.instances else 0)
 
-    def remember(self, pid: int) -> None:
-        """Add a process (by pid) to this generation's tree, if it still exists."""
-        if pid not in self.members:
-            try:
-                self.members[pid] = psutil.Process(pid)
-            except psutil.Error:
-                pass
-
-    def refresh(self) -> None:
-        """Add every current descendant of every living member (new workers, grandchildren)."""
-        for process in list(self.members.values()):
-            try:
-                if not process.is_running():
-                    continue
-            except psutil.Error:
-                continue
-            for child in descendants(process):
-                self.members.setdefault(child.pid, child)
-
-    def living(self) -> list[psutil.Process]:
-        """Members still running (zombies count as gone: they hold no socket and run no code)."""
-        found = []
-        for process in self.members.values():
-            try:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
-            except psutil.Error:
-                continue
+    @property
+    def members(self) -> dict[int, psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for instance in self.instances:
+            found.update(instance.members)
         return found
 
+    @property
+    def notified_ready(self) -> bool:
+        ready = self.ready()
+        return bool(ready) and all(instance.notified_ready for instance in ready)
+
+    @property
+    def notified_stopping(self) -> bool:
+        return any(instance.notified_stopping for instance in self.ready())
+
+    @property
+    def last_watchdog(self) -> float | None:
+        pings = [instance.last_watchdog for instance in self.instances if instance.last_watchdog is not None]
+        return max(pings) if pings else None
+
+    def refresh(self) -> None:
+        for instance in self.instances:
+            instance.refresh()
+
+    def living(self) -> list[psutil.Process]:
+        return [process for instance in self.instances for process in instance.living()]
+
     def pids(self, fresh: bool = False) -> list[int]:
-        """Pids of the living members; `fresh` rescans the tree first."""
-        if fresh:
-            self.refresh()
-        return [process.pid for process in self.living()]
-
-    def mark_ready(self, detail: str, by_notify: bool) -> None:
-        """Record and announce readiness — when READY=1 arrived if that is what proved it, else now."""
-        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
-        if self.state == STARTING:
-            self.state = READY
-        elapsed = self.ready_at - self.started_at
-        self.events.emit("ready", f"generation {self.number} ready after {elapsed:.3f}s ({detail})", gen=self.number,
-                         pids=self.pids(), elapsed=round(elapsed, 6), probe=detail)
-
-    # -- what it tells us -------------------------------------------------------------------------------------
-
-    def notified(self, pid: int, fields: dict[str, str]) -> None:
-        """Handle one sd_notify message; only processes of this generation are listened to."""
-        if pid not in self.members:
-            self.refresh()
-        if pid not in self.members:
-            self.events.emit("notify-ignored", f"ignored notify message from pid {pid}: not a process of this generation",
-                             level="warning", gen=self.number, pids=(pid,))
-            return
-        if "STATUS" in fields:
-            self.status_text = fields["STATUS"]
-        if fields.get("STOPPING") == "1":
-            self.notified_stopping = True
-        if fields.get("WATCHDOG") == "1":
-            self.last_watchdog = time.monotonic()
-        if fields.get("READY") == "1" and not self.notified_ready:
-            self.notified_ready = True
-            self.notified_ready_at = time.monotonic()
-            self.ready_signal.set()
-        self.events.emit("notify", "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
-                         gen=self.number, pids=(pid,))
-
-    # -- ending it --------------------------------------------------------------------------------------------
+        return [pid for instance in self.instances for pid in instance.pids(fresh)]
 
     def signal_group(self, signum: int) -> bool:
-        """Send `signum` to the generation's process group (the leader started a session of its own)."""
-        try:
-            os.killpg(self.leader, signum)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-
-    def kill(self) -> list[int]:
-        """SIGKILL every process of the tree now; returns the pids that were still alive."""
-        self.refresh()
-        victims = self.living()
-        killed = {process.pid for process in victims}
-        for _ in range(3):
-            self.signal_group(signal.SIGKILL)
-            for process in victims:
-                try:
-                    process.kill()  # psutil checks the create time: a reused pid is never hit
-                except psutil.Error:
-                    pass
-            self.refresh()  # anything forked meanwhile
-            victims = self.living()
-            if not victims:
-                break
-            killed.update(process.pid for process in victims)
-        return sorted(killed)
-
-    async def drain(self, signum: int, timeout: float) -> list[int]:
-        """Ask the generation to stop, wait up to `timeout` for its whole tree to exit, then kill what remains.
-
-        Returns the pids that had to be killed.
-        """
-        self.refresh()
-        self.state = DRAINING
-        self.signal_group(signum)
-        for process in self.living():  # like systemd: every process of the unit, also those that left the group
-            try:
-                if os.getpgid(process.pid) != self.leader:
-                    process.send_signal(signum)
-            except (OSError, psutil.Error):
-                continue
-        await self.wait_gone(timeout)
-        if not self.living():
-            return []
-        killed = self.kill()
-        await self.wait_gone(5.0)
-        return killed
-
-    async def wait_gone(self, timeout: float) -> bool:
-        """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
-        last_refresh = time.monotonic()
-        with anyio.move_on_after(timeout):
-            while self.living():
-                await anyio.sleep(_DRAIN_POLL)
-                if time.monotonic() - last_refresh > _TREE_REFRESH:
-                    self.refresh()
-                    last_refresh = time.monotonic()
-            return True
-        return False
+        """Send `signum` to every living instance's process group; True if any got it."""
+        results = [instance.signal_group(signum) for instance in self.instances if instance.alive]
+        return any(results)
 
     def close(self) -> None:
-        """Release what the supervisor holds for this generation (its notify socket)."""
+        """Release what the supervisor holds for every instance."""
         self.state = EXITED
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
+        for instance in self.instances:
+            instance.close()

@@ -154,7 +154,7 @@ class SystemdNotifier:
             else:
                 self.ready_sent = True
                 self.send(READY=1, STATUS=status)
-        elif event.kind == "transition" and event.fields.get("state") == "spawning" and self.ready_sent:
+        elif event.kind == "transition" and event.fields.get("previous") == "idle" and self.ready_sent:
             self.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="upgrading")
         elif event.kind == "promoted":
             self.send(READY=1, STATUS=f"serving generation {event.gen} (pid {_pids(event)}); last upgrade promoted")

@@ -53,8 +53,16 @@ def resolve(argv: Sequence[str], logical: str, env: Sequence[tuple[str, str]], p
     cwd = os.path.realpath(logical)
     if not os.path.isdir(cwd):
         raise ExecutableNotFound(f"cannot start {argv[0]}: working directory {logical} does not exist")
-    executable = resolve_executable(argv[0], path, cwd)
+    executable = pinned(resolve_executable(argv[0], path, cwd))
     return Release(tuple(argv), executable, cwd, logical, tuple(env))
+
+
+def pinned(executable: str) -> str:
+    """The executable with symlinks in its directory resolved (`current/bin/app` → `releases/v7/bin/app`), so a
+    generation restarted later — a dead instance, a rollback — runs the release it was started from even after
+    the `current` link moved on. The file name itself is kept: a venv's bin/python must stay a link to work."""
+    directory, name = os.path.split(executable)
+    return os.path.join(os.path.realpath(directory), name)
 
 
 def check_templates(argv: Sequence[str], names: Sequence[str]) -> None:

@@ -1,7 +1,9 @@
 """The upgrade state machine: spawning → waiting-ready → watching → draining → idle, or rolling-back → idle.
 
-The old generation is never told anything until the new one has been ready and healthy for the whole watch
-window, so every failure before draining is rolled back by killing the new generation alone: the old one keeps
+New instances start in batches (one batch of N with --strategy surge). No old instance is told anything
+until a new one has been ready and healthy for the whole watch window in its place, so the number of ready
+instances never drops below N. A failure is rolled back the same way round: old instances first start again
+and become ready, only then are the new ones drained — with one batch (surge), the old generation simply keeps
 serving as if nothing had happened.
 """
 
@@ -19,6 +21,7 @@ from .config import Settings
 from .errors import UserError
 from .events import Events
 from .generation import Generation
+from .instance import Instance
 from .listeners import Listener
 from .probes import Probe, Result, Verdict, nothing_yet
 from .release import Release
@@ -44,6 +47,7 @@ class Plan:
     probe: Probe
     release: Release
     listeners: tuple[Listener, ...]
+    processes: int = 1
 
 
 class Host(Protocol):
@@ -55,10 +59,14 @@ class Host(Protocol):
 
     def prepare(self, release: Release | None) -> Plan: ...
     def refusal(self, release: Release, force: bool) -> str | None: ...
-    def launch(self, plan: Plan) -> Generation: ...
+    def create(self, plan: Plan) -> Generation: ...
+    def spawn(self, generation: Generation, index: int) -> Instance: ...
+    def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None: ...
     def promote(self, generation: Generation, plan: Plan | None = None) -> None: ...
     def discard(self, plan: Plan) -> None: ...
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
+    async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
+    async def restore(self, generation: Generation, count: int) -> None: ...
 
 
 @dataclass
@@ -89,7 +97,7 @@ class Failed(Exception):
         self.reason, self.kind = reason, kind
 
 
-async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_interval: float) -> Result:
+async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_interval: float) -> Result:
     """Probe until ready (fast at first, backing off to `max_interval`), the generation exits, or time is up.
 
     Raises Failed with the reason when it does not become ready.
@@ -100,7 +108,7 @@ async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_i
         nonlocal last
         delay, quick = _FIRST_POLL, _FIRST_RETRY
         while True:
-            result = await probe.check(generation)
+            result = await probe.check(instance)
             if result.ready:
                 return result
             last = result
@@ -114,28 +122,28 @@ async def wait_ready(probe: Probe, generation: Generation, timeout: float, max_i
             delay = min(delay * 2, max_interval)
 
     with anyio.move_on_after(timeout):
-        which, value = await first_completed(poll, generation.exit.wait)
+        which, value = await first_completed(poll, instance.exit.wait)
         if which == 1:
             raise Failed(f"{value.describe()} during readiness", "exited")
         return value
     raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}", "not-ready")
 
 
-async def health_check(probe: Probe, generation: Generation) -> Result:
+async def health_check(probe: Probe, subject: Generation | Instance) -> Result:
     """One health verdict; an attempt answered by another generation is retried, as it proves nothing."""
-    result = await probe.check(generation)
+    result = await probe.check(subject)
     for _ in range(_INCONCLUSIVE_RETRIES):
         if result.verdict is not Verdict.INCONCLUSIVE:
             break
         await anyio.sleep(0.005)
-        result = await probe.check(generation)
+        result = await probe.check(subject)
     return result
 
 
 async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int) -> None:
-    """Health-check through the watch window; raises Failed on `threshold` consecutive failures or an exit."""
-
-    async def checks() -> None:
+    """Health-check through the watch window; raises Failed on `threshold` consecutive failures.
+    (An instance dying meanwhile is caught by the rollout's casualty watch.)"""
+    with anyio.move_on_after(window):
         failures = 0
         while True:
             await anyio.sleep(interval)
@@ -147,11 +155,6 @@ async def watch(probe: Probe, generation: Generation, window: float, interval: f
                 if failures >= threshold:
                     raise Failed(f"unhealthy in watch window: {failures} consecutive failures (last: {result.detail})",
                                  "unhealthy")
-
-    with anyio.move_on_after(window):
-        which, value = await first_completed(checks, generation.exit.wait)
-        if which == 1:
-            raise Failed(f"{value.describe()} in watch window", "exited")
 
 
 @dataclass
@@ -168,6 +171,9 @@ class Rollout:
     new: Generation | None = None
     began: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=list)  # sizes of the batches started so far
+    replaced: int = 0  # old instances drained because a new one took their place
+    promoted: bool = False
     _abort: anyio.Event = field(default_factory=anyio.Event)
     _abort_reason: str = ""
 
@@ -183,16 +189,17 @@ class Rollout:
                               gen=generation.number if generation else None, previous=previous, state=state,
                               elapsed=round(time.monotonic() - self.began, 6))
 
-    def _mark(self, phase: str) -> None:
-        self.timings[phase] = round(time.monotonic() - self.began, 6)
+    def _mark(self, phase: str, again: bool = True) -> None:
+        if again or phase not in self.timings:
+            self.timings[phase] = round(time.monotonic() - self.began, 6)
 
     def _outcome(self, result: str, reason: str = "", kind: str = "") -> Outcome:
         return Outcome(result, reason, self.new.number if self.new else None, self.old.number if self.old else None,
                        dict(self.timings), kind, self.trigger, self.release)
 
     def abort(self, reason: str) -> bool:
-        """Roll back now (an operator's request); only possible before the old generation is told to drain."""
-        if self.state not in (SPAWNING, WAITING_READY, WATCHING):
+        """Roll back now (an operator's request); possible until the new generation is promoted."""
+        if self.promoted or self.state in (IDLE, ROLLING_BACK):
             return False
         self._abort_reason = reason
         self._abort.set()
@@ -219,41 +226,108 @@ class Rollout:
                                   gen=self.old.number if self.old else None, reason=refusal)
             self._enter(IDLE)
             return self._outcome(REFUSED, refusal)
+        self.new = self.host.create(self.plan)
         try:
-            which, _ = await first_completed(self._bring_up, self._abort.wait)
+            which, _ = await first_completed(self._bring_up, self._abort.wait, self._casualty)
             if which == 1:
                 raise Failed(self._abort_reason, "operator")
         except Failed as failure:
             return await self._roll_back(failure.reason, failure.kind)
         return await self._promote_and_drain()
 
+    async def _casualty(self) -> None:
+        """Wait for an instance of the new generation to die after it had been ready; that fails the upgrade."""
+        assert self.new is not None
+        await self.new.casualty.wait()
+        assert self.new.lost is not None
+        instance, status = self.new.lost
+        where = "in watch window" if self.state == WATCHING else "after becoming ready"
+        raise Failed(f"{self._name(instance)}{status.describe()} {where}", "exited")
+
+    def _name(self, instance: Instance) -> str:
+        """How a reason names an instance: not at all when a generation has one."""
+        return f"instance {instance.index} " if self.plan and self.plan.processes > 1 else ""
+
     async def _bring_up(self) -> None:
-        settings, events, plan = self.settings, self.host.events, self.plan
-        assert plan is not None
+        """Start new instances batch by batch until N are ready, draining an old one for each new one."""
+        plan, settings, new = self.plan, self.settings, self.new
+        assert plan is not None and new is not None
+        step = settings.strategy.step(plan.processes)
+        while (have := len(new.ready())) < plan.processes:
+            ready = await self._batch(min(step, plan.processes - have))
+            if len(new.ready()) < plan.processes:
+                await self._replace_old(ready)
+
+    async def _batch(self, size: int) -> list[Instance]:
+        """Start `size` new instances and wait for them; raises Failed when fewer than --success-percent are ready."""
+        plan, settings, new = self.plan, self.settings, self.new
+        assert plan is not None and new is not None
+        self.batches.append(size)
+        self._enter(SPAWNING)
+        started: list[Instance] = []
         try:
-            self.new = self.host.launch(plan)
+            for index in new.free_indexes(size):
+                started.append(self.host.spawn(new, index))
         except SpawnError as exc:
             raise Failed(f"exec failed: {exc}", "exec-failed") from None
-        self._mark("spawned")
+        self._mark("spawned", again=False)
         self._enter(WAITING_READY)
-        result = await wait_ready(plan.probe, self.new, settings.ready_timeout, settings.health_interval)
+        failures: list[Failed] = []
+
+        async def become_ready(instance: Instance) -> None:
+            try:
+                result = await wait_ready(plan.probe, instance, settings.ready_timeout, settings.health_interval)
+            except Failed as failure:
+                failures.append(Failed(self._name(instance) + failure.reason, failure.kind))
+                return
+            self.host.announce_ready(new, instance, result, plan.probe)
+
+        async with anyio.create_task_group() as group:
+            for instance in started:
+                group.start_soon(become_ready, instance)
+        ready = [instance for instance in started if instance.ready]
+        await self.host.retire_instances(new, [instance for instance in started if instance not in ready])
+        needed = settings.strategy.required(size)
+        if len(ready) < needed:
+            first = failures[0] if failures else Failed("an instance died before it was ready", "exited")
+            counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
+            raise Failed(first.reason + counts, first.kind)
         self._mark("ready")
-        self.new.mark_ready(result.detail, plan.probe.spec.kind == "notify")
         if settings.watch > 0:
             self._enter(WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
-            events.emit("watching", f"watching generation {self.new.number} for {settings.watch:g}s{beside}", gen=self.new.number)
-            await watch(plan.probe, self.new, settings.watch, settings.health_interval, settings.health_threshold)
+            self.host.events.emit("watching", f"watching generation {new.number} for {settings.watch:g}s{beside}",
+                                  gen=new.number, instances=[instance.index for instance in ready])
+            await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold)
+        return ready
+
+    async def _replace_old(self, ready: list[Instance]) -> None:
+        """A batch is in: drain as many old instances as became ready (dead ones first: they serve nothing)."""
+        if self.old is None:
+            return
+        victims = sorted(self.old.current(), key=lambda instance: (instance.alive, instance.index))[:len(ready)]
+        if not victims:
+            return
+        self._enter(DRAINING)
+        self.replaced += len(victims)
+        self.host.events.emit("batch", f"batch {len(self.batches)}: generation {self.new.number if self.new else '?'} "
+                              f"instances {_indexes(ready)} ready; draining generation {self.old.number} instances "
+                              f"{_indexes(victims)}", gen=self.old.number, pids=[v.leader for v in victims],
+                              batch=len(self.batches), ready=[i.index for i in ready], draining=[v.index for v in victims])
+        with anyio.CancelScope(shield=True):  # an abort waits for the drain: the instance is already told to stop
+            await self.host.retire_instances(self.old, victims)
 
     async def _promote_and_drain(self) -> Outcome:
         settings, events = self.settings, self.host.events
         assert self.new is not None
         self.host.promote(self.new, self.plan)
+        self.promoted = True
         self._mark("promoted")
         old_number = self.old.number if self.old else None
         events.emit("promoted", f"generation {self.new.number} promoted"
                     + (f"; draining generation {old_number}" if old_number else ""),
-                    gen=self.new.number, pids=self.new.pids(), old_gen=old_number, timings=dict(self.timings))
+                    gen=self.new.number, pids=self.new.pids(), old_gen=old_number, timings=dict(self.timings),
+                    batches=list(self.batches))
         self._enter(DRAINING)
         async with anyio.create_task_group() as group:
             group.start_soon(self._hook, "post-upgrade", settings.hooks.post_upgrade, "")
@@ -269,17 +343,36 @@ class Rollout:
         new_number = self.new.number if self.new else None
         old_number = self.old.number if self.old else None
         if self.new is not None:
-            # Drained, not killed: before failing it may have accepted (and be answering) connections.
-            await self.host.retire(self.new, graceful=True)
+            await self._restore_old()
         if self.plan is not None:
             self.host.discard(self.plan)
         self._mark("rolled_back")
         keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
         events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
-                    gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings))
+                    gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings),
+                    restored=self.replaced)
         await self._hook("on-rollback", self.settings.hooks.on_rollback, reason)
         self._enter(IDLE)
         return self._outcome(ROLLED_BACK, reason, kind)
+
+    async def _restore_old(self) -> None:
+        """Put back every old instance a batch replaced — each ready before a new one is drained — then drop the
+        rest of the new generation. New instances are drained, not killed: they may be answering requests."""
+        new = self.new
+        assert new is not None
+        await self.host.retire_instances(new, [instance for instance in new.current() if not instance.ready])
+        owed = self.replaced  # old instances to put back
+        surplus = len(new.ready()) - owed  # ready beside old ones that were never drained
+        await self.host.retire_instances(new, new.ready()[:max(0, surplus)])
+        step = self.settings.strategy.step(self.plan.processes if self.plan else 1)
+        while self.old is not None and owed > 0 and new.ready():
+            count = min(step, owed, len(new.ready()))
+            self.host.events.emit("restoring", f"restoring {count} instance(s) of generation {self.old.number} before "
+                                  f"draining as many of generation {new.number}", gen=self.old.number, count=count)
+            await self.host.restore(self.old, count)
+            owed -= count
+            await self.host.retire_instances(new, new.ready()[:count])
+        await self.host.retire(new, graceful=True)
 
     async def _hook(self, name: str, command: str | None, reason: str) -> str | None:
         """Run one hook with the generations and reason in its environment; returns why it failed, or None."""
@@ -299,3 +392,6 @@ class Rollout:
                               hook=name, failure=failure)
         return failure
 
+
+def _indexes(instances: list[Instance]) -> str:
+    return ",".join(str(instance.index) for instance in instances)

@@ -13,9 +13,9 @@ import anyio
 
 from . import libc
 from .config import Settings, default_runtime_dir
-from .errors import UserError
 from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
+from .errors import UserError
 from .events import Events
 from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
@@ -67,7 +67,7 @@ def _remove_pidfile(path: Path) -> None:
         pass
 
 
-_MAX_RUNTIME_PATH = 60  # leaves room for /run-PID-NANOSECONDS/genN.notify within AF_UNIX's 107 bytes
+_MAX_RUNTIME_PATH = 56  # leaves room for /run-PID-NANOSECONDS/genN.SEQ.notify within AF_UNIX's 107 bytes
 
 
 def _runtime_dir(shared: bool) -> Path:

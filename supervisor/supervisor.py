@@ -1,7 +1,7 @@
 """The supervisor: owns the listeners and the generations, and turns signals into operations.
 
-Operations (the first start, upgrades, replacing a dead generation) run one at a time in a single task, so the
-state machine is never entered twice. Signals only set flags and wake that task; exits arrive from the reaper.
+Operations (the first start, upgrades, replacing dead instances, scaling) run one at a time in a single task,
+so the state machine is never entered twice. Signals, requests and exits only set flags and wake that task.
 """
 
 from __future__ import annotations
@@ -20,22 +20,39 @@ import psutil
 from anyio.abc import TaskGroup
 
 from .commands import CommandRunner
-from .concurrency import first_completed
+from .concurrency import gather
 from .config import Settings, reread
 from .control.metrics import Tally, TimedProbe
 from .credentials import Credentials
 from .errors import UserError
 from .events import Events
-from .generation import DRAINING, EXITED, SERVING, Generation
+from .generation import Generation
 from .history import Fingerprint, History, Record, fingerprint
+from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .libc import release_free_memory
 from .listeners import Listener, bind
 from .notify import SystemdNotifier
+from .probes import (
+    DEFAULT_PROBE,
+    NO_LISTENER_PROBE,
+    Probe,
+    Result,
+    Verdict,
+    build_probe,
+)
 from .proctree import children, descendants
-from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Verdict, build_probe
 from .reaper import Reaper
 from .release import Release, check_templates, logical_cwd, resolve
-from .rollout import PROMOTED, ROLLED_BACK, Failed, Outcome, Plan, Rollout, health_check, wait_ready
+from .rollout import (
+    PROMOTED,
+    ROLLED_BACK,
+    Failed,
+    Outcome,
+    Plan,
+    Rollout,
+    health_check,
+    wait_ready,
+)
 from .spawn import SpawnError
 from .triggers import ChangeTrigger
 from .workers import Worker
@@ -48,6 +65,7 @@ _FIRST_BACKOFF = 0.1
 _REAPER_INTERVAL = 1.0
 _RELEASE_AT_FAULT = ("exec-failed", "exited", "not-ready", "unhealthy")  # rollback kinds that mark a release bad
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+MAX_PROCESSES = 1024
 
 
 class Fatal(Exception):
@@ -101,6 +119,8 @@ class Supervisor:
     pending: list[Ticket] = field(default_factory=list)
     tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
     previous_release: Release | None = None
+    scaled: int | None = None  # `ctl scale N`: wins over --processes (and the config file) until the supervisor exits
+    busy: str | None = None  # the operation running now: upgrade, repair
     failures: deque[float] = field(default_factory=deque)
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
@@ -181,10 +201,13 @@ class Supervisor:
             release_free_memory()
             while True:
                 await self._next_operation()
-                if self.serving is None or not self.serving.alive:
-                    await self._replace_serving()
+                if self.needs_repair:
+                    self.busy = "repair"
+                    await self._repair()
                 elif self.upgrade_pending:
+                    self.busy = "upgrade"
                     await self._upgrade()
+                self.busy = None
         except Fatal as exc:
             self.events.emit("fatal", str(exc), level="error")
             self.exit_code = 1
@@ -194,11 +217,22 @@ class Supervisor:
     def upgrade_pending(self) -> bool:
         return bool(self.pending)
 
+    @property
+    def processes(self) -> int:
+        """How many instances the serving generation should have."""
+        return self.scaled or self.settings.processes
+
+    @property
+    def needs_repair(self) -> bool:
+        """The serving generation has a dead instance, or not the number of instances asked for."""
+        serving = self.serving
+        return serving is None or bool(serving.dead()) or len(serving.current()) != self.processes
+
     async def _next_operation(self) -> None:
-        """Wait until an upgrade is requested or the serving generation dies."""
-        if self.upgrade_pending or self.serving is None or not self.serving.alive:
-            return
-        await first_completed(self._wakeup.wait, self.serving.exit.wait)
+        """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
+        while not (self.upgrade_pending or self.needs_repair):
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
 
     # -- operations -------------------------------------------------------------------------------------------
 
@@ -215,6 +249,20 @@ class Supervisor:
             self._wakeup.set()
         self.pending.append(ticket)
         return ticket
+
+    def request_scale(self, processes: int) -> str:
+        """Change the number of instances: new ones start and must become ready, extra ones drain. Applied now,
+        or right after an upgrade in progress (which deploys the number it started with)."""
+        if not 1 <= processes <= MAX_PROCESSES:
+            raise UserError(f"cannot scale to {processes}: the number of instances must be from 1 to {MAX_PROCESSES}")
+        if self.stopping:
+            raise UserError("cannot scale: the supervisor is stopping")
+        previous, self.scaled = self.processes, processes
+        when = " after the upgrade in progress" if self.rollout is not None else ""
+        self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
+                         gen=self.serving.number if self.serving else None, previous=previous, processes=processes)
+        self._wakeup.set()
+        return f"scaling from {previous} to {processes} instances{when}"
 
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
@@ -236,6 +284,8 @@ class Supervisor:
         try:
             outcome = await self.rollout.run()
             self._record(outcome)
+        except Fatal:
+            raise  # restoring old instances failed past --max-restarts: our own manager must act
         except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
             outcome = await self._contain(self.rollout, exc)
         finally:
@@ -275,35 +325,70 @@ class Supervisor:
         return self._fingerprints[release]
 
     async def _bring_up(self, release: Release, first: bool = False) -> Generation:
-        """Start `release` and wait until it is ready, retrying with backoff; it becomes the serving generation."""
+        """Start a generation of `release` and wait until all its instances are ready (each retried with backoff);
+        it becomes the serving generation."""
+        generation = self.create(Plan(self.settings, self.probe, release, tuple(self.listeners), self.processes))
+        await self._fill(generation, generation.free_indexes(self.processes), first=first)
+        self.promote(generation)
+        self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
+        return generation
+
+    async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False) -> None:
+        """Start an instance at each index and wait until all are ready."""
+        await gather(*(lambda index=index: self._keep_up(generation, index, first) for index in indexes))
+
+    async def _keep_up(self, generation: Generation, index: int, first: bool = False) -> Instance:
+        """Start instance `index` and wait until it is ready, retrying with backoff (--max-restarts counts)."""
         while True:
             try:
-                generation = self.launch(Plan(self.settings, self.probe, release, tuple(self.listeners)))
+                instance = self.spawn(generation, index)
             except SpawnError as exc:
                 if first:
                     raise Fatal(str(exc)) from None
                 await self._failed(str(exc))
                 continue
             try:
-                result = await wait_ready(self.probe, generation, self.settings.ready_timeout, self.settings.health_interval)
+                result = await wait_ready(self.probe, instance, self.settings.ready_timeout, self.settings.health_interval)
             except Failed as failure:
-                await self.retire(generation, graceful=True)
-                await self._failed(f"generation {generation.number} {failure}")
+                await self.retire_instances(generation, [instance])
+                await self._failed(f"{self._label(instance)} {failure}")
                 continue
-            generation.mark_ready(result.detail, self.probe.spec.kind == "notify")
-            self.promote(generation)
-            self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
-            return generation
+            self.announce_ready(generation, instance, result, self.probe)
+            if generation.state == SERVING:
+                instance.state = SERVING
+            return instance
 
-    async def _replace_serving(self) -> None:
-        """The serving generation died: start its exact release again, then clear away what is left of it."""
-        dead = self.serving
-        assert dead is not None
-        self.serving = None
+    async def _repair(self) -> None:
+        """Bring the serving generation back to N instances: each dead one replaced alone (after the backoff, then
+        what is left of its tree cleared away), missing ones started, extra ones (after `ctl scale` down) drained."""
+        generation = self.serving
+        if generation is None:
+            await self._bring_up(self.release)
+            return
+        current = sorted(generation.current(), key=lambda instance: (not instance.alive, instance.index))
+        keep, extra = current[:self.processes], current[self.processes:]
+        missing = generation.free_indexes(self.processes - len(keep)) if len(keep) < self.processes else []
+        jobs = [lambda instance=instance: self._replace(generation, instance) for instance in keep if not instance.alive]
+        if extra:
+            jobs.append(lambda: self.retire_instances(generation, extra))
+        if missing:
+            jobs.append(lambda: self._fill(generation, missing))
+        await gather(*jobs)
+        if missing or extra:
+            self.events.emit("scaled", f"generation {generation.number} runs {len(generation.ready())} instances",
+                             gen=generation.number, pids=generation.pids(), processes=len(generation.ready()))
+
+    async def _replace(self, generation: Generation, dead: Instance) -> None:
+        """A serving instance died: start its index again (the others keep serving), then clear its leftovers."""
         status = dead.exit_status.describe() if dead.exit_status else "gone"
-        await self._failed(f"generation {dead.number} {status}")
-        await self._bring_up(dead.release)
-        await self.retire(dead, graceful=True)
+        await self._failed(f"{self._label(dead)} {status}")
+        await self._keep_up(generation, dead.index)
+        await self.retire_instances(generation, [dead])
+
+    def _label(self, instance: Instance) -> str:
+        """`generation 3`, or `generation 3 instance 1` when there are several."""
+        several = self.processes > 1 or instance.index > 0
+        return f"generation {instance.number}" + (f" instance {instance.index}" if several else "")
 
     async def _failed(self, reason: str) -> None:
         """Count a failure; give up past --max-restarts in the window, else wait the backoff delay."""
@@ -344,7 +429,7 @@ class Supervisor:
             except SpawnError:
                 self._close_unused(listeners)
                 raise
-        return Plan(settings, probe, release, listeners)
+        return Plan(settings, probe, release, listeners, self.scaled or settings.processes)
 
     def _listeners_for(self, settings: Settings) -> tuple[Listener, ...]:
         """The listeners `settings` asks for: the ones we hold are reused, new ones bound now."""
@@ -388,17 +473,35 @@ class Supervisor:
         return (f"release {self._fingerprint(release).digest} ({release.describe()}) is known bad: it was rolled back "
                 "before; deploy a fixed release, or force it (supervise ctl upgrade --force)")
 
-    def launch(self, plan: Plan) -> Generation:
-        """Spawn the next generation as `plan` says and start watching its exit."""
+    def create(self, plan: Plan) -> Generation:
+        """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
-        release = plan.release
-        generation = Generation.start(number, release, plan.listeners, self.runtime_dir, self.reaper, self.events,
-                                      self.credentials)
+        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials)
+        generation = Generation(number, plan.release, plan.listeners, launcher)
         self.generations.append(generation)
-        self.events.emit("spawned", f"generation {number} started: {release.describe()}", gen=number,
-                         pids=(generation.leader,), argv=list(release.argv), executable=release.executable, cwd=release.cwd)
-        self._group.start_soon(self._report_exit, generation)
         return generation
+
+    def spawn(self, generation: Generation, index: int) -> Instance:
+        """Start instance `index` of `generation` and watch its exit; raises SpawnError if it cannot start."""
+        instance = generation.spawn(index)
+        release = generation.release
+        self.events.emit("spawned", f"{self._label(instance)} started: {release.describe()}", gen=generation.number,
+                         pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
+                         cwd=release.cwd)
+        self._group.start_soon(self._report_exit, generation, instance)
+        return instance
+
+    def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None:
+        """An instance proved ready: record it (when READY=1 arrived, if that proved it) and say so."""
+        elapsed = instance.mark_ready(result.detail, probe.spec.kind == "notify")
+        generation.mark_ready()
+        self.events.emit("ready", f"{self._label(instance)} ready after {elapsed:.3f}s ({result.detail})",
+                         gen=generation.number, pids=instance.pids(), instance=instance.index, elapsed=round(elapsed, 6),
+                         probe=result.detail)
+
+    async def restore(self, generation: Generation, count: int) -> None:
+        """Start `count` more instances of an old generation (a rollback putting back what a batch replaced)."""
+        await self._fill(generation, generation.free_indexes(count))
 
     def promote(self, generation: Generation, plan: Plan | None = None) -> None:
         """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies); the
@@ -409,30 +512,30 @@ class Supervisor:
             self.settings, self.probe, self.release = plan.settings, plan.probe, plan.release
             self.listeners = list(plan.listeners)
         self.serving = generation
-        generation.state = SERVING
+        generation.serve()
         self._group.start_soon(self._remember_good, generation.release)  # off the promotion's critical path
 
     async def _remember_good(self, release: Release) -> None:
         self.history.good(self._fingerprint(release))
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
-        """Stop a generation: drain it (signal, wait, kill the rest) or kill it at once; then forget it."""
-        signame = self.settings.drain_signal.name
+        """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
         began = time.monotonic()
         self._adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.living():
-            self.events.emit("draining", f"draining generation {generation.number} ({signame}, up to "
-                             f"{self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
-            killed = await generation.drain(self.settings.drain_signal, self.settings.drain_timeout)
-        else:
-            generation.state = DRAINING
-            killed = generation.kill()
-            await generation.wait_gone(5.0)
+            self.events.emit("draining", f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
+                             f"to {self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
+        killed: list[int] = []
+
+        async def stop(instance: Instance) -> None:
+            killed.extend(await self._stop(instance, graceful))
+
+        await gather(*(lambda instance=instance: stop(instance) for instance in list(generation.instances)))
         elapsed = time.monotonic() - began
         if killed and graceful:
             self.events.emit("drain-timeout", f"generation {generation.number} still running after "
-                             f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
-                             level="warning", gen=generation.number, pids=killed)
+                             f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
+                             level="warning", gen=generation.number, pids=sorted(killed))
         generation.close()
         if generation in self.generations:
             self.generations.remove(generation)
@@ -440,7 +543,37 @@ class Supervisor:
             self.serving = None
         self._close_unused(generation.listeners)
         self.events.emit("retired", f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
-                         elapsed=round(elapsed, 6), killed=killed)
+                         elapsed=round(elapsed, 6), killed=sorted(killed))
+        return killed
+
+    async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None:
+        """Drain some instances of a generation (the others keep serving), each killed after --drain-timeout."""
+        self._adopt_orphans()
+
+        async def retire_one(instance: Instance) -> None:
+            began = time.monotonic()
+            if instance.living():
+                self.events.emit("draining", f"draining {self._label(instance)} ({self.settings.drain_signal.name}, up to "
+                                 f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
+                                 pids=instance.pids(fresh=True))
+            killed = await self._stop(instance, graceful=True)
+            if killed:
+                self.events.emit("drain-timeout", f"{self._label(instance)} still running after "
+                                 f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
+                                 level="warning", gen=instance.number, instance=instance.index, pids=killed)
+            generation.forget(instance)
+            self.events.emit("instance-retired", f"{self._label(instance)} gone after {time.monotonic() - began:.3f}s",
+                             gen=instance.number, instance=instance.index, elapsed=round(time.monotonic() - began, 6))
+
+        await gather(*(lambda instance=instance: retire_one(instance) for instance in instances))
+
+    async def _stop(self, instance: Instance, graceful: bool) -> list[int]:
+        """Drain one instance's tree, or kill it now; the pids that had to be killed."""
+        if graceful and instance.living():
+            return await instance.drain(self.settings.drain_signal, self.settings.drain_timeout)
+        instance.state = DRAINING
+        killed = instance.kill()
+        await instance.wait_gone(5.0)
         return killed
 
     # -- stopping ---------------------------------------------------------------------------------------------
@@ -512,16 +645,18 @@ class Supervisor:
             self.events.emit("signal-dropped", f"{signum.name} not forwarded: no generation is serving", level="warning")
             return False
         target.signal_group(signum)
+        leaders = [instance.leader for instance in target.instances if instance.alive]
         self.events.emit("signal-forwarded", f"forwarded {signum.name} to generation {target.number}", gen=target.number,
-                         pids=(target.leader,), signal=signum.name)
+                         pids=leaders, signal=signum.name)
         return True
 
-    async def _report_exit(self, generation: Generation) -> None:
-        status = await generation.exit.wait()
-        expected = self.stopping or generation.state in (DRAINING, EXITED)
-        self.events.emit("exited", f"generation {generation.number} {status.describe()}" + ("" if expected else " unexpectedly"),
-                         level="info" if expected else "warning", gen=generation.number, pids=(generation.leader,),
-                         code=status.code, signal=status.signal, expected=expected)
+    async def _report_exit(self, generation: Generation, instance: Instance) -> None:
+        status = await instance.exit.wait()
+        expected = not generation.exited(instance, status) or self.stopping
+        self.events.emit("exited", f"{self._label(instance)} {status.describe()}" + ("" if expected else " unexpectedly"),
+                         level="info" if expected else "warning", gen=generation.number, pids=(instance.leader,),
+                         instance=instance.index, code=status.code, signal=status.signal, expected=expected)
+        self._wakeup.set()
 
     async def _sweep(self) -> None:
         """The reaper worker: reap zombies, keep process trees current, clear leftovers and stale socket files."""
@@ -529,7 +664,8 @@ class Supervisor:
         for generation in self.generations:
             generation.refresh()
         self._adopt_orphans()
-        live = {f"gen{generation.number}.notify" for generation in self.generations}
+        live = {notify_name(generation.number, instance.seq) for generation in self.generations
+                for instance in generation.instances}
         for entry in os.scandir(self.runtime_dir):
             if entry.name.endswith(".notify") and entry.name not in live:
                 os.unlink(entry.path)
@@ -538,7 +674,7 @@ class Supervisor:
         """The liveness worker: health-check the serving generation when nothing else is going on; after
         --health-threshold failures in a row, replace it through the zero-downtime upgrade path."""
         target = self.serving
-        if target is None or self.rollout is not None or self.upgrade_pending or self.stopping:
+        if target is None or self.busy or self.upgrade_pending or self.stopping or not target.ready():
             self._liveness_failures = 0
             return
         result = await health_check(self.probe, target)
@@ -564,10 +700,13 @@ class Supervisor:
             if process.pid in known:
                 continue
             try:
-                number = process.environ().get("SUPERVISE_GENERATION", "")
+                environ = process.environ()
             except psutil.Error:
                 continue
-            owner = next((generation for generation in self.generations if str(generation.number) == number), None)
+            number, index = environ.get("SUPERVISE_GENERATION", ""), environ.get("SUPERVISE_INSTANCE", "0")
+            owner = next((instance for generation in self.generations if str(generation.number) == number
+                          for instance in sorted(generation.instances, key=lambda item: item.alive)
+                          if str(instance.index) == index), None)  # a dead instance's first: its orphans outlived it
             if owner is not None:
                 owner.remember(process.pid)
                 owner.refresh()

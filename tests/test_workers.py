@@ -52,7 +52,7 @@ def test_reaper_removes_stale_notify_sockets(tmp_path: Path) -> None:
         while stale.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not stale.exists()
-        assert (runtime / "gen1.notify").exists(), "a live generation's socket must stay"
+        assert (runtime / "gen1.1.notify").exists(), "a live instance's socket must stay"
     finally:
         sup.stop()
 

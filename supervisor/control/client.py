@@ -286,8 +286,13 @@ def _release(fingerprint: dict[str, Any] | None) -> str:
 def status_lines(status: dict[str, Any]) -> list[str]:
     """The readable form of GET /status."""
     lines = _header_lines(status)
+    generations = status.get("generations") or []
     lines += ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
-                         [_generation_row(generation) for generation in status.get("generations") or []])]
+                         [_generation_row(generation) for generation in generations])]
+    if any(len(generation.get("instances") or []) > 1 for generation in generations):
+        lines += ["", *table(["GEN", "#", "STATE", "PID", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
+                             [_instance_row(generation, instance) for generation in generations
+                              for instance in generation.get("instances") or []])]
     lines += _rollout_lines(status.get("rollout"))
     lines += _history_lines(status)
     lines += _worker_lines(status.get("workers") or [])
@@ -300,6 +305,9 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
         f"supervisor  pid {supervisor.get('pid', '?')}  name {supervisor.get('name', '?')}  "
         f"up {human_duration(supervisor.get('uptime'))}  state {supervisor.get('state', '?')}",
     ]
+    if (supervisor.get("processes") or 1) > 1:
+        lines.append(f"instances   {supervisor.get('ready_instances', '?')} ready of {supervisor.get('processes')} wanted; "
+                     f"upgrades: {supervisor.get('strategy', '?')}")
     for listener in status.get("listeners") or []:
         lines.append(f"listening   {listener.get('name', '?')} {listener.get('address', '?')}")
     return lines
@@ -315,6 +323,20 @@ def _generation_row(generation: dict[str, Any]) -> list[str]:
         _percent(generation.get("cpu_percent")),
         _yes_no(generation.get("ready")),
         str(generation.get("status") or "-"),
+    ]
+
+
+def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[str]:
+    return [
+        str(generation.get("number", "?")),
+        str(instance.get("index", "?")),
+        str(instance.get("state", "?")),
+        str(instance.get("pid", "?")),
+        human_duration(instance.get("age")),
+        _mib(instance.get("rss")),
+        _percent(instance.get("cpu_percent")),
+        _yes_no(instance.get("ready")),
+        str(instance.get("status") or "-"),
     ]
 
 
@@ -365,6 +387,7 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         f"  probe        {plan.get('probe', '?')}",
         f"  timeouts     {timeouts or '-'}",
         f"  hooks        {hooks}",
+        f"  instances    {plan.get('processes', 1)}, {plan.get('strategy', 'surge')}",
         "steps:",
         *_numbered(plan.get("steps")),
     ]
@@ -524,6 +547,26 @@ def send_signal(target: Target, sig: str) -> int:
     answer = endpoint.json(endpoint.request("POST", "/signal/" + quote(sig, safe="")))
     click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {_pids(answer.get('pids'))})")
     return 0
+
+
+@ctl.command()
+@click.argument("count", type=click.IntRange(min=1), metavar="N")
+@click.option("--no-wait", is_flag=True, help="Return as soon as the supervisor accepted the request.")
+@click.pass_obj
+def scale(target: Target, count: int, no_wait: bool) -> int:
+    """Run N instances of the serving generation: new ones start and must become ready, extra ones drain.
+
+    Exit 0 once N instances are ready, 1 if they are not (see `supervise ctl status` and the log for why). The
+    number holds until the supervisor exits; --processes (or the config file) applies again after a restart.
+    """
+    endpoint = target.endpoint()
+    answer = endpoint.json(endpoint.request("POST", f"/scale/{count}" + ("?wait=0" if no_wait else "")))
+    click.echo(answer.get("message", f"scaling to {count}"))
+    if no_wait:
+        return 0
+    click.echo(f"generation {answer.get('gen', '?')}: {answer.get('ready', '?')} of {answer.get('processes', count)} "
+               f"instances ready (pids {_pids(answer.get('pids'))})")
+    return 0 if answer.get("done") else EXIT_FAILED
 
 
 @ctl.command()

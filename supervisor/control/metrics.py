@@ -165,19 +165,25 @@ def _histograms(name: str, documentation: str, label: str, histograms: dict[str,
 
 
 def _process_families(supervisor: Supervisor, gauge: Any, counter: Any) -> list[Any]:
-    rss = gauge("supervise_child_rss_bytes", "Resident memory of each process of each generation", labels=["gen", "pid"])
-    cpu = counter("supervise_child_cpu_seconds", "CPU time of each process of each generation", labels=["gen", "pid"])
+    labels = ["gen", "instance", "pid"]
+    rss = gauge("supervise_child_rss_bytes", "Resident memory of each process of each instance", labels=labels)
+    cpu = counter("supervise_child_cpu_seconds", "CPU time of each process of each instance", labels=labels)
+    ready = gauge("supervise_instances_ready", "Instances proved ready and not draining, by generation", labels=["gen"])
+    wanted = gauge("supervise_instances_wanted", "Instances the serving generation should have (--processes, ctl scale)")
+    wanted.add_metric([], supervisor.processes)
     for generation in supervisor.generations:
-        for process in generation.living():
-            try:
-                with process.oneshot():
-                    memory, times = process.memory_info().rss, process.cpu_times()
-            except Exception:  # noqa: BLE001 - a process may vanish between listing and reading
-                continue
-            labels = [str(generation.number), str(process.pid)]
-            rss.add_metric(labels, memory)
-            cpu.add_metric(labels, times.user + times.system)
-    return [rss, cpu]
+        ready.add_metric([str(generation.number)], len(generation.ready()))
+        for instance in generation.instances:
+            for process in instance.living():
+                try:
+                    with process.oneshot():
+                        memory, times = process.memory_info().rss, process.cpu_times()
+                except Exception:  # noqa: BLE001 - a process may vanish between listing and reading
+                    continue
+                values = [str(generation.number), str(instance.index), str(process.pid)]
+                rss.add_metric(values, memory)
+                cpu.add_metric(values, times.user + times.system)
+    return [rss, cpu, ready, wanted]
 
 
 def _queue_family(supervisor: Supervisor, gauge: Any) -> Any:

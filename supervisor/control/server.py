@@ -101,6 +101,7 @@ class ControlServer:
             web.post("/rollback", self._rollback),
             web.post("/stop", self._stop),
             web.post("/signal/{name}", self._signal),
+            web.post("/scale/{count}", self._scale),
             web.get("/events", self._events),
             web.get("/metrics", self._metrics),
         ])
@@ -180,6 +181,27 @@ class ControlServer:
         if not self.supervisor.forward(signum) or target is None:
             return _error(409, "no generation is serving")
         return _json({"signal": signum.name, "gen": target.number, "pids": target.pids()})
+
+    async def _scale(self, request: web.Request) -> web.StreamResponse:
+        text = request.match_info["count"]
+        if not text.isdigit():
+            raise UserError(f"invalid count {text!r}: expected a whole number of instances")
+        supervisor = self.supervisor
+        if supervisor.stopping:
+            return _error(409, "not accepted: the supervisor is stopping")
+        message = supervisor.request_scale(int(text))
+        if request.query.get("wait", "1") in ("0", "false", "no"):
+            return _json({"accepted": True, "message": message}, status=202)
+        settings = supervisor.settings
+        limit = settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0  # an upgrade may be running too
+        with anyio.move_on_after(limit):
+            while supervisor.busy or supervisor.needs_repair or supervisor.upgrade_pending:
+                await anyio.sleep(0.05)
+        serving = supervisor.serving
+        ready = len(serving.ready()) if serving else 0
+        return _json({"message": message, "processes": supervisor.processes, "ready": ready,
+                      "done": ready == supervisor.processes and not supervisor.busy,
+                      "gen": serving.number if serving else None, "pids": serving.pids() if serving else []})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web

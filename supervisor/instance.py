@@ -1,0 +1,262 @@
+"""An instance: one process of a generation (SUPERVISE_INSTANCE=i of N), its process tree, and what it said.
+
+Its process tree is remembered (psutil objects carry their create time, so a reused pid is never signalled)
+so that draining and killing reach grandchildren too — even one that left the process group with setsid().
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import psutil
+
+from .credentials import Credentials
+from .events import Events
+from .listeners import Listener
+from .notify import NotifySocket
+from .proctree import descendants
+from .reaper import ChildExit, ExitStatus, Reaper
+from .release import Release, generation_env, substitute
+from .spawn import ProcessSpec, SpawnError, child_environment, spawn
+
+# States an instance (and a generation) moves through; `starting` → `ready` → `serving` → `draining` → `exited`.
+STARTING, READY, SERVING, DRAINING, EXITED = "starting", "ready", "serving", "draining", "exited"
+_DRAIN_POLL = 0.02
+_TREE_REFRESH = 0.25
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """What starting any instance needs besides its release and sockets."""
+
+    runtime_dir: str
+    reaper: Reaper
+    events: Events
+    credentials: Credentials | None = None
+
+
+@dataclass(eq=False)
+class Instance:
+    """One process of generation `number` started from `release`, with its tree and what it told us over
+    its private NOTIFY_SOCKET. `seq` tells apart the successive processes that held the same `index`."""
+
+    number: int
+    index: int
+    seq: int
+    release: Release
+    leader: int
+    exit: ChildExit
+    events: Events
+    notify: NotifySocket | None = None
+    state: str = STARTING
+    started_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    status_text: str = ""
+    notified_ready: bool = False
+    notified_stopping: bool = False
+    last_watchdog: float | None = None
+    notified_ready_at: float | None = None
+    members: dict[int, psutil.Process] = field(default_factory=dict)
+    ready_signal: anyio.Event = field(default_factory=anyio.Event)
+
+    @classmethod
+    def start(cls, launcher: Launcher, number: int, index: int, seq: int, release: Release,
+              listeners: Sequence[Listener]) -> Instance:
+        """Spawn instance `index` of generation `number`. Raises SpawnError (nothing left running) if it cannot."""
+        names = [listener.name for listener in listeners]
+        notify_path = os.path.join(launcher.runtime_dir, notify_name(number, seq))
+        credentials = launcher.credentials
+        instance: Instance | None = None
+
+        def on_notify(pid: int, fields: dict[str, str]) -> None:
+            if instance is not None:
+                instance.notified(pid, fields)
+
+        try:
+            notify = NotifySocket(notify_path, on_notify, (credentials.uid, credentials.gid) if credentials else None)
+        except OSError as exc:
+            raise SpawnError(f"cannot create the notify socket {notify_path} for generation {number}: "
+                             f"{exc.strerror or exc}" + (" (giving it to another user needs CAP_CHOWN)"
+                                                         if credentials and isinstance(exc, PermissionError) else "")) from None
+        try:
+            extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path),
+                     "SUPERVISE_INSTANCE": str(index)}
+            env = child_environment(os.environ, extra, len(listeners), names)
+            spec = ProcessSpec(
+                release.executable,
+                substitute(release.argv, names),
+                env,
+                cwd=release.cwd,
+                pass_fds=tuple(listener.sock.fileno() for listener in listeners),
+                set_listen_pid=bool(listeners),
+                credentials=credentials,
+            )
+            pid = spawn(spec)
+        except BaseException:
+            notify.close()
+            raise
+        instance = cls(number, index, seq, release, pid, launcher.reaper.watch(pid), launcher.events, notify)
+        instance.remember(pid)
+        notify.start()
+        return instance
+
+    # -- what we know about its processes ---------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Whether the main process is still running (not yet reaped)."""
+        return self.exit.status is None
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        return self.exit.status
+
+    def remember(self, pid: int) -> None:
+        """Add a process (by pid) to this instance's tree, if it still exists."""
+        if pid not in self.members:
+            try:
+                self.members[pid] = psutil.Process(pid)
+            except psutil.Error:
+                pass
+
+    def refresh(self) -> None:
+        """Add every current descendant of every living member (new workers, grandchildren)."""
+        for process in list(self.members.values()):
+            try:
+                if not process.is_running():
+                    continue
+            except psutil.Error:
+                continue
+            for child in descendants(process):
+                self.members.setdefault(child.pid, child)
+
+    def living(self) -> list[psutil.Process]:
+        """Members still running (zombies count as gone: they hold no socket and run no code)."""
+        found = []
+        for process in self.members.values():
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
+    def pids(self, fresh: bool = False) -> list[int]:
+        """Pids of the living members; `fresh` rescans the tree first."""
+        if fresh:
+            self.refresh()
+        return [process.pid for process in self.living()]
+
+    @property
+    def ready(self) -> bool:
+        """Proved ready and neither draining nor dead: it counts towards the N ready instances."""
+        return self.ready_at is not None and self.state in (READY, SERVING) and self.alive
+
+    def mark_ready(self, detail: str, by_notify: bool) -> float:
+        """Record readiness — when READY=1 arrived if that is what proved it, else now; returns the seconds it took."""
+        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
+        if self.state == STARTING:
+            self.state = READY
+        return self.ready_at - self.started_at
+
+    # -- what it tells us -------------------------------------------------------------------------------------
+
+    def notified(self, pid: int, fields: dict[str, str]) -> None:
+        """Handle one sd_notify message; only processes of this instance are listened to."""
+        if pid not in self.members:
+            self.refresh()
+        if pid not in self.members:
+            self.events.emit("notify-ignored", f"ignored notify message from pid {pid}: not a process of this instance",
+                             level="warning", gen=self.number, pids=(pid,), instance=self.index)
+            return
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"]
+        if fields.get("STOPPING") == "1":
+            self.notified_stopping = True
+        if fields.get("WATCHDOG") == "1":
+            self.last_watchdog = time.monotonic()
+        if fields.get("READY") == "1" and not self.notified_ready:
+            self.notified_ready = True
+            self.notified_ready_at = time.monotonic()
+            self.ready_signal.set()
+        self.events.emit("notify", "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
+                         gen=self.number, pids=(pid,), instance=self.index)
+
+    # -- ending it --------------------------------------------------------------------------------------------
+
+    def signal_group(self, signum: int) -> bool:
+        """Send `signum` to the instance's process group (the leader started a session of its own)."""
+        try:
+            os.killpg(self.leader, signum)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of the tree now; returns the pids that were still alive."""
+        self.refresh()
+        victims = self.living()
+        killed = {process.pid for process in victims}
+        for _ in range(3):
+            self.signal_group(signal.SIGKILL)
+            for process in victims:
+                try:
+                    process.kill()  # psutil checks the create time: a reused pid is never hit
+                except psutil.Error:
+                    pass
+            self.refresh()  # anything forked meanwhile
+            victims = self.living()
+            if not victims:
+                break
+            killed.update(process.pid for process in victims)
+        return sorted(killed)
+
+    async def drain(self, signum: int, timeout: float) -> list[int]:
+        """Ask the instance to stop, wait up to `timeout` for its whole tree to exit, then kill what remains.
+
+        Returns the pids that had to be killed.
+        """
+        self.refresh()
+        self.state = DRAINING
+        self.signal_group(signum)
+        for process in self.living():  # like systemd: every process of the unit, also those that left the group
+            try:
+                if os.getpgid(process.pid) != self.leader:
+                    process.send_signal(signum)
+            except (OSError, psutil.Error):
+                continue
+        await self.wait_gone(timeout)
+        if not self.living():
+            return []
+        killed = self.kill()
+        await self.wait_gone(5.0)
+        return killed
+
+    async def wait_gone(self, timeout: float) -> bool:
+        """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
+        last_refresh = time.monotonic()
+        with anyio.move_on_after(timeout):
+            while self.living():
+                await anyio.sleep(_DRAIN_POLL)
+                if time.monotonic() - last_refresh > _TREE_REFRESH:
+                    self.refresh()
+                    last_refresh = time.monotonic()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Release what the supervisor holds for this instance (its notify socket)."""
+        self.state = EXITED
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+
+def notify_name(number: int, seq: int) -> str:
+    """The file name of an instance's notify socket in the runtime directory."""
+    return f"gen{number}.{seq}.notify"

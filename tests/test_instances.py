@@ -1,0 +1,389 @@
+"""Many instances per generation (--processes N): rolling and surge upgrades, rollback of replaced batches,
+replacement of one dead instance, `ctl scale` — all under real load on 127.0.0.1.
+
+"Never below N ready" is checked by sampling GET /status over the control socket in a thread throughout the
+upgrade, as an operator's monitoring would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import PYTHON, ROOT, STUB, Supervise, free_port, http_get, pid_gone, supervise_command
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
+
+QUICK = ["--watch", "300ms", "--health-interval", "100ms", "--drain-timeout", "5s"]
+
+
+def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
+    """Atomically (re)write `directory/run`: the stub with `flags`, or with `only[i]` for SUPERVISE_INSTANCE=i."""
+    directory.mkdir(parents=True, exist_ok=True)
+    quoted = lambda items: " ".join(f"'{item}'" for item in items)  # noqa: E731
+    lines = ["#!/bin/sh"]
+    for index, special in (only or {}).items():
+        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {quoted(special)}')
+    lines.append(f"exec {PYTHON} {STUB} {quoted(flags)}")
+    staged, script = directory / ".run.new", directory / "run"
+    staged.write_text("\n".join(lines) + "\n")
+    staged.chmod(0o755)
+    os.replace(staged, script)
+    return script
+
+
+def api(control: Path, method: str, target: str, timeout: float = 5.0) -> Any:
+    """One request to the control API over its unix socket; the decoded JSON body."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(control))
+        sock.sendall(f"{method} {target} HTTP/1.0\r\nHost: supervise\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
+    return json.loads(body)
+
+
+def ctl(control: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*supervise_command(), "ctl", "--control", str(control), *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class Sampler:
+    """Samples, every few milliseconds, how many instances are ready and how many processes exist."""
+
+    control: Path
+    ready: list[int] = field(default_factory=list)
+    processes: list[int] = field(default_factory=list)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def __enter__(self) -> Sampler:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        assert self.thread is not None
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            status = api(self.control, "GET", "/status")
+            self.ready.append(status["supervisor"]["ready_instances"])
+            self.processes.append(sum(len(generation["pids"]) for generation in status["generations"]))
+            time.sleep(0.005)
+
+
+@dataclass
+class Service:
+    """A supervisor of `root/current/run`; deploying writes `root/releases/NAME/run` and flips `current` to it."""
+
+    supervise: Supervise
+    control: Path
+    port: int
+    root: Path
+
+    def deploy(self, name: str, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
+        directory = self.root / "releases" / name
+        write_release(directory, *flags, only=only)
+        flipped = self.root / "current.new"
+        flipped.symlink_to(directory)
+        os.replace(flipped, self.root / "current")
+        return directory
+
+    def status(self) -> dict[str, Any]:
+        return api(self.control, "GET", "/status")
+
+    def serving(self) -> dict[str, Any]:
+        return next(generation for generation in self.status()["generations"] if generation["serving"])
+
+    def upgrade(self) -> dict[str, Any]:
+        """SIGHUP; the verdict, once the generation that lost is gone."""
+        verdict = self.supervise.upgrade(timeout=60)
+        loser = verdict["old_gen"] if verdict["event"] == "promoted" else verdict["gen"]
+        self.supervise.wait_for("retired", where=lambda event: event["gen"] == loser)
+        return verdict
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Any]:
+    started: list[Supervise] = []
+
+    def start(*options: str, flags: tuple[str, ...] = ("--tag", "v1")) -> Service:
+        control, port = tmp_path / "control.sock", free_port()
+        service = Service(None, control, port, tmp_path)  # type: ignore[arg-type]
+        service.deploy("v1", *flags)
+        service.supervise = Supervise(["-l", f"127.0.0.1:{port}", "--control", str(control), *options, "--",
+                                       str(tmp_path / "current" / "run")]).start()
+        started.append(service.supervise)
+        service.supervise.wait_for("serving")
+        return service
+
+    yield start
+    for sup in started:
+        sup.stop()
+
+
+def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
+    load = LoadGenerator("127.0.0.1", port, "/", concurrency=concurrency, max_seconds=60.0, timeout=10.0)
+    load.start()
+    return load
+
+
+def assert_lossless(stats: LoadStats) -> None:
+    assert stats.requests > 50, stats.summary()
+    assert stats.failures == 0, stats.summary()
+
+
+def instances_of(generation: dict[str, Any]) -> dict[int, int]:
+    """index → pid of a generation's instances as status shows them."""
+    return {instance["index"]: instance["pid"] for instance in generation["instances"]}
+
+
+# -- a generation of N ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_each_instance_has_its_index_its_notify_socket_and_shows_in_status_and_metrics(service: Any) -> None:
+    svc = service("-n", "3", "--ready", "notify", *QUICK, flags=("--notify",))
+    generation = svc.serving()
+    assert generation["ready_instances"] == 3 and sorted(instances_of(generation)) == [0, 1, 2]
+    reports = {}
+    for _ in range(200):  # the shared socket spreads connections over the instances: ask until each answered
+        status, body = http_get(svc.port, "/env")
+        report = json.loads(body)
+        reports[report["environ"]["SUPERVISE_INSTANCE"]] = report
+        if len(reports) == 3:
+            break
+    assert sorted(reports) == ["0", "1", "2"]
+    assert len({report["notify_socket"] for report in reports.values()}) == 3, "each instance has its own NOTIFY_SOCKET"
+    assert {report["pid"] for report in reports.values()} == set(instances_of(generation).values())
+    assert all(report["generation"] == 1 and report["listen_fds"] == 1 for report in reports.values())
+    metrics = ctl(svc.control, "metrics")
+    assert metrics.returncode == 0, metrics.stderr
+    families = {family.name: family for family in text_string_to_metric_families(metrics.stdout)}
+    assert {sample.labels["instance"] for sample in families["supervise_child_rss_bytes"].samples} == {"0", "1", "2"}
+    assert [sample.value for sample in families["supervise_instances_ready"].samples] == [3]
+    table = ctl(svc.control, "status")
+    assert "3 ready of 3 wanted" in table.stdout and table.stdout.count(" serving ") >= 3, table.stdout
+
+
+@pytest.mark.timeout(40)
+def test_one_killed_instance_is_replaced_alone_while_the_others_serve(service: Any) -> None:
+    svc = service("-n", "4", *QUICK)
+    before = instances_of(svc.serving())
+    load = start_load(svc.port)
+    try:
+        time.sleep(0.3)
+        # An instance that exits by itself (like a worker after its max requests) finishes what it accepted.
+        mark = svc.supervise.mark()
+        os.kill(before[2], signal.SIGTERM)
+        replaced = svc.supervise.wait_for("ready", where=lambda event: event.get("instance") == 2, after=mark)
+        assert svc.supervise.wait_for("restarting", after=mark)["delay"] == pytest.approx(0.1)
+        time.sleep(0.3)
+    finally:
+        stats = load.stop()
+    assert_lossless(stats)
+    after = instances_of(svc.serving())
+    assert after[2] == replaced["pids"][0] != before[2]
+    assert {index: pid for index, pid in after.items() if index != 2} == {i: p for i, p in before.items() if i != 2}
+    assert svc.serving()["number"] == 1, "a replaced instance stays in its generation"
+    # SIGKILL: what the dead process had accepted is lost with it, and nothing else.
+    load = start_load(svc.port)
+    try:
+        time.sleep(0.3)
+        mark = svc.supervise.mark()
+        os.kill(after[1], signal.SIGKILL)
+        svc.supervise.wait_for("ready", where=lambda event: event.get("instance") == 1, after=mark)
+        time.sleep(0.3)
+    finally:
+        stats = load.stop()
+    assert stats.failures <= 4, stats.summary()  # at most one request per client was inside the killed process
+    final = instances_of(svc.serving())
+    assert {final[0], final[2], final[3]} == {after[0], after[2], after[3]} and final[1] != after[1]
+    assert pid_gone(after[1], 2)
+
+
+# -- upgrades -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("strategy", ["rolling", "surge"])
+def test_upgrade_of_four_never_has_fewer_than_four_ready(service: Any, strategy: str) -> None:
+    options = ["--strategy", "rolling", "--batch", "1"] if strategy == "rolling" else []
+    svc = service("-n", "4", *options, *QUICK)
+    old = instances_of(svc.serving())
+    svc.deploy("v2", "--tag", "v2")
+    load = start_load(svc.port)
+    try:
+        with Sampler(svc.control) as sampler:
+            time.sleep(0.2)
+            verdict = svc.upgrade()
+            time.sleep(0.2)
+    finally:
+        stats = load.stop()
+    assert verdict["event"] == "promoted", verdict
+    assert_lossless(stats)
+    assert len(sampler.ready) > 50, "the sampler must have watched the whole upgrade"
+    assert min(sampler.ready) >= 4, sampler.ready
+    generation = svc.serving()
+    assert generation["number"] == 2 and sorted(instances_of(generation)) == [0, 1, 2, 3]
+    assert not set(instances_of(generation).values()) & set(old.values())
+    ready_events = [event for event in svc.supervise.of_kind("ready") if event["gen"] == 2]
+    assert len(ready_events) == 4
+    if strategy == "rolling":
+        assert max(sampler.processes) <= 5, "batch 1: never more than N + 1 processes"
+        assert verdict["batches"] == [1, 1, 1, 1]
+        assert len(svc.supervise.of_kind("batch")) == 3  # the fourth batch is followed by the promotion
+    else:
+        assert max(sampler.ready) == 8, "surge: all four new instances were ready beside the four old ones"
+        assert verdict["batches"] == [4]
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_batch_rolls_back_every_replaced_batch_without_dropping_below_n(service: Any) -> None:
+    svc = service("-n", "4", "--strategy", "rolling", "--batch", "1", "--ready-timeout", "1s", *QUICK)
+    old = instances_of(svc.serving())
+    # A release directory per version (a `current` link flipped): restored old instances run the old release.
+    svc.deploy("v2", "--tag", "v2", only={2: ["--tag", "v2", "--never-ready"]})
+    load = start_load(svc.port)
+    try:
+        with Sampler(svc.control) as sampler:
+            verdict = svc.supervise.upgrade(timeout=60)
+            svc.supervise.wait_for("retired", where=lambda event: event["gen"] == 2)
+            time.sleep(0.2)
+    finally:
+        stats = load.stop()
+    assert verdict["event"] == "rolled-back", verdict
+    assert "instance 2" in verdict["reason"] and "not ready after 1s" in verdict["reason"], verdict
+    assert verdict["restored"] == 2, "two batches had replaced old instances 0 and 1"
+    assert_lossless(stats)
+    assert min(sampler.ready) >= 4, sampler.ready
+    generation = svc.serving()
+    assert generation["number"] == 1 and generation["ready_instances"] == 4
+    assert sorted(instances_of(generation)) == [0, 1, 2, 3]
+    assert {index: pid for index, pid in instances_of(generation).items() if index >= 2} == {2: old[2], 3: old[3]}
+    assert [generation["number"] for generation in svc.status()["generations"]] == [1]
+    for _ in range(20):
+        assert http_get(svc.port, "/")[1].split()[1] == "v1"
+
+
+@pytest.mark.timeout(60)
+def test_success_percent_lets_a_batch_go_on_with_part_of_it_ready(service: Any) -> None:
+    svc = service("-n", "4", "--strategy", "rolling", "--batch", "2", "--success-percent", "50",
+                  "--ready-timeout", "1s", *QUICK)
+    # Instance 1's first start fails (half of batch 1 is ready: enough); a later batch starts index 1 again.
+    directory = svc.deploy("v2", "--tag", "v2")
+    once = directory / "failed-once"
+    (directory / "run").write_text(f"""#!/bin/sh
+if [ "$SUPERVISE_INSTANCE" = 1 ] && [ ! -e {once} ]; then touch {once}; exec {PYTHON} {STUB} --exit-at-start 3; fi
+exec {PYTHON} {STUB} --tag v2
+""")
+    verdict = svc.upgrade()
+    assert verdict["event"] == "promoted" and verdict["batches"] == [2, 2, 1], verdict
+    assert once.exists()
+    assert svc.serving()["ready_instances"] == 4
+    assert sorted(instances_of(svc.serving())) == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(30)
+def test_dry_run_shows_the_batches(service: Any) -> None:
+    svc = service("-n", "5", "--strategy", "rolling", "--batch", "40%", *QUICK)
+    answer = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
+    assert [batch["start"] for batch in answer["batches"]] == [[0, 1], [2, 3], [4]]
+    assert [batch["drain"] for batch in answer["batches"]] == [[0, 1], [2, 3], [4]]
+    shown = ctl(svc.control, "upgrade", "--dry-run")
+    assert shown.returncode == 0, shown.stderr
+    assert "batch 1 of 3: start instance(s) 0,1" in shown.stdout and "batch 3 of 3" in shown.stdout, shown.stdout
+    assert [generation["number"] for generation in svc.status()["generations"]] == [1], "a dry run starts nothing"
+
+
+# -- scaling ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_ctl_scale_up_and_down_under_load(service: Any) -> None:
+    svc = service("-n", "2", *QUICK)
+    first = instances_of(svc.serving())
+    load = start_load(svc.port)
+    try:
+        up = ctl(svc.control, "scale", "5")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "5 of 5 instances ready" in up.stdout, up.stdout
+        grown = instances_of(svc.serving())
+        assert sorted(grown) == [0, 1, 2, 3, 4] and {grown[0], grown[1]} == set(first.values())
+        down = ctl(svc.control, "scale", "1")
+        assert down.returncode == 0, down.stdout + down.stderr
+        time.sleep(0.2)
+    finally:
+        stats = load.stop()
+    assert_lossless(stats)
+    assert instances_of(svc.serving()) == {0: first[0]}, "scaling down drains the highest indexes"
+    for index in range(1, 5):
+        assert pid_gone(grown[index], 5)
+    assert svc.supervise.of_kind("restarting") == []
+    # The new number holds for the next upgrade too.
+    svc.deploy("v2", "--tag", "v2")
+    assert ctl(svc.control, "scale", "3").returncode == 0
+    verdict = svc.upgrade()
+    assert verdict["event"] == "promoted" and svc.serving()["ready_instances"] == 3
+
+
+def test_bad_scale_requests_are_refused(service: Any) -> None:
+    svc = service(*QUICK)
+    bad = ctl(svc.control, "scale", "0")
+    assert bad.returncode == 2 and "0" in bad.stderr, bad.stderr
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(svc.control))
+        sock.sendall(b"POST /scale/99999 HTTP/1.0\r\n\r\n")
+        answer = sock.recv(4096)
+    assert b" 400 " in answer.split(b"\r\n")[0] and b"from 1 to 1024" in answer, answer
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch", "2"], "--batch and --max-surge apply to --strategy rolling"),
+    (["--strategy", "rolling", "--max-surge", "0"], "invalid --max-surge '0'"),
+    (["--strategy", "rolling", "--batch", "150%"], "a percentage from 1% to 100%"),
+    (["--strategy", "rolling", "--batch", "two"], "expected a count like 2 or a percentage like 25%"),
+    (["--success-percent", "0"], "--success-percent"),
+    (["--processes", "0"], "--processes"),
+])
+def test_bad_strategy_options_are_one_clear_error(options: list[str], message: str) -> None:
+    result = subprocess.run([*supervise_command(), *options, "--", "true"], capture_output=True, text=True, timeout=20,
+                            check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_processes_from_the_config_file_apply_at_the_next_upgrade(service: Any, tmp_path: Path) -> None:
+    config = tmp_path / "supervise.toml"
+    config.write_text("processes = 2\nwatch = \"300ms\"\nhealth_interval = \"100ms\"\n")
+    svc = service("--config", str(config))
+    assert svc.serving()["ready_instances"] == 2
+    config.write_text("processes = 3\nstrategy = \"rolling\"\nbatch = 2\nwatch = \"300ms\"\nhealth_interval = \"100ms\"\n")
+    verdict = svc.upgrade()
+    assert verdict["event"] == "promoted" and verdict["batches"] == [2, 1], verdict
+    assert svc.serving()["ready_instances"] == 3
+    leftover = [process for process in psutil.Process(svc.supervise.pid).children(recursive=True)
+                if process.status() != psutil.STATUS_ZOMBIE]
+    assert len(leftover) == 3, leftover
