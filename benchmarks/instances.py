@@ -111,7 +111,10 @@ def run_strategy(name: str, args: argparse.Namespace, workdir: Path) -> dict[str
     argv = [*supervise_argv(), "-l", f"{HOST}:{port}", "-n", str(args.processes), *STRATEGIES[name], "--ready", "notify",
             "--watch", args.watch, "--health-interval", "200ms", "--control", str(control), "--log-level", "warning",
             "--", sys.executable, str(ROOT / "examples" / "app.py")]
-    supervisor = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    log = workdir / f"{name}.log"
+    with open(log, "wb") as output:  # the supervisor's and the app's stderr: shown only if something goes wrong
+        supervisor = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=output,
+                                      start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -121,7 +124,8 @@ def run_strategy(name: str, args: argparse.Namespace, workdir: Path) -> dict[str
             except (OSError, ValueError, KeyError):
                 pass
             if time.monotonic() > deadline or supervisor.poll() is not None:
-                raise SystemExit(f"setup failed: {name} never had {args.processes} ready instances")
+                raise SystemExit(f"setup failed: {name} never had {args.processes} ready instances:\n"
+                                 + log.read_text(errors="replace")[-2000:])
             time.sleep(0.05)
         time.sleep(0.5)
         sampler = Sampler(supervisor.pid, control).start()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -29,7 +29,7 @@ async def first_completed(*functions: Callable[[], Awaitable[Any]]) -> tuple[int
     return winner[0]
 
 
-async def gather(*functions: Callable[[], Awaitable[Any]]) -> None:
+async def gather(*functions: Callable[[], Coroutine[Any, Any, Any]]) -> None:
     """Run the functions concurrently until all are done; the first error cancels the rest and is raised as is."""
     try:
         async with anyio.create_task_group() as group:

@@ -184,6 +184,10 @@ def _octal(text: Any) -> int | None:
         raise UserError(f"invalid unix-mode {text!r}: expected an octal mode like 660") from None
 
 
+def _text(options: Mapping[str, Any], key: str) -> str | None:
+    return None if options.get(key) is None else str(options[key])
+
+
 def build(options: Mapping[str, Any], sources: Sources | None = None) -> Settings:
     """Validated Settings from option values (flags, file or both); raises UserError with one clear line."""
     command = tuple(str(arg) for arg in options.get("command") or ())
@@ -211,7 +215,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         log_format=text["log_format"] or "text",
         log_level=text["log_level"] or "info",
         loop=text["loop"] or "auto",
-        strategy=build_strategy(*(None if options.get(key) is None else str(options[key]) for key in _STRATEGY[:3]),
+        strategy=build_strategy(_text(options, "strategy"), _text(options, "batch"), _text(options, "max_surge"),
                                 options.get("success_percent", 100)),
         sources=sources,
     )

@@ -124,7 +124,8 @@ class Subject(Protocol):
 
 
 class Probe(Protocol):
-    spec: ProbeSpec
+    @property
+    def spec(self) -> ProbeSpec: ...
 
     async def check(self, subject: Subject) -> Result: ...
 
@@ -338,6 +339,6 @@ def _numeric_host(host: str) -> str:
     except OSError:
         pass
     try:
-        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
     except socket.gaierror as exc:
         raise UserError(f"--ready: cannot resolve host {host!r}: {exc.strerror}") from None

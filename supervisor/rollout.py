@@ -226,6 +226,7 @@ class Rollout:
                                   gen=self.old.number if self.old else None, reason=refusal)
             self._enter(IDLE)
             return self._outcome(REFUSED, refusal)
+        assert self.plan is not None  # no refusal: prepare() succeeded
         self.new = self.host.create(self.plan)
         try:
             which, _ = await first_completed(self._bring_up, self._abort.wait, self._casualty)

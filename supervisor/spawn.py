@@ -170,7 +170,7 @@ def spawn(spec: ProcessSpec) -> int:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(fd, 256)

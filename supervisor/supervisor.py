@@ -13,6 +13,7 @@ import traceback
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -335,7 +336,7 @@ class Supervisor:
 
     async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False) -> None:
         """Start an instance at each index and wait until all are ready."""
-        await gather(*(lambda index=index: self._keep_up(generation, index, first) for index in indexes))
+        await gather(*(partial(self._keep_up, generation, index, first) for index in indexes))
 
     async def _keep_up(self, generation: Generation, index: int, first: bool = False) -> Instance:
         """Start instance `index` and wait until it is ready, retrying with backoff (--max-restarts counts)."""
@@ -368,11 +369,11 @@ class Supervisor:
         current = sorted(generation.current(), key=lambda instance: (not instance.alive, instance.index))
         keep, extra = current[:self.processes], current[self.processes:]
         missing = generation.free_indexes(self.processes - len(keep)) if len(keep) < self.processes else []
-        jobs = [lambda instance=instance: self._replace(generation, instance) for instance in keep if not instance.alive]
+        jobs = [partial(self._replace, generation, instance) for instance in keep if not instance.alive]
         if extra:
-            jobs.append(lambda: self.retire_instances(generation, extra))
+            jobs.append(partial(self.retire_instances, generation, extra))
         if missing:
-            jobs.append(lambda: self._fill(generation, missing))
+            jobs.append(partial(self._fill, generation, missing))
         await gather(*jobs)
         if missing or extra:
             self.events.emit("scaled", f"generation {generation.number} runs {len(generation.ready())} instances",
@@ -530,7 +531,7 @@ class Supervisor:
         async def stop(instance: Instance) -> None:
             killed.extend(await self._stop(instance, graceful))
 
-        await gather(*(lambda instance=instance: stop(instance) for instance in list(generation.instances)))
+        await gather(*(partial(stop, instance) for instance in list(generation.instances)))
         elapsed = time.monotonic() - began
         if killed and graceful:
             self.events.emit("drain-timeout", f"generation {generation.number} still running after "
@@ -565,7 +566,7 @@ class Supervisor:
             self.events.emit("instance-retired", f"{self._label(instance)} gone after {time.monotonic() - began:.3f}s",
                              gen=instance.number, instance=instance.index, elapsed=round(time.monotonic() - began, 6))
 
-        await gather(*(lambda instance=instance: retire_one(instance) for instance in instances))
+        await gather(*(partial(retire_one, instance) for instance in instances))
 
     async def _stop(self, instance: Instance, graceful: bool) -> list[int]:
         """Drain one instance's tree, or kill it now; the pids that had to be killed."""

@@ -35,16 +35,19 @@ QUICK = ["--watch", "300ms", "--health-interval", "100ms", "--drain-timeout", "5
 def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
     """Atomically (re)write `directory/run`: the stub with `flags`, or with `only[i]` for SUPERVISE_INSTANCE=i."""
     directory.mkdir(parents=True, exist_ok=True)
-    quoted = lambda items: " ".join(f"'{item}'" for item in items)  # noqa: E731
     lines = ["#!/bin/sh"]
     for index, special in (only or {}).items():
-        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {quoted(special)}')
-    lines.append(f"exec {PYTHON} {STUB} {quoted(flags)}")
+        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {_quoted(special)}')
+    lines.append(f"exec {PYTHON} {STUB} {_quoted(flags)}")
     staged, script = directory / ".run.new", directory / "run"
     staged.write_text("\n".join(lines) + "\n")
     staged.chmod(0o755)
     os.replace(staged, script)
     return script
+
+
+def _quoted(items: list[str] | tuple[str, ...]) -> str:
+    return " ".join(f"'{item}'" for item in items)
 
 
 def api(control: Path, method: str, target: str, timeout: float = 5.0) -> Any:
@@ -170,7 +173,7 @@ def test_each_instance_has_its_index_its_notify_socket_and_shows_in_status_and_m
     assert generation["ready_instances"] == 3 and sorted(instances_of(generation)) == [0, 1, 2]
     reports = {}
     for _ in range(200):  # the shared socket spreads connections over the instances: ask until each answered
-        status, body = http_get(svc.port, "/env")
+        _, body = http_get(svc.port, "/env")
         report = json.loads(body)
         reports[report["environ"]["SUPERVISE_INSTANCE"]] = report
         if len(reports) == 3:
@@ -387,3 +390,37 @@ def test_processes_from_the_config_file_apply_at_the_next_upgrade(service: Any, 
     leftover = [process for process in psutil.Process(svc.supervise.pid).children(recursive=True)
                 if process.status() != psutil.STATUS_ZOMBIE]
     assert len(leftover) == 3, leftover
+
+
+@pytest.mark.timeout(60)
+def test_operator_rollback_in_the_middle_of_a_rolling_upgrade_restores_the_old_instances(service: Any) -> None:
+    svc = service("-n", "3", "--strategy", "rolling", "--watch", "1s", "--health-interval", "100ms",
+                  "--drain-timeout", "5s")
+    old = instances_of(svc.serving())
+    svc.deploy("v2", "--tag", "v2")
+    load = start_load(svc.port)
+    try:
+        mark = svc.supervise.mark()
+        svc.supervise.signal(signal.SIGHUP)
+        svc.supervise.wait_for("batch", after=mark, timeout=30)  # batch 1 replaced old instance 0
+        svc.supervise.wait_for("watching", after=svc.supervise.mark(), timeout=30)  # batch 2 in its watch window
+        result = ctl(svc.control, "rollback")
+        time.sleep(0.2)
+    finally:
+        stats = load.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    verdict = svc.supervise.wait_for("rolled-back", after=mark)
+    assert verdict["reason"] == "rolled back by operator" and verdict["restored"] == 1, verdict
+    assert_lossless(stats)
+    generation = svc.serving()
+    assert generation["number"] == 1 and generation["ready_instances"] == 3
+    assert {index: pid for index, pid in instances_of(generation).items() if index > 0} == {1: old[1], 2: old[2]}
+    assert all(http_get(svc.port, "/")[1].split()[1] == "v1" for _ in range(10))
+
+
+@pytest.mark.timeout(30)
+def test_max_surge_caps_the_batch(service: Any) -> None:
+    svc = service("-n", "4", "--strategy", "rolling", "--batch", "50%", "--max-surge", "1", *QUICK)
+    plan = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
+    assert [batch["start"] for batch in plan["batches"]] == [[0], [1], [2], [3]]
+    assert "at most 5 processes" in plan["strategy"]
