@@ -382,9 +382,9 @@ class Rollout:
         env = {
             "SUPERVISE_HOOK": name,
             "SUPERVISE_OLD_GENERATION": str(self.old.number) if self.old else "",
-            "SUPERVISE_OLD_PID": str(self.old.leader) if self.old else "",
+            "SUPERVISE_OLD_PID": str(self.old.leader or "") if self.old else "",
             "SUPERVISE_NEW_GENERATION": str(self.new.number) if self.new else "",
-            "SUPERVISE_NEW_PID": str(self.new.leader) if self.new else "",
+            "SUPERVISE_NEW_PID": str(self.new.leader or "") if self.new else "",
             "SUPERVISE_REASON": reason,
         }
         failure = await self.host.commands(command, env, self.settings.hooks.timeout)

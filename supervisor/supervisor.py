@@ -132,6 +132,7 @@ class Supervisor:
     _fingerprints: dict[Release, Fingerprint] = field(init=False, default_factory=dict)
     _liveness_failures: int = field(init=False, default=0)
     _wakeup: anyio.Event = field(init=False)
+    _rescaled: anyio.Event = field(init=False)
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
     _group: TaskGroup = field(init=False)
@@ -167,6 +168,7 @@ class Supervisor:
     async def run(self) -> int:
         """Serve until told to stop (exit 0) or until supervision is impossible (exit non-zero)."""
         self._wakeup = anyio.Event()
+        self._rescaled = anyio.Event()
         self._operations = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as group:
@@ -263,6 +265,8 @@ class Supervisor:
         self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
                          gen=self.serving.number if self.serving else None, previous=previous, processes=processes)
         self._wakeup.set()
+        self._rescaled.set()  # a retry waiting out its backoff looks again at whether its index is still wanted
+        self._rescaled = anyio.Event()
         return f"scaling from {previous} to {processes} instances{when}"
 
     def request_rollback(self) -> Ticket | None:
@@ -338,9 +342,12 @@ class Supervisor:
         """Start an instance at each index and wait until all are ready."""
         await gather(*(partial(self._keep_up, generation, index, first) for index in indexes))
 
-    async def _keep_up(self, generation: Generation, index: int, first: bool = False) -> Instance:
-        """Start instance `index` and wait until it is ready, retrying with backoff (--max-restarts counts)."""
+    async def _keep_up(self, generation: Generation, index: int, first: bool = False) -> Instance | None:
+        """Start instance `index` and wait until it is ready, retrying with backoff (--max-restarts counts).
+        None if the index is no longer wanted (scaled down meanwhile)."""
         while True:
+            if generation is self.serving and index >= self.processes:
+                return None
             try:
                 instance = self.spawn(generation, index)
             except SpawnError as exc:
@@ -375,9 +382,10 @@ class Supervisor:
         if missing:
             jobs.append(partial(self._fill, generation, missing))
         await gather(*jobs)
-        if missing or extra:
-            self.events.emit("scaled", f"generation {generation.number} runs {len(generation.ready())} instances",
-                             gen=generation.number, pids=generation.pids(), processes=len(generation.ready()))
+        ready = len(generation.ready())
+        self.events.emit("serving", f"generation {generation.number} serving"
+                         + (f" with {ready} instances" if ready != 1 or self.processes != 1 else ""),
+                         gen=generation.number, pids=generation.pids(), processes=ready)
 
     async def _replace(self, generation: Generation, dead: Instance) -> None:
         """A serving instance died: start its index again (the others keep serving), then clear its leftovers."""
@@ -392,19 +400,30 @@ class Supervisor:
         return f"generation {instance.number}" + (f" instance {instance.index}" if several else "")
 
     async def _failed(self, reason: str) -> None:
-        """Count a failure; give up past --max-restarts in the window, else wait the backoff delay."""
+        """Count a failure and wait the backoff delay. Past --max-restarts in the window: give up if nothing is
+        serving any more (our own manager must act), else keep retrying at the longest delay — exiting would
+        take down the instances that still serve. A `ctl scale` cuts the wait short."""
         now = time.monotonic()
         self.failures.append(now)
         while self.failures and now - self.failures[0] > self.settings.restart_window:
             self.failures.popleft()
-        count = len(self.failures)
+        count, window = len(self.failures), self.settings.restart_window
+        serving = len(self.serving.ready()) if self.serving else 0
+        if count > self.settings.max_restarts and not serving:
+            raise Fatal(f"giving up: {count} failures within {window:g}s (last: {reason})")
         if count > self.settings.max_restarts:
-            raise Fatal(f"giving up: {count} failures within {self.settings.restart_window:g}s (last: {reason})")
-        delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (count - 1))
-        self.events.emit("restarting", f"{reason}; restarting in {delay:g}s (failure {count} of at most "
-                         f"{self.settings.max_restarts} within {self.settings.restart_window:g}s)", level="warning",
-                         delay=delay, reason=reason)
-        await anyio.sleep(delay)
+            delay = _MAX_BACKOFF
+            self.events.emit("restarting", f"{reason}; retrying in {delay:g}s: {count} failures within {window:g}s is "
+                             f"past --max-restarts {self.settings.max_restarts}, but {serving} instance(s) keep serving",
+                             level="warning", delay=delay, reason=reason, crash_loop=True)
+        else:
+            delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (count - 1))
+            self.events.emit("restarting", f"{reason}; restarting in {delay:g}s (failure {count} of at most "
+                             f"{self.settings.max_restarts} within {window:g}s)", level="warning", delay=delay,
+                             reason=reason)
+        rescaled = self._rescaled
+        with anyio.move_on_after(delay):
+            await rescaled.wait()
 
     # -- the rollout's host interface -------------------------------------------------------------------------
 

@@ -424,3 +424,25 @@ def test_max_surge_caps_the_batch(service: Any) -> None:
     plan = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
     assert [batch["start"] for batch in plan["batches"]] == [[0], [1], [2], [3]]
     assert "at most 5 processes" in plan["strategy"]
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_looping_instance_never_takes_down_the_ones_that_serve_and_scale_undoes_it(service: Any) -> None:
+    svc = service("-n", "2", "--max-restarts", "1", *QUICK)
+    before = instances_of(svc.serving())
+    # The serving release itself (edited in place) cannot run a third instance, as if a resource ran out.
+    write_release(svc.root / "releases" / "v1", "--tag", "v1", only={2: ["--exit-at-start", "3"]})
+    mark = svc.supervise.mark()
+    assert ctl(svc.control, "scale", "3", "--no-wait").returncode == 0
+    looping = svc.supervise.wait_for("restarting", where=lambda event: event.get("crash_loop") is True, after=mark)
+    assert looping["delay"] == 30 and "2 instance(s) keep serving" in looping["msg"], looping
+    assert svc.supervise.process.poll() is None and not svc.supervise.of_kind("fatal")
+    load = start_load(svc.port)
+    try:
+        began = time.monotonic()
+        undo = ctl(svc.control, "scale", "2")
+        assert undo.returncode == 0 and time.monotonic() - began < 10, undo.stdout + undo.stderr
+    finally:
+        stats = load.stop()
+    assert stats.failures == 0, stats.summary()
+    assert instances_of(svc.serving()) == before
