@@ -35,10 +35,12 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class Result:
-    """One probe attempt's outcome and a short human detail (`HTTP 200`, `connection refused`)."""
+    """One probe attempt's outcome and a short human detail (`HTTP 200`, `connection refused`); `pid` is the
+    process that accepted the probe's connection, when a connection probe could tell."""
 
     verdict: Verdict
     detail: str
+    pid: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -142,8 +144,16 @@ class Target:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-async def _connect(target: Target, subject: Subject, timeout: float) -> socket.socket | Result:
-    """A connection accepted by `subject` (the caller closes it), or the Result saying why there is none."""
+@dataclass(frozen=True)
+class Accepted:
+    """A probe connection a process of the subject accepted (`pid`, if attributed); the caller closes it."""
+
+    sock: socket.socket
+    pid: int | None = None
+
+
+async def _connect(target: Target, subject: Subject, timeout: float) -> Accepted | Result:
+    """A connection accepted by `subject`, or the Result saying why there is none."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -154,7 +164,7 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> socket.s
         sock.close()
         return Result(Verdict.NOT_READY, f"cannot connect to {target}: {exc.strerror or exc}")
     if not target.shared or not attribution.available():
-        return sock
+        return Accepted(sock)
     inode = await _accepted_inode(sock, timeout)
     if not inode:
         sock.close()
@@ -170,8 +180,9 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> socket.s
                                                "denied (needs CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH)")
     if owner is None:
         sock.close()
-        return Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation")
-    return sock
+        return Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation (or by "
+                                            "an instance not under test)")
+    return Accepted(sock, owner)
 
 
 async def _accepted_inode(sock: socket.socket, timeout: float) -> int | None:
@@ -215,24 +226,25 @@ class HttpProbe:
 
     async def check(self, subject: Subject) -> Result:
         with anyio.move_on_after(self.timeout):
-            sock = await _connect(self.target, subject, self.timeout)
-            if isinstance(sock, Result):
-                return sock
+            accepted = await _connect(self.target, subject, self.timeout)
+            if isinstance(accepted, Result):
+                return accepted
+            pid = accepted.pid
             try:
-                status = await _http_status(sock, self.target.host, self.spec.path)
+                status = await _http_status(accepted.sock, self.target.host, self.spec.path)
             except OSError as exc:
-                return Result(Verdict.NOT_READY, f"GET {self.spec.path}: {exc.strerror or exc}")
+                return Result(Verdict.NOT_READY, f"GET {self.spec.path}: {exc.strerror or exc}", pid)
             finally:
-                sock.close()
+                accepted.sock.close()
             if status is None:
-                return Result(Verdict.NOT_READY, f"GET {self.spec.path}: no HTTP response")
+                return Result(Verdict.NOT_READY, f"GET {self.spec.path}: no HTTP response", pid)
             if 200 <= status < 400:
-                return Result(Verdict.READY, f"HTTP {status}")
+                return Result(Verdict.READY, f"HTTP {status}", pid)
             if status == 404 and not self.spec.strict:
                 if self.on_lenient:
                     self.on_lenient(subject.number)
-                return Result(Verdict.READY, "HTTP 404 (no readiness endpoint; serving)")
-            return Result(Verdict.NOT_READY, f"HTTP {status}")
+                return Result(Verdict.READY, "HTTP 404 (no readiness endpoint; serving)", pid)
+            return Result(Verdict.NOT_READY, f"HTTP {status}", pid)
         return Result(Verdict.NOT_READY, f"GET {self.spec.path}: no answer within {self.timeout:g}s")
 
 
@@ -246,11 +258,11 @@ class TcpProbe:
 
     async def check(self, subject: Subject) -> Result:
         with anyio.move_on_after(self.timeout):
-            sock = await _connect(self.target, subject, self.timeout)
-            if isinstance(sock, Result):
-                return sock
-            sock.close()
-            return Result(Verdict.READY, f"accepted on {self.target}")
+            accepted = await _connect(self.target, subject, self.timeout)
+            if isinstance(accepted, Result):
+                return accepted
+            accepted.sock.close()
+            return Result(Verdict.READY, f"accepted on {self.target}", accepted.pid)
         return Result(Verdict.NOT_READY, f"connection to {self.target} not accepted within {self.timeout:g}s")
 
 

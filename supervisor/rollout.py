@@ -23,16 +23,14 @@ from .events import Events
 from .generation import Generation
 from .instance import Instance
 from .listeners import Listener
-from .probes import Probe, Result, Verdict, nothing_yet
+from .probes import Probe, Result, Verdict
+from .readiness import Failed, wait_all_ready
 from .release import Release
 from .spawn import SpawnError
 
 IDLE, SPAWNING, WAITING_READY, WATCHING, DRAINING, ROLLING_BACK = (
     "idle", "spawning", "waiting-ready", "watching", "draining", "rolling-back")
 PROMOTED, ROLLED_BACK, REFUSED = "promoted", "rolled-back", "refused"
-_FIRST_POLL = 0.01
-_FIRST_RETRY = 0.001
-_MAX_RETRY = 0.02
 _INCONCLUSIVE_RETRIES = 20
 
 
@@ -86,47 +84,6 @@ class Outcome:
     @property
     def promoted(self) -> bool:
         return self.result == PROMOTED
-
-
-class Failed(Exception):
-    """The new generation failed: `reason` for people, `kind` (exec-failed, exited, not-ready, unhealthy,
-    operator) for metrics and for deciding whether the release is to blame."""
-
-    def __init__(self, reason: str, kind: str) -> None:
-        super().__init__(reason)
-        self.reason, self.kind = reason, kind
-
-
-async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_interval: float) -> Result:
-    """Probe until ready (fast at first, backing off to `max_interval`), the generation exits, or time is up.
-
-    Raises Failed with the reason when it does not become ready.
-    """
-    last = nothing_yet(probe.spec)
-
-    async def poll() -> Result:
-        nonlocal last
-        delay, quick = _FIRST_POLL, _FIRST_RETRY
-        while True:
-            result = await probe.check(instance)
-            if result.ready:
-                return result
-            last = result
-            if result.verdict is Verdict.INCONCLUSIVE:
-                # The old generation took the probe connection: not a failure, try again soon on a new one.
-                await anyio.sleep(quick)
-                quick = min(quick * 2, _MAX_RETRY)
-                continue
-            quick = _FIRST_RETRY
-            await anyio.sleep(delay)
-            delay = min(delay * 2, max_interval)
-
-    with anyio.move_on_after(timeout):
-        which, value = await first_completed(poll, instance.exit.wait)
-        if which == 1:
-            raise Failed(f"{value.describe()} during readiness", "exited")
-        return value
-    raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}", "not-ready")
 
 
 async def health_check(probe: Probe, subject: Generation | Instance) -> Result:
@@ -273,24 +230,14 @@ class Rollout:
             raise Failed(f"exec failed: {exc}", "exec-failed") from None
         self._mark("spawned", again=False)
         self._enter(WAITING_READY)
-        failures: list[Failed] = []
-
-        async def become_ready(instance: Instance) -> None:
-            try:
-                result = await wait_ready(plan.probe, instance, settings.ready_timeout, settings.health_interval)
-            except Failed as failure:
-                failures.append(Failed(self._name(instance) + failure.reason, failure.kind))
-                return
-            self.host.announce_ready(new, instance, result, plan.probe)
-
-        async with anyio.create_task_group() as group:
-            for instance in started:
-                group.start_soon(become_ready, instance)
+        failed = await wait_all_ready(plan.probe, started, settings.ready_timeout, settings.health_interval,
+                                      lambda instance, result: self.host.announce_ready(new, instance, result, plan.probe))
         ready = [instance for instance in started if instance.ready]
         await self.host.retire_instances(new, [instance for instance in started if instance not in ready])
         needed = settings.strategy.required(size)
         if len(ready) < needed:
-            first = failures[0] if failures else Failed("an instance died before it was ready", "exited")
+            instance, failure = next(iter(failed.items()), (None, Failed("an instance died before it was ready", "exited")))
+            first = Failed((self._name(instance) if instance else "") + failure.reason, failure.kind)
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
             raise Failed(first.reason + counts, first.kind)
         self._mark("ready")

@@ -42,18 +42,10 @@ from .probes import (
     build_probe,
 )
 from .proctree import children, descendants
+from .readiness import wait_all_ready
 from .reaper import Reaper
 from .release import Release, check_templates, logical_cwd, resolve
-from .rollout import (
-    PROMOTED,
-    ROLLED_BACK,
-    Failed,
-    Outcome,
-    Plan,
-    Rollout,
-    health_check,
-    wait_ready,
-)
+from .rollout import PROMOTED, ROLLED_BACK, Outcome, Plan, Rollout, health_check
 from .spawn import SpawnError
 from .triggers import ChangeTrigger
 from .workers import Worker
@@ -339,32 +331,34 @@ class Supervisor:
         return generation
 
     async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False) -> None:
-        """Start an instance at each index and wait until all are ready."""
-        await gather(*(partial(self._keep_up, generation, index, first) for index in indexes))
-
-    async def _keep_up(self, generation: Generation, index: int, first: bool = False) -> Instance | None:
-        """Start instance `index` and wait until it is ready, retrying with backoff (--max-restarts counts).
-        None if the index is no longer wanted (scaled down meanwhile)."""
+        """Start an instance at each index and wait until all are ready; those that fail are started again after
+        the backoff (--max-restarts counts each), as long as their index is still wanted."""
+        pending = list(indexes)
         while True:
-            if generation is self.serving and index >= self.processes:
-                return None
-            try:
-                instance = self.spawn(generation, index)
-            except SpawnError as exc:
-                if first:
-                    raise Fatal(str(exc)) from None
-                await self._failed(str(exc))
-                continue
-            try:
-                result = await wait_ready(self.probe, instance, self.settings.ready_timeout, self.settings.health_interval)
-            except Failed as failure:
-                await self.retire_instances(generation, [instance])
-                await self._failed(f"{self._label(instance)} {failure}")
-                continue
-            self.announce_ready(generation, instance, result, self.probe)
-            if generation.state == SERVING:
-                instance.state = SERVING
-            return instance
+            pending = [index for index in pending if generation is not self.serving or index < self.processes]
+            if not pending:
+                return
+            started, unstarted, reasons = [], [], []
+            for index in pending:
+                try:
+                    started.append(self.spawn(generation, index))
+                except SpawnError as exc:
+                    if first:
+                        raise Fatal(str(exc)) from None
+                    unstarted.append(index)
+                    reasons.append(str(exc))
+            failed = await wait_all_ready(self.probe, started, self.settings.ready_timeout, self.settings.health_interval,
+                                          partial(self._instance_ready, generation))
+            await self.retire_instances(generation, list(failed))
+            reasons.extend(f"{self._label(instance)} {failure}" for instance, failure in failed.items())
+            pending = unstarted + [instance.index for instance in failed]
+            if reasons:
+                await self._failed(reasons)
+
+    def _instance_ready(self, generation: Generation, instance: Instance, result: Result) -> None:
+        self.announce_ready(generation, instance, result, self.probe)
+        if generation.state == SERVING:
+            instance.state = SERVING
 
     async def _repair(self) -> None:
         """Bring the serving generation back to N instances: each dead one replaced alone (after the backoff, then
@@ -390,8 +384,8 @@ class Supervisor:
     async def _replace(self, generation: Generation, dead: Instance) -> None:
         """A serving instance died: start its index again (the others keep serving), then clear its leftovers."""
         status = dead.exit_status.describe() if dead.exit_status else "gone"
-        await self._failed(f"{self._label(dead)} {status}")
-        await self._keep_up(generation, dead.index)
+        await self._failed([f"{self._label(dead)} {status}"])
+        await self._fill(generation, [dead.index])
         await self.retire_instances(generation, [dead])
 
     def _label(self, instance: Instance) -> str:
@@ -399,10 +393,19 @@ class Supervisor:
         several = self.processes > 1 or instance.index > 0
         return f"generation {instance.number}" + (f" instance {instance.index}" if several else "")
 
-    async def _failed(self, reason: str) -> None:
-        """Count a failure and wait the backoff delay. Past --max-restarts in the window: give up if nothing is
-        serving any more (our own manager must act), else keep retrying at the longest delay — exiting would
-        take down the instances that still serve. A `ctl scale` cuts the wait short."""
+    async def _failed(self, reasons: list[str]) -> None:
+        """Count failures (one per reason) and wait the backoff delay. Past --max-restarts in the window: give up
+        if nothing is serving any more (our own manager must act), else keep retrying at the longest delay —
+        exiting would take down the instances that still serve. A `ctl scale` cuts the wait short."""
+        delay = 0.0
+        for reason in reasons:
+            delay = max(delay, self._count_failure(reason))
+        rescaled = self._rescaled
+        with anyio.move_on_after(delay):
+            await rescaled.wait()
+
+    def _count_failure(self, reason: str) -> float:
+        """Count one failure in the window and say what happens next; the backoff delay, or Fatal."""
         now = time.monotonic()
         self.failures.append(now)
         while self.failures and now - self.failures[0] > self.settings.restart_window:
@@ -412,18 +415,15 @@ class Supervisor:
         if count > self.settings.max_restarts and not serving:
             raise Fatal(f"giving up: {count} failures within {window:g}s (last: {reason})")
         if count > self.settings.max_restarts:
-            delay = _MAX_BACKOFF
-            self.events.emit("restarting", f"{reason}; retrying in {delay:g}s: {count} failures within {window:g}s is "
-                             f"past --max-restarts {self.settings.max_restarts}, but {serving} instance(s) keep serving",
-                             level="warning", delay=delay, reason=reason, crash_loop=True)
-        else:
-            delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (count - 1))
-            self.events.emit("restarting", f"{reason}; restarting in {delay:g}s (failure {count} of at most "
-                             f"{self.settings.max_restarts} within {window:g}s)", level="warning", delay=delay,
-                             reason=reason)
-        rescaled = self._rescaled
-        with anyio.move_on_after(delay):
-            await rescaled.wait()
+            self.events.emit("restarting", f"{reason}; retrying in {_MAX_BACKOFF:g}s: {count} failures within "
+                             f"{window:g}s is past --max-restarts {self.settings.max_restarts}, but {serving} "
+                             "instance(s) keep serving", level="warning", delay=_MAX_BACKOFF, reason=reason,
+                             crash_loop=True)
+            return _MAX_BACKOFF
+        delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (count - 1))
+        self.events.emit("restarting", f"{reason}; restarting in {delay:g}s (failure {count} of at most "
+                         f"{self.settings.max_restarts} within {window:g}s)", level="warning", delay=delay, reason=reason)
+        return delay
 
     # -- the rollout's host interface -------------------------------------------------------------------------
 

@@ -1,0 +1,162 @@
+"""Proving instances ready: probe until each one is ready, dies, or runs out of time.
+
+On a shared socket a probe connection goes to whichever process accepts it first. Instances started together
+are therefore probed together (a `Cohort`): an answer from any one of them proves *that* one ready, so N new
+instances need about N answers rather than N lucky draws each. Measured, 8 instances of the test stub
+beside 8 old ones on 2 cores: the last one proven ready after 1.03 s when each was probed on its own, after
+0.23 s as a cohort.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+
+from .concurrency import first_completed, gather
+from .instance import Instance
+from .probes import Probe, Result, Verdict, nothing_yet
+
+_FIRST_POLL = 0.01
+_FIRST_RETRY = 0.001
+_MAX_RETRY = 0.02
+_MAX_POLLERS = 8
+_CONNECTION_PROBES = ("http", "tcp")
+
+
+class Failed(Exception):
+    """A new instance failed: `reason` for people, `kind` (exec-failed, exited, not-ready, unhealthy,
+    operator) for metrics and for deciding whether the release is to blame."""
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.reason, self.kind = reason, kind
+
+
+@dataclass
+class Backoff:
+    """The polling schedule: from 10 ms doubling to the health interval; an inconclusive answer (someone
+    else took the connection) is retried almost at once on a new connection."""
+
+    max_interval: float
+    delay: float = _FIRST_POLL
+    quick: float = _FIRST_RETRY
+
+    async def after(self, result: Result) -> None:
+        if result.verdict is Verdict.INCONCLUSIVE:
+            await anyio.sleep(self.quick)
+            self.quick = min(self.quick * 2, _MAX_RETRY)
+            return
+        self.quick = _FIRST_RETRY
+        await anyio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.max_interval)
+
+
+async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_interval: float) -> Result:
+    """Probe one instance until ready, it exits, or time is up; raises Failed with the reason otherwise."""
+    last = nothing_yet(probe.spec)
+
+    async def poll() -> Result:
+        nonlocal last
+        backoff = Backoff(max_interval)
+        while True:
+            result = await probe.check(instance)
+            if result.ready:
+                return result
+            last = result
+            await backoff.after(result)
+
+    with anyio.move_on_after(timeout):
+        which, value = await first_completed(poll, instance.exit.wait)
+        if which == 1:
+            raise Failed(f"{value.describe()} during readiness", "exited")
+        return value
+    raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}", "not-ready")
+
+
+@dataclass(eq=False)
+class Cohort:
+    """Instances of one generation still waiting for their proof: a probe subject made of all their processes."""
+
+    number: int
+    pending: list[Instance]
+    started_at: float
+    ready_signal: anyio.Event = field(default_factory=anyio.Event)  # only notify probes wait on it: never probed so
+    notified_ready: bool = False
+    notified_stopping: bool = False
+
+    @property
+    def leader(self) -> int:
+        return self.pending[0].leader if self.pending else 0
+
+    def pids(self, fresh: bool = False) -> list[int]:
+        return [pid for instance in self.pending for pid in instance.pids(fresh)]
+
+    def owner(self, result: Result) -> Instance | None:
+        """The pending instance a result is about: the one whose process accepted the probe's connection."""
+        if result.pid is None:
+            # Not attributable (a probe address that is not one of our sockets): it proves one of them ready,
+            # as probing them one by one would.
+            return self.pending[0] if result.ready and self.pending else None
+        return next((instance for instance in self.pending if result.pid in instance.members), None)
+
+
+async def wait_all_ready(probe: Probe, instances: Sequence[Instance], timeout: float, max_interval: float,
+                         on_ready: Callable[[Instance, Result], None]) -> dict[Instance, Failed]:
+    """Probe instances started together until each is ready (`on_ready` is called at once for it), has exited,
+    or `timeout` is over; returns the failed ones with the reason."""
+    failures: dict[Instance, Failed] = {}
+    if len(instances) <= 1 or probe.spec.kind not in _CONNECTION_PROBES:
+        async def alone(instance: Instance) -> None:
+            try:
+                on_ready(instance, await wait_ready(probe, instance, timeout, max_interval))
+            except Failed as failure:
+                failures[instance] = failure
+
+        await gather(*(partial(alone, instance) for instance in instances))
+        return failures
+    cohort = Cohort(instances[0].number, list(instances), min(instance.started_at for instance in instances))
+    last: dict[Instance | None, Result] = {}  # the last failed answer about each instance (None: about none)
+    settled = anyio.Event()
+
+    def settle(instance: Instance) -> None:
+        cohort.pending.remove(instance)
+        if not cohort.pending:
+            settled.set()
+
+    async def poll() -> None:
+        backoff = Backoff(max_interval)
+        while cohort.pending:
+            result = await probe.check(cohort)
+            owner = cohort.owner(result)
+            if result.ready and owner is not None:
+                settle(owner)
+                on_ready(owner, result)
+                backoff = Backoff(max_interval)
+                continue
+            if result.ready:  # answered by one already proven: says nothing about the others, ask again soon
+                result = Result(Verdict.INCONCLUSIVE, result.detail, result.pid)
+            else:
+                last[owner] = result
+            await backoff.after(result)
+
+    async def exits(instance: Instance) -> None:
+        status = await instance.exit.wait()
+        if instance in cohort.pending:
+            failures[instance] = Failed(f"{status.describe()} during readiness", "exited")
+            settle(instance)
+
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as group:
+            for instance in instances:
+                group.start_soon(exits, instance)
+            for _ in range(min(len(instances), _MAX_POLLERS)):
+                group.start_soon(poll)
+            await settled.wait()
+            group.cancel_scope.cancel()  # every instance is settled: stop probing and watching for exits
+    for instance in cohort.pending:
+        detail = (last.get(instance) or last.get(None) or nothing_yet(probe.spec)).detail
+        failures[instance] = Failed(f"not ready after {timeout:g}s: last probe {detail}", "not-ready")
+    return failures
