@@ -86,6 +86,10 @@ class Generation:
         """Instances that died on their own and still wait for a replacement."""
         return [instance for instance in self.current() if not instance.alive]
 
+    def owner(self, pid: int | None) -> Instance | None:
+        """The instance a process belongs to (the one that answered a probe)."""
+        return next((instance for instance in self.instances if pid in instance.members), None) if pid else None
+
     def free_indexes(self, count: int) -> list[int]:
         """The `count` lowest instance indexes no current instance holds."""
         taken = {instance.index for instance in self.current()}

@@ -97,21 +97,42 @@ async def health_check(probe: Probe, subject: Generation | Instance) -> Result:
     return result
 
 
+@dataclass
+class Strikes:
+    """Consecutive failed health checks of each instance of a generation, told apart by the pid that answered:
+    one sick instance among healthy ones must not have its failures reset by its siblings' successes."""
+
+    generation: Generation
+    threshold: int
+    counts: dict[int | None, int] = field(default_factory=dict)  # instance index (None: not attributable)
+
+    def record(self, result: Result) -> str | None:
+        """Count one check; when an instance reaches the threshold, what is wrong (`3 consecutive failures …`)."""
+        if result.verdict is Verdict.INCONCLUSIVE:
+            return None
+        owner = self.generation.owner(result.pid)
+        key = owner.index if owner is not None else None
+        if result.verdict is Verdict.READY:
+            self.counts[key] = 0
+            return None
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] < self.threshold:
+            return None
+        self.counts[key] = 0
+        several = len(self.generation.instances) > 1 and owner is not None
+        return (f"instance {key}: " if several else "") + f"{self.threshold} consecutive failures (last: {result.detail})"
+
+
 async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int) -> None:
-    """Health-check through the watch window; raises Failed on `threshold` consecutive failures.
+    """Health-check through the watch window; raises Failed when an instance fails `threshold` checks in a row.
     (An instance dying meanwhile is caught by the rollout's casualty watch.)"""
+    strikes = Strikes(generation, threshold)
     with anyio.move_on_after(window):
-        failures = 0
         while True:
             await anyio.sleep(interval)
-            result = await health_check(probe, generation)
-            if result.verdict is Verdict.READY:
-                failures = 0
-            elif result.verdict is Verdict.NOT_READY:
-                failures += 1
-                if failures >= threshold:
-                    raise Failed(f"unhealthy in watch window: {failures} consecutive failures (last: {result.detail})",
-                                 "unhealthy")
+            failure = strikes.record(await health_check(probe, generation))
+            if failure:
+                raise Failed(f"unhealthy in watch window: {failure}", "unhealthy")
 
 
 @dataclass

@@ -38,14 +38,21 @@ from .probes import (
     NO_LISTENER_PROBE,
     Probe,
     Result,
-    Verdict,
     build_probe,
 )
 from .proctree import children, descendants
 from .readiness import wait_all_ready
 from .reaper import Reaper
 from .release import Release, check_templates, logical_cwd, resolve
-from .rollout import PROMOTED, ROLLED_BACK, Outcome, Plan, Rollout, health_check
+from .rollout import (
+    PROMOTED,
+    ROLLED_BACK,
+    Outcome,
+    Plan,
+    Rollout,
+    Strikes,
+    health_check,
+)
 from .spawn import SpawnError
 from .triggers import ChangeTrigger
 from .workers import Worker
@@ -122,7 +129,7 @@ class Supervisor:
     commands: CommandRunner = field(init=False)
     workers: list[Worker] = field(init=False)
     _fingerprints: dict[Release, Fingerprint] = field(init=False, default_factory=dict)
-    _liveness_failures: int = field(init=False, default=0)
+    _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
     _rescaled: anyio.Event = field(init=False)
     _operations: anyio.CancelScope = field(init=False)
@@ -695,17 +702,16 @@ class Supervisor:
         --health-threshold failures in a row, replace it through the zero-downtime upgrade path."""
         target = self.serving
         if target is None or self.busy or self.upgrade_pending or self.stopping or not target.ready():
-            self._liveness_failures = 0
+            self._strikes = None
             return
+        if self._strikes is None or self._strikes.generation is not target:
+            self._strikes = Strikes(target, self.settings.health_threshold)
         result = await health_check(self.probe, target)
-        if result.verdict is Verdict.READY:
-            self._liveness_failures = 0
-        elif result.verdict is Verdict.NOT_READY:
-            self._liveness_failures += 1
-        if self._liveness_failures >= self.settings.health_threshold and self.serving is target:
-            self._liveness_failures = 0
-            self.events.emit("unhealthy", f"generation {target.number} failed {self.settings.health_threshold} health "
-                             f"checks in a row ({result.detail}): replacing it", level="warning", gen=target.number)
+        failure = self._strikes.record(result)
+        if failure and self.serving is target:
+            self._strikes = None
+            self.events.emit("unhealthy", f"generation {target.number} failed its health checks ({failure}): "
+                             "replacing it", level="warning", gen=target.number, reason=failure)
             self.request_upgrade(f"liveness: {result.detail}", force=True, release=target.release)
 
     def _adopt_orphans(self) -> None:

@@ -447,3 +447,15 @@ def test_a_crash_looping_instance_never_takes_down_the_ones_that_serve_and_scale
         stats = load.stop()
     assert stats.failures == 0, stats.summary()
     assert instances_of(svc.serving()) == before
+
+
+@pytest.mark.timeout(60)
+def test_one_sick_instance_among_healthy_ones_fails_the_watch_window(service: Any) -> None:
+    svc = service("-n", "3", "--ready", "http/readyz", "--watch", "3s", "--health-interval", "50ms",
+                  "--drain-timeout", "5s")
+    # Instance 1 of the new release turns sick after it was ready; its healthy siblings answer most checks.
+    svc.deploy("v2", "--tag", "v2", only={1: ["--tag", "v2", "--sick-after", "0.3"]})
+    verdict = svc.upgrade()
+    assert verdict["event"] == "rolled-back", verdict
+    assert verdict["reason"].startswith("unhealthy in watch window: instance 1: 3 consecutive failures"), verdict
+    assert svc.serving()["number"] == 1 and svc.serving()["ready_instances"] == 3
