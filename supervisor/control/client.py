@@ -343,8 +343,10 @@ def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[
 def _rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
     if not rollout:
         return []
+    batches = rollout.get("batches") or []
+    progress = f", batch {len(batches)}, {rollout.get('replaced', 0)} old instance(s) replaced" if len(batches) > 1 else ""
     return ["", f"rollout     {rollout.get('state', '?')}: generation {rollout.get('new_gen', '?')} "
-                f"replacing {rollout.get('old_gen') or 'none'}, for {human_duration(rollout.get('elapsed'))}"]
+                f"replacing {rollout.get('old_gen') or 'none'}, for {human_duration(rollout.get('elapsed'))}{progress}"]
 
 
 def _history_lines(status: dict[str, Any]) -> list[str]:
