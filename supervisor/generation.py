@@ -82,9 +82,9 @@ class Generation:
         """Instances proved ready, alive and not draining."""
         return [instance for instance in self.instances if instance.ready]
 
-    def dead(self) -> list[Instance]:
-        """Instances that died on their own and still wait for a replacement."""
-        return [instance for instance in self.current() if not instance.alive]
+    def failing(self) -> list[Instance]:
+        """Instances waiting for a replacement: died on their own, or failed their health checks."""
+        return [instance for instance in self.current() if not instance.alive or instance.sick]
 
     def owner(self, pid: int | None) -> Instance | None:
         """The instance a process belongs to (the one that answered a probe)."""

@@ -61,6 +61,7 @@ class Instance:
     notified_stopping: bool = False
     last_watchdog: float | None = None
     notified_ready_at: float | None = None
+    sick: str | None = None  # why health checks want it replaced (it is, beside its siblings)
     members: dict[int, psutil.Process] = field(default_factory=dict)
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
 

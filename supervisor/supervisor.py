@@ -226,9 +226,9 @@ class Supervisor:
 
     @property
     def needs_repair(self) -> bool:
-        """The serving generation has a dead instance, or not the number of instances asked for."""
+        """The serving generation has a dead or sick instance, or not the number of instances asked for."""
         serving = self.serving
-        return serving is None or bool(serving.dead()) or len(serving.current()) != self.processes
+        return serving is None or bool(serving.failing()) or len(serving.current()) != self.processes
 
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
@@ -377,7 +377,7 @@ class Supervisor:
         current = sorted(generation.current(), key=lambda instance: (not instance.alive, instance.index))
         keep, extra = current[:self.processes], current[self.processes:]
         missing = generation.free_indexes(self.processes - len(keep)) if len(keep) < self.processes else []
-        jobs = [partial(self._replace, generation, instance) for instance in keep if not instance.alive]
+        jobs = [partial(self._replace, generation, instance) for instance in keep if instance in generation.failing()]
         if extra:
             jobs.append(partial(self.retire_instances, generation, extra))
         if missing:
@@ -388,12 +388,16 @@ class Supervisor:
                          + (f" with {ready} instances" if ready != 1 or self.processes != 1 else ""),
                          gen=generation.number, pids=generation.pids(), processes=ready)
 
-    async def _replace(self, generation: Generation, dead: Instance) -> None:
-        """A serving instance died: start its index again (the others keep serving), then clear its leftovers."""
-        status = dead.exit_status.describe() if dead.exit_status else "gone"
-        await self._failed([f"{self._label(dead)} {status}"])
-        await self._fill(generation, [dead.index])
-        await self.retire_instances(generation, [dead])
+    async def _replace(self, generation: Generation, failing: Instance) -> None:
+        """A serving instance died or is sick: start its index again (the others keep serving), then drain it or
+        clear what is left of its tree."""
+        if failing.alive:
+            status = f"unhealthy ({failing.sick})"
+        else:
+            status = failing.exit_status.describe() if failing.exit_status else "gone"
+        await self._failed([f"{self._label(failing)} {status}"])
+        await self._fill(generation, [failing.index])
+        await self.retire_instances(generation, [failing])
 
     def _label(self, instance: Instance) -> str:
         """`generation 3`, or `generation 3 instance 1` when there are several."""
@@ -698,8 +702,9 @@ class Supervisor:
                 os.unlink(entry.path)
 
     async def _check_liveness(self) -> None:
-        """The liveness worker: health-check the serving generation when nothing else is going on; after
-        --health-threshold failures in a row, replace it through the zero-downtime upgrade path."""
+        """The liveness worker: health-check the serving generation when nothing else is going on. After
+        --health-threshold failures in a row of one instance, that instance is replaced beside its siblings; a
+        generation of one is replaced through the zero-downtime upgrade path (with its watch window)."""
         target = self.serving
         if target is None or self.busy or self.upgrade_pending or self.stopping or not target.ready():
             self._strikes = None
@@ -708,7 +713,14 @@ class Supervisor:
             self._strikes = Strikes(target, self.settings.health_threshold)
         result = await health_check(self.probe, target)
         failure = self._strikes.record(result)
-        if failure and self.serving is target:
+        owner = target.owner(result.pid)
+        if failure and self.serving is target and owner is not None and len(target.current()) > 1:
+            owner.sick = failure  # replaced beside its siblings by the repair operation, never killed first
+            self.events.emit("unhealthy", f"{self._label(owner)} failed its health checks ({failure}): replacing it",
+                             level="warning", gen=target.number, instance=owner.index, pids=(owner.leader,),
+                             reason=failure)
+            self._wakeup.set()
+        elif failure and self.serving is target:
             self._strikes = None
             self.events.emit("unhealthy", f"generation {target.number} failed its health checks ({failure}): "
                              "replacing it", level="warning", gen=target.number, reason=failure)

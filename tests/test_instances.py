@@ -132,10 +132,12 @@ class Service:
 def service(tmp_path: Path) -> Iterator[Any]:
     started: list[Supervise] = []
 
-    def start(*options: str, flags: tuple[str, ...] = ("--tag", "v1")) -> Service:
+    def start(*options: str, flags: tuple[str, ...] = ("--tag", "v1"), script: str | None = None) -> Service:
         control, port = tmp_path / "control.sock", free_port()
         service = Service(None, control, port, tmp_path)  # type: ignore[arg-type]
-        service.deploy("v1", *flags)
+        directory = service.deploy("v1", *flags)
+        if script is not None:
+            (directory / "run").write_text(script)
         service.supervise = Supervise(["-l", f"127.0.0.1:{port}", "--control", str(control), *options, "--",
                                        str(tmp_path / "current" / "run")]).start()
         started.append(service.supervise)
@@ -459,3 +461,29 @@ def test_one_sick_instance_among_healthy_ones_fails_the_watch_window(service: An
     assert verdict["event"] == "rolled-back", verdict
     assert verdict["reason"].startswith("unhealthy in watch window: instance 1: 3 consecutive failures"), verdict
     assert svc.serving()["number"] == 1 and svc.serving()["ready_instances"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_liveness_replaces_one_sick_instance_beside_its_siblings(service: Any, tmp_path: Path) -> None:
+    once = tmp_path / "sick-once"  # instance 1 turns sick the first time only: its replacement stays healthy
+    svc = service("-n", "3", "--ready", "http/readyz", "--watch", "0", "--health-interval", "100ms",
+                  "--drain-timeout", "5s", script=f"""#!/bin/sh
+if [ "$SUPERVISE_INSTANCE" = 1 ] && [ ! -e {once} ]; then touch {once}; exec {PYTHON} {STUB} --sick-after 1; fi
+exec {PYTHON} {STUB} --tag v1
+""")
+    before = instances_of(svc.serving())
+    load = start_load(svc.port)
+    try:
+        unhealthy = svc.supervise.wait_for("unhealthy", timeout=30)
+        replaced = svc.supervise.wait_for("ready", where=lambda event: event.get("instance") == 1
+                                          and event["pids"][0] != before[1], timeout=30)
+        svc.supervise.wait_for("instance-retired", where=lambda event: event.get("instance") == 1, timeout=30)
+        time.sleep(0.3)
+    finally:
+        stats = load.stop()
+    assert unhealthy["instance"] == 1 and "3 consecutive failures" in unhealthy["msg"], unhealthy
+    assert_lossless(stats)
+    after = instances_of(svc.serving())
+    assert svc.serving()["number"] == 1 and not svc.supervise.of_kind("promoted")
+    assert after == {0: before[0], 1: replaced["pids"][0], 2: before[2]}
+    assert pid_gone(before[1], 5)

@@ -79,6 +79,7 @@ def _instance_status(instance: Instance) -> dict[str, Any]:
             "pids": instance.pids(), "ready": instance.ready, "alive": instance.alive,
             "age": round(time.monotonic() - instance.started_at, 3), "rss": rss, "cpu_percent": round(cpu, 1),
             "ready_after": round(ready_after, 3) if ready_after is not None else None, "status": instance.status_text,
+            "unhealthy": instance.sick,
             "watchdog_age": round(time.monotonic() - instance.last_watchdog, 3) if instance.last_watchdog else None}
 
 
