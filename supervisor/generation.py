@@ -34,6 +34,7 @@ class Generation:
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
     casualty: anyio.Event = field(default_factory=anyio.Event)  # an instance that had been ready died
     lost: tuple[Instance, ExitStatus] | None = None
+    fingerprint: str | None = None  # its release's digest once promoted: tells whether its files changed since
     _spawned: int = 0
 
     def spawn(self, index: int) -> Instance:

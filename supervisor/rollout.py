@@ -61,6 +61,7 @@ class Host(Protocol):
     def spawn(self, generation: Generation, index: int) -> Instance: ...
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None: ...
     def promote(self, generation: Generation, plan: Plan | None = None) -> None: ...
+    def changed_in_place(self, generation: Generation) -> str | None: ...
     def discard(self, plan: Plan) -> None: ...
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
@@ -231,11 +232,24 @@ class Rollout:
         """Start new instances batch by batch until N are ready, draining an old one for each new one."""
         plan, settings, new = self.plan, self.settings, self.new
         assert plan is not None and new is not None
-        step = settings.strategy.step(plan.processes)
+        step = self._step(plan.processes)
         while (have := len(new.ready())) < plan.processes:
             ready = await self._batch(min(step, plan.processes - have))
             if len(new.ready()) < plan.processes:
                 await self._replace_old(ready)
+
+    def _step(self, processes: int) -> int:
+        """The batch size. Batches are rolled back by starting old instances again: if the old release's files
+        were rewritten in place, that would start the new code, so then all instances start at once (surge)."""
+        step = self.settings.strategy.step(processes)
+        changed = self.host.changed_in_place(self.old) if step < processes and self.old is not None else None
+        if changed:
+            self.host.events.emit("strategy-fallback", f"{changed}: batches could not be rolled back to it, so all "
+                                  f"{processes} new instances start at once (surge); deploy to release directories and "
+                                  "flip a `current` link to upgrade in batches", level="warning", gen=self.old.number
+                                  if self.old else None, reason=changed)
+            return processes
+        return step
 
     async def _batch(self, size: int) -> list[Instance]:
         """Start `size` new instances and wait for them; raises Failed when fewer than --success-percent are ready."""

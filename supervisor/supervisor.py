@@ -544,10 +544,23 @@ class Supervisor:
             self.listeners = list(plan.listeners)
         self.serving = generation
         generation.serve()
-        self._group.start_soon(self._remember_good, generation.release)  # off the promotion's critical path
+        self._group.start_soon(self._remember_good, generation)  # off the promotion's critical path
 
-    async def _remember_good(self, release: Release) -> None:
-        self.history.good(self._fingerprint(release))
+    async def _remember_good(self, generation: Generation) -> None:
+        print_ = self._fingerprint(generation.release)
+        generation.fingerprint = print_.digest
+        self.history.good(print_)
+
+    def changed_in_place(self, generation: Generation) -> str | None:
+        """Whether the files of a generation's release were rewritten since it was promoted — then starting it
+        again would run something else — and how, for the log."""
+        if generation.fingerprint is None:
+            return None
+        now = fingerprint(generation.release).digest
+        if now == generation.fingerprint:
+            return None
+        return (f"the files of generation {generation.number} ({generation.release.describe()}) changed in place "
+                f"since it started (fingerprint {generation.fingerprint} → {now})")
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""

@@ -487,3 +487,23 @@ exec {PYTHON} {STUB} --tag v1
     assert svc.serving()["number"] == 1 and not svc.supervise.of_kind("promoted")
     assert after == {0: before[0], 1: replaced["pids"][0], 2: before[2]}
     assert pid_gone(before[1], 5)
+
+
+@pytest.mark.timeout(60)
+def test_a_release_rewritten_in_place_is_upgraded_all_at_once_so_it_can_be_rolled_back(service: Any) -> None:
+    svc = service("-n", "3", "--strategy", "rolling", "--ready-timeout", "1s", *QUICK)
+    old = instances_of(svc.serving())
+    time.sleep(0.3)  # the serving release's fingerprint is taken just after its promotion
+    # The serving release's own script is overwritten (no new release directory): old instances could not be
+    # started again from it, so batches could not be undone.
+    write_release(svc.root / "releases" / "v1", "--tag", "v2", only={2: ["--tag", "v2", "--never-ready"]})
+    load = start_load(svc.port)
+    try:
+        verdict = svc.upgrade()
+    finally:
+        stats = load.stop()
+    fallback = svc.supervise.of_kind("strategy-fallback")
+    assert len(fallback) == 1 and "changed in place" in fallback[0]["msg"], fallback
+    assert verdict["event"] == "rolled-back" and verdict["restored"] == 0, verdict
+    assert_lossless(stats)
+    assert instances_of(svc.serving()) == old, "the old instances never stopped"
