@@ -497,6 +497,9 @@ def test_a_release_rewritten_in_place_is_upgraded_all_at_once_so_it_can_be_rolle
     # The serving release's own script is overwritten (no new release directory): old instances could not be
     # started again from it, so batches could not be undone.
     write_release(svc.root / "releases" / "v1", "--tag", "v2", only={2: ["--tag", "v2", "--never-ready"]})
+    plan = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
+    assert [batch["start"] for batch in plan["batches"]] == [[0, 1, 2]], plan
+    assert any("changed in place" in step for step in plan["steps"]), plan["steps"]
     load = start_load(svc.port)
     try:
         verdict = svc.upgrade()

@@ -108,6 +108,10 @@ def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     processes = supervisor.scaled or settings.processes
     strategy = settings.strategy
     probe_text = settings.ready.text if settings.ready else supervisor.probe.spec.text
+    changed = supervisor.changed_in_place(old) if old is not None and strategy.step(processes) < processes else None
+    if changed:
+        steps.append(f"{changed}: batches could not be rolled back to it, so all instances start at once (surge)")
+        strategy = Strategy(success_percent=strategy.success_percent)
     batches = _batches(strategy, processes, len(old.current()) if old else 0)
     many = f", {processes} instances" if processes > 1 else ""
     steps.append(f"start generation {number}: {release.describe()} (in {release.cwd}){many}")
