@@ -368,8 +368,9 @@ class Supervisor:
             instance.state = SERVING
 
     async def _repair(self) -> None:
-        """Bring the serving generation back to N instances: each dead one replaced alone (after the backoff, then
-        what is left of its tree cleared away), missing ones started, extra ones (after `ctl scale` down) drained."""
+        """Bring the serving generation back to N healthy instances: each dead or sick one replaced alone (after
+        the backoff; then it is drained, or what is left of its tree cleared away), missing ones started, extra ones
+        (after `ctl scale` down) drained."""
         generation = self.serving
         if generation is None:
             await self._bring_up(self.release)
