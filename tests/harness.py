@@ -28,6 +28,40 @@ STUB = str(ROOT / "tests" / "servers" / "stub.py")
 APP = str(ROOT / "examples" / "app.py")
 PYTHON = sys.executable
 
+sys.path.insert(0, str(ROOT))
+from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
+
+
+def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
+    """Atomically (re)write `directory/run`, as a deploy tool would: a script that execs the stub with `flags`,
+    or with `only[i]` for SUPERVISE_INSTANCE=i."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/bin/sh"]
+    for index, special in (only or {}).items():
+        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {_quoted(special)}')
+    lines.append(f"exec {PYTHON} {STUB} {_quoted(flags)}")
+    staged, script = directory / ".run.new", directory / "run"
+    staged.write_text("\n".join(lines) + "\n")
+    staged.chmod(0o755)
+    os.replace(staged, script)
+    return script
+
+
+def _quoted(items: list[str] | tuple[str, ...]) -> str:
+    return " ".join(f"'{item}'" for item in items)
+
+
+def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
+    """Closed-loop load on 127.0.0.1:port (new connection per request) until stopped."""
+    load = LoadGenerator("127.0.0.1", port, "/", concurrency=concurrency, max_seconds=60.0, timeout=10.0)
+    load.start()
+    return load
+
+
+def assert_lossless(stats: LoadStats) -> None:
+    assert stats.requests > 50, stats.summary()
+    assert stats.failures == 0, stats.summary()
+
 
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""

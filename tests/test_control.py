@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import PYTHON, STUB, Supervise, free_port, http_get, supervise_command
+from harness import PYTHON, Supervise, free_port, http_get, supervise_command, write_release
 
 CTL = [*supervise_command(), "ctl"]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -35,16 +35,6 @@ BAD_RELEASES = {
 }
 # Readiness and health settings under which each BAD_RELEASES entry fails fast and for its own reason.
 STRICT = ("--ready", "http/readyz", "--ready-timeout", "1s", "--watch", "2s", "--health-interval", "200ms")
-
-
-def write_release(directory: Path, *flags: str) -> Path:
-    """Atomically (re)write `directory/run`, a script that execs the stub with `flags`, as a deploy tool would."""
-    directory.mkdir(parents=True, exist_ok=True)
-    staged, script = directory / ".run.new", directory / "run"
-    staged.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB} " + " ".join(f"'{flag}'" for flag in flags) + "\n")
-    staged.chmod(0o755)
-    os.replace(staged, script)
-    return script
 
 
 @dataclass

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,30 +23,10 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import PYTHON, ROOT, STUB, Supervise, free_port, http_get, pid_gone, supervise_command
-
-sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
+from harness import (PYTHON, STUB, Supervise, assert_lossless, free_port, http_get, pid_gone, start_load,
+                     supervise_command, write_release)
 
 QUICK = ["--watch", "300ms", "--health-interval", "100ms", "--drain-timeout", "5s"]
-
-
-def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
-    """Atomically (re)write `directory/run`: the stub with `flags`, or with `only[i]` for SUPERVISE_INSTANCE=i."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = ["#!/bin/sh"]
-    for index, special in (only or {}).items():
-        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {_quoted(special)}')
-    lines.append(f"exec {PYTHON} {STUB} {_quoted(flags)}")
-    staged, script = directory / ".run.new", directory / "run"
-    staged.write_text("\n".join(lines) + "\n")
-    staged.chmod(0o755)
-    os.replace(staged, script)
-    return script
-
-
-def _quoted(items: list[str] | tuple[str, ...]) -> str:
-    return " ".join(f"'{item}'" for item in items)
 
 
 def api(control: Path, method: str, target: str, timeout: float = 5.0) -> Any:
@@ -147,17 +126,6 @@ def service(tmp_path: Path) -> Iterator[Any]:
     yield start
     for sup in started:
         sup.stop()
-
-
-def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
-    load = LoadGenerator("127.0.0.1", port, "/", concurrency=concurrency, max_seconds=60.0, timeout=10.0)
-    load.start()
-    return load
-
-
-def assert_lossless(stats: LoadStats) -> None:
-    assert stats.requests > 50, stats.summary()
-    assert stats.failures == 0, stats.summary()
 
 
 def instances_of(generation: dict[str, Any]) -> dict[int, int]:

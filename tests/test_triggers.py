@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import PYTHON, STUB, Supervise, free_port, http_get
+from harness import Supervise, free_port, http_get, write_release
 
 
 def release(path: Path, tag: str, *flags: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(".staged")
-    staged.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB} --tag {tag} {' '.join(flags)}\n")
-    staged.chmod(0o755)
-    os.replace(staged, path)
+    """Deploy the stub tagged `tag` at `path` (a script named `run`), replacing it atomically."""
+    assert path.name == "run"
+    write_release(path.parent, "--tag", tag, *flags)
 
 
 def tag(port: int) -> str:

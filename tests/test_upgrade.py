@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import PYTHON, ROOT, STUB, Supervise, free_port, http_get, pid_gone
-
-sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
+from harness import Supervise, assert_lossless, free_port, http_get, pid_gone, start_load, write_release
 
 
 @dataclass
@@ -37,12 +33,7 @@ class Release:
 
     def deploy(self, *flags: str) -> None:
         """Replace the script atomically, as a deploy tool would."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        staged = self.directory / ".run.new"
-        args = " ".join(f"'{flag}'" for flag in flags)
-        staged.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB} {args}\n")
-        staged.chmod(0o755)
-        os.replace(staged, self.script)
+        write_release(self.directory, *flags)
 
 
 @pytest.fixture
@@ -79,17 +70,6 @@ def tag_of(port: int) -> str:
     status, body = http_get(port, "/")
     assert status == 200, body
     return body.split()[1]
-
-
-def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
-    load = LoadGenerator("127.0.0.1", port, "/", concurrency=concurrency, max_seconds=60.0, timeout=10.0)
-    load.start()
-    return load
-
-
-def assert_lossless(stats: LoadStats) -> None:
-    assert stats.requests > 50, stats.summary()
-    assert stats.failures == 0, stats.summary()
 
 
 @pytest.mark.timeout(90)
