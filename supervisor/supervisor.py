@@ -355,17 +355,13 @@ class Supervisor:
                     unstarted.append(index)
                     reasons.append(str(exc))
             failed = await wait_all_ready(self.probe, started, self.settings.ready_timeout, self.settings.health_interval,
-                                          partial(self._instance_ready, generation))
+                                          lambda instance, result: self.announce_ready(generation, instance, result,
+                                                                                       self.probe))
             await self.retire_instances(generation, list(failed))
             reasons.extend(f"{self._label(instance)} {failure}" for instance, failure in failed.items())
             pending = unstarted + [instance.index for instance in failed]
             if reasons:
                 await self._failed(reasons)
-
-    def _instance_ready(self, generation: Generation, instance: Instance, result: Result) -> None:
-        self.announce_ready(generation, instance, result, self.probe)
-        if generation.state == SERVING:
-            instance.state = SERVING
 
     async def _repair(self) -> None:
         """Bring the serving generation back to N healthy instances: each dead or sick one replaced alone (after
@@ -524,9 +520,12 @@ class Supervisor:
         return instance
 
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None:
-        """An instance proved ready: record it (when READY=1 arrived, if that proved it) and say so."""
+        """An instance proved ready: record it (when READY=1 arrived, if that proved it) and say so. In the serving
+        generation (a replacement, a restored or added instance) it serves at once."""
         elapsed = instance.mark_ready(result.detail, probe.spec.kind == "notify")
         generation.mark_ready()
+        if generation.state == SERVING:
+            instance.state = SERVING
         self.events.emit("ready", f"{self._label(instance)} ready after {elapsed:.3f}s ({result.detail})",
                          gen=generation.number, pids=instance.pids(), instance=instance.index, elapsed=round(elapsed, 6),
                          probe=result.detail)
