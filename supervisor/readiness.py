@@ -54,18 +54,27 @@ class Backoff:
         self.delay = min(self.delay * 2, self.max_interval)
 
 
+def _not_ready(probe: Probe, timeout: float, *answers: Result | None) -> Failed:
+    """Out of time: the reason quotes the first answer there is, most telling first."""
+    detail = next((answer for answer in answers if answer is not None), nothing_yet(probe.spec)).detail
+    return Failed(f"not ready after {timeout:g}s: last probe {detail}", "not-ready")
+
+
 async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_interval: float) -> Result:
-    """Probe one instance until ready, it exits, or time is up; raises Failed with the reason otherwise."""
-    last = nothing_yet(probe.spec)
+    """Probe one instance until ready, it exits, or time is up; raises Failed with the reason otherwise.
+
+    The reason quotes the last answer that was about this instance (`HTTP 503`): under load most probe
+    connections may be taken by the old generation, and "accepted by another generation" is only the reason
+    when the instance never answered at all."""
+    last: dict[bool, Result] = {}  # the last failed answer, keyed by whether it was about this instance
 
     async def poll() -> Result:
-        nonlocal last
         backoff = Backoff(max_interval)
         while True:
             result = await probe.check(instance)
             if result.ready:
                 return result
-            last = result
+            last[result.verdict is not Verdict.INCONCLUSIVE] = result
             await backoff.after(result)
 
     with anyio.move_on_after(timeout):
@@ -73,7 +82,7 @@ async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_inter
         if which == 1:
             raise Failed(f"{value.describe()} during readiness", "exited")
         return value
-    raise Failed(f"not ready after {timeout:g}s: last probe {last.detail}", "not-ready")
+    raise _not_ready(probe, timeout, last.get(True), last.get(False))
 
 
 @dataclass(eq=False)
@@ -157,6 +166,5 @@ async def wait_all_ready(probe: Probe, instances: Sequence[Instance], timeout: f
             await settled.wait()
             group.cancel_scope.cancel()  # every instance is settled: stop probing and watching for exits
     for instance in cohort.pending:
-        detail = (last.get(instance) or last.get(None) or nothing_yet(probe.spec)).detail
-        failures[instance] = Failed(f"not ready after {timeout:g}s: last probe {detail}", "not-ready")
+        failures[instance] = _not_ready(probe, timeout, last.get(instance), last.get(None))
     return failures
