@@ -153,21 +153,36 @@ class Accepted:
 
 
 async def _connect(target: Target, subject: Subject, timeout: float) -> Accepted | Result:
-    """A connection accepted by `subject`, or the Result saying why there is none."""
-    loop = asyncio.get_running_loop()
+    """A connection accepted by `subject`, or the Result saying why there is none.
+
+    The socket is closed on every way out but success, cancellation included: a probe cancelled because its
+    cohort settled must not leave the server holding an accepted connection that never sends a request
+    (a server waits for that request while draining, so the leak would cost a whole drain timeout)."""
     family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        outcome = await _accepted_by(sock, target, subject, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    if isinstance(outcome, Result):
+        sock.close()
+        return outcome
+    return Accepted(sock, outcome)
+
+
+async def _accepted_by(sock: socket.socket, target: Target, subject: Subject, timeout: float) -> int | None | Result:
+    """Connect `sock`; the pid of the subject's process that accepted it (None: not attributable), or the
+    Result saying why the connection proves nothing about the subject."""
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, (target.host, target.port))
+        await asyncio.get_running_loop().sock_connect(sock, (target.host, target.port))
     except OSError as exc:
-        sock.close()
         return Result(Verdict.NOT_READY, f"cannot connect to {target}: {exc.strerror or exc}")
     if not target.shared or not attribution.available():
-        return Accepted(sock)
+        return None
     inode = await _accepted_inode(sock, timeout)
     if not inode:
-        sock.close()
         return Result(Verdict.NOT_READY, f"connection to {target} not accepted by any process")
     try:
         owner = attribution.owner(inode, subject.pids())
@@ -175,14 +190,12 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> Accepted
             await anyio.sleep(0.001)  # the fd is installed just after the socket gets its inode; workers may be new
             owner = attribution.owner(inode, subject.pids(fresh=True))
     except PermissionError as exc:
-        sock.close()
         return Result(Verdict.NOT_READY, f"cannot tell which process accepted the probe: {exc.filename}: permission "
-                                               "denied (needs CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH)")
+                                         "denied (needs CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH)")
     if owner is None:
-        sock.close()
         return Result(Verdict.INCONCLUSIVE, f"connection to {target} was accepted by another generation (or by "
                                             "an instance not under test)")
-    return Accepted(sock, owner)
+    return owner
 
 
 async def _accepted_inode(sock: socket.socket, timeout: float) -> int | None:
