@@ -79,6 +79,10 @@ class Generation:
         """Instances that hold their index: alive, or dead but not yet replaced — anything but draining."""
         return [instance for instance in self.instances if instance.state not in (DRAINING, EXITED)]
 
+    def drain_order(self) -> list[Instance]:
+        """Current instances in the order a rolling upgrade drains them: dead ones first (they serve nothing)."""
+        return sorted(self.current(), key=lambda instance: (instance.alive, instance.index))
+
     def ready(self) -> list[Instance]:
         """Instances proved ready, alive and not draining."""
         return [instance for instance in self.instances if instance.ready]

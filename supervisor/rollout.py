@@ -27,6 +27,7 @@ from .probes import Probe, Result, Verdict
 from .readiness import Failed, wait_all_ready
 from .release import Release
 from .spawn import SpawnError
+from .strategy import drain_count
 
 IDLE, SPAWNING, WAITING_READY, WATCHING, DRAINING, ROLLING_BACK = (
     "idle", "spawning", "waiting-ready", "watching", "draining", "rolling-back")
@@ -151,7 +152,7 @@ class Rollout:
     began: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)  # sizes of the batches started so far
-    replaced: int = 0  # old instances drained because a new one took their place
+    replaced: int = 0  # living old instances drained because a new one took their place
     promoted: bool = False
     _abort: anyio.Event = field(default_factory=anyio.Event)
     _abort_reason: str = ""
@@ -230,7 +231,7 @@ class Rollout:
 
     async def _bring_up(self) -> None:
         """Start new instances batch by batch until N are ready, draining an old one for each new one."""
-        plan, settings, new = self.plan, self.settings, self.new
+        plan, new = self.plan, self.new
         assert plan is not None and new is not None
         step = self._step(plan.processes)
         while (have := len(new.ready())) < plan.processes:
@@ -285,20 +286,22 @@ class Rollout:
         return ready
 
     async def _replace_old(self, ready: list[Instance]) -> None:
-        """A batch is in: drain as many old instances as became ready (dead ones first: they serve nothing)."""
-        if self.old is None:
+        """A batch is in: drain as many old instances as became ready — but only those above N: when the old
+        generation was short (an instance it could not restart), new instances first fill the gap."""
+        if self.old is None or self.new is None or self.plan is None:
             return
-        victims = sorted(self.old.current(), key=lambda instance: (instance.alive, instance.index))[:len(ready)]
-        if not victims:
-            return
-        self._enter(DRAINING)
-        self.replaced += len(victims)
-        self.host.events.emit("batch", f"batch {len(self.batches)}: generation {self.new.number if self.new else '?'} "
-                              f"instances {_indexes(ready)} ready; draining generation {self.old.number} instances "
-                              f"{_indexes(victims)}", gen=self.old.number, pids=[v.leader for v in victims],
+        order = self.old.drain_order()
+        victims = order[:drain_count(len(ready), len(self.new.ready()), len(order), self.plan.processes)]
+        self.replaced += sum(victim.alive for victim in victims)  # a rollback puts back what served, not the dead
+        draining = (f"draining generation {self.old.number} instances {_indexes(victims)}" if victims else
+                    f"nothing drained: generation {self.old.number} had fewer than {self.plan.processes}")
+        self.host.events.emit("batch", f"batch {len(self.batches)}: generation {self.new.number} instances "
+                              f"{_indexes(ready)} ready; {draining}", gen=self.old.number, pids=[v.leader for v in victims],
                               batch=len(self.batches), ready=[i.index for i in ready], draining=[v.index for v in victims])
-        with anyio.CancelScope(shield=True):  # an abort waits for the drain: the instance is already told to stop
-            await self.host.retire_instances(self.old, victims)
+        if victims:
+            self._enter(DRAINING)
+            with anyio.CancelScope(shield=True):  # an abort waits for the drain: the instance is already told to stop
+                await self.host.retire_instances(self.old, victims)
 
     async def _promote_and_drain(self) -> Outcome:
         settings, events = self.settings, self.host.events

@@ -83,6 +83,12 @@ class Strategy:
                 f"{self.success_percent}% of each batch must become ready")
 
 
+def drain_count(batch: int, new_ready: int, old_current: int, processes: int) -> int:
+    """How many old instances a finished batch of `batch` ready instances replaces: as many, but only those
+    above `processes` — an old generation that was short (an instance it could not restart) is filled first."""
+    return max(0, min(batch, new_ready + old_current - processes))
+
+
 def build_strategy(kind: str | None, batch: str | None, max_surge: str | None, success_percent: object) -> Strategy:
     """A Strategy from option values; --batch and --max-surge only make sense with rolling."""
     kind = kind or SURGE

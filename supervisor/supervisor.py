@@ -131,7 +131,7 @@ class Supervisor:
     _fingerprints: dict[Release, Fingerprint] = field(init=False, default_factory=dict)
     _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
-    _rescaled: anyio.Event = field(init=False)
+    _replan: anyio.Event = field(init=False)  # set by a scale or upgrade request: a retry's backoff ends early
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
     _group: TaskGroup = field(init=False)
@@ -167,7 +167,7 @@ class Supervisor:
     async def run(self) -> int:
         """Serve until told to stop (exit 0) or until supervision is impossible (exit non-zero)."""
         self._wakeup = anyio.Event()
-        self._rescaled = anyio.Event()
+        self._replan = anyio.Event()
         self._operations = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as group:
@@ -203,7 +203,7 @@ class Supervisor:
             release_free_memory()
             while True:
                 await self._next_operation()
-                if self.needs_repair:
+                if self.needs_repair and not (self.upgrade_pending and self.serves):
                     self.busy = "repair"
                     await self._repair()
                 elif self.upgrade_pending:
@@ -223,6 +223,12 @@ class Supervisor:
     def processes(self) -> int:
         """How many instances the serving generation should have."""
         return self.scaled or self.settings.processes
+
+    @property
+    def serves(self) -> bool:
+        """Some instance of the serving generation is ready. Then a pending upgrade goes before a repair: it
+        replaces every instance anyway, and it may be the fix for one that keeps failing."""
+        return self.serving is not None and bool(self.serving.ready())
 
     @property
     def needs_repair(self) -> bool:
@@ -249,6 +255,7 @@ class Supervisor:
         else:
             self.events.emit("upgrade-requested", f"upgrade requested ({trigger})", trigger=trigger)
             self._wakeup.set()
+            self._replan_now()
         self.pending.append(ticket)
         return ticket
 
@@ -264,9 +271,13 @@ class Supervisor:
         self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
                          gen=self.serving.number if self.serving else None, previous=previous, processes=processes)
         self._wakeup.set()
-        self._rescaled.set()  # a retry waiting out its backoff looks again at whether its index is still wanted
-        self._rescaled = anyio.Event()
+        self._replan_now()
         return f"scaling from {previous} to {processes} instances{when}"
+
+    def _replan_now(self) -> None:
+        """A retry waiting out its backoff looks again at once: is its index still wanted, is an upgrade due?"""
+        self._replan.set()
+        self._replan = anyio.Event()
 
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
@@ -337,12 +348,19 @@ class Supervisor:
         self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
         return generation
 
-    async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False) -> None:
+    async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False,
+                    repair: bool = False) -> None:
         """Start an instance at each index and wait until all are ready; those that fail are started again after
-        the backoff (--max-restarts counts each), as long as their index is still wanted."""
+        the backoff (--max-restarts counts each), as long as their index is still wanted. A `repair` gives up
+        its indexes to a pending upgrade while other instances serve: the upgrade replaces them all."""
         pending = list(indexes)
         while True:
             pending = [index for index in pending if generation is not self.serving or index < self.processes]
+            if repair and pending and self.upgrade_pending and self.serves:
+                self.events.emit("repair-deferred", f"generation {generation.number}: not starting instance(s) "
+                                 f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
+                                 gen=generation.number, instances=pending)
+                return
             if not pending:
                 return
             started, unstarted, reasons = [], [], []
@@ -378,7 +396,7 @@ class Supervisor:
         if extra:
             jobs.append(partial(self.retire_instances, generation, extra))
         if missing:
-            jobs.append(partial(self._fill, generation, missing))
+            jobs.append(partial(self._fill, generation, missing, repair=True))
         await gather(*jobs)
         ready = len(generation.ready())
         self.events.emit("serving", f"generation {generation.number} serving"
@@ -393,7 +411,7 @@ class Supervisor:
         else:
             status = failing.exit_status.describe() if failing.exit_status else "gone"
         await self._failed([f"{self._label(failing)} {status}"])
-        await self._fill(generation, [failing.index])
+        await self._fill(generation, [failing.index], repair=True)
         await self.retire_instances(generation, [failing])
 
     def _label(self, instance: Instance) -> str:
@@ -404,13 +422,14 @@ class Supervisor:
     async def _failed(self, reasons: list[str]) -> None:
         """Count failures (one per reason) and wait the backoff delay. Past --max-restarts in the window: give up
         if nothing is serving any more (our own manager must act), else keep retrying at the longest delay —
-        exiting would take down the instances that still serve. A `ctl scale` cuts the wait short."""
+        exiting would take down the instances that still serve. A `ctl scale` or an upgrade request cuts the wait
+        short."""
         delay = 0.0
         for reason in reasons:
             delay = max(delay, self._count_failure(reason))
-        rescaled = self._rescaled
+        replan = self._replan
         with anyio.move_on_after(delay):
-            await rescaled.wait()
+            await replan.wait()
 
     def _count_failure(self, reason: str) -> float:
         """Count one failure in the window and say what happens next; the backoff delay, or Fatal."""

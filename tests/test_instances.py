@@ -420,6 +420,49 @@ def test_a_crash_looping_instance_never_takes_down_the_ones_that_serve_and_scale
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("strategy", ["surge", "rolling"])
+def test_an_upgrade_ends_a_crash_loop_at_once_and_fills_the_missing_instance_first(service: Any, tmp_path: Path,
+                                                                                   strategy: str) -> None:
+    broken = tmp_path / "broken"  # while it exists, instance 2 of v1 cannot start, as if something it needs were gone
+    options = ["--strategy", "rolling", "--batch", "1"] if strategy == "rolling" else []
+    svc = service("-n", "3", "--max-restarts", "1", *options, *QUICK, script=f"""#!/bin/sh
+if [ "$SUPERVISE_INSTANCE" = 2 ] && [ -e {broken} ]; then exit 3; fi
+exec {PYTHON} {STUB} --tag v1
+""")
+    before = instances_of(svc.serving())
+    broken.touch()
+    mark = svc.supervise.mark()
+    os.kill(before[2], signal.SIGKILL)
+    svc.supervise.wait_for("restarting", where=lambda event: event.get("crash_loop") is True, after=mark, timeout=30)
+    svc.deploy("v2", "--tag", "v2")  # the fix: the next upgrade must not wait out the 30 s crash-loop backoff
+    if strategy == "rolling":  # the dead instance drains first: replacing it costs no capacity
+        plan = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
+        assert [batch["drain"] for batch in plan["batches"]] == [[2], [0], [1]], plan["batches"]
+    restarts = len(svc.supervise.of_kind("restarting"))
+    load = start_load(svc.port)
+    try:
+        with Sampler(svc.control) as sampler:
+            time.sleep(0.2)
+            began = time.monotonic()
+            verdict = svc.upgrade()
+            took = time.monotonic() - began
+            time.sleep(0.3)
+    finally:
+        stats = load.stop()
+    assert verdict["event"] == "promoted" and took < 10, (verdict, took)
+    assert_lossless(stats)
+    assert svc.supervise.of_kind("repair-deferred"), "the crash loop's retry gave way to the upgrade"
+    assert min(sampler.ready) >= 2, "the two instances that served kept serving until replaced"
+    generation = svc.serving()
+    assert generation["number"] == 2 and generation["ready_instances"] == 3
+    assert len(svc.supervise.of_kind("restarting")) == restarts, "the crash loop is over, not retried again"
+    if strategy == "rolling":
+        first = svc.supervise.of_kind("batch")[0]
+        assert first["draining"] == [], "the first new instance filled the missing one instead of replacing one"
+        assert max(sampler.processes) <= 4, "batch 1: never more than N + 1 processes"
+
+
+@pytest.mark.timeout(60)
 def test_one_sick_instance_among_healthy_ones_fails_the_watch_window(service: Any) -> None:
     svc = service("-n", "3", "--ready", "http/readyz", "--watch", "3s", "--health-interval", "50ms",
                   "--drain-timeout", "5s")

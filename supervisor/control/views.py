@@ -16,7 +16,7 @@ from ..history import fingerprint
 from ..instance import EXITED, Instance
 from ..release import logical_cwd, resolve
 from ..spawn import SpawnError
-from ..strategy import Strategy
+from ..strategy import Strategy, drain_count
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -112,7 +112,7 @@ def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     if changed:
         steps.append(f"{changed}: batches could not be rolled back to it, so all instances start at once (surge)")
         strategy = Strategy(success_percent=strategy.success_percent)
-    batches = _batches(strategy, processes, len(old.current()) if old else 0)
+    batches = _batches(strategy, processes, [instance.index for instance in old.drain_order()] if old else [])
     many = f", {processes} instances" if processes > 1 else ""
     steps.append(f"start generation {number}: {release.describe()} (in {release.cwd}){many}")
     ready = (f"wait up to {settings.ready_timeout:g}s for readiness: {probe_text}, answered by generation {number}'s "
@@ -147,16 +147,17 @@ def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
             "steps": steps}
 
 
-def _batches(strategy: Strategy, processes: int, old_instances: int) -> list[dict[str, Any]]:
-    """The batches of an upgrade in which every instance becomes ready at its first try."""
+def _batches(strategy: Strategy, processes: int, old: list[int]) -> list[dict[str, Any]]:
+    """The batches of an upgrade in which every instance becomes ready at its first try; `old` is the old
+    generation's instance indexes in the order they drain."""
     batches, start = [], 0
     sizes = strategy.batches(processes)
     for number, size in enumerate(sizes, start=1):
         indexes = list(range(start, start + size))
-        last = number == len(sizes)
-        batches.append({"batch": number, "start": indexes, "required": strategy.required(size),
-                        "drain": list(range(start, old_instances)) if last else [i for i in indexes if i < old_instances]})
         start += size
+        count = len(old) if number == len(sizes) else drain_count(size, start, len(old), processes)
+        drain, old = old[:count], old[count:]
+        batches.append({"batch": number, "start": indexes, "required": strategy.required(size), "drain": drain})
     return batches
 
 
