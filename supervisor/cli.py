@@ -86,8 +86,8 @@ DURATION = Duration()
 @click.option("--drain-timeout", type=DURATION, default="30s", show_default=True,
               help="How long a draining generation may take before its whole process tree is killed.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Restarts of a dying instance allowed within --restart-window; one more failure exits non-zero "
-                   "when no instance is serving (else it retries every 30s).")
+              help="Restarts of a dying instance allowed within --restart-window (counted per instance); one more "
+                   "failure exits non-zero when no instance is serving (else it retries every 30s).")
 @click.option("--restart-window", type=DURATION, default="60s", show_default=True, help="The window --max-restarts counts in.")
 @click.option("-n", "--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Instances of COMMAND per generation, all on the same sockets, each with its own NOTIFY_SOCKET "

@@ -121,7 +121,7 @@ class Supervisor:
     previous_release: Release | None = None
     scaled: int | None = None  # `ctl scale N`: wins over --processes (and the config file) until the supervisor exits
     busy: str | None = None  # the operation running now: upgrade, repair
-    failures: deque[float] = field(default_factory=deque)
+    failures: dict[int, deque[float]] = field(default_factory=dict)  # instance index → when it failed, in the window
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     tally: Tally = field(default_factory=Tally)
@@ -363,7 +363,9 @@ class Supervisor:
                 return
             if not pending:
                 return
-            started, unstarted, reasons = [], [], []
+            started: list[Instance] = []
+            unstarted: list[int] = []
+            reasons: list[tuple[int, str]] = []
             for index in pending:
                 try:
                     started.append(self.spawn(generation, index))
@@ -371,12 +373,12 @@ class Supervisor:
                     if first:
                         raise Fatal(str(exc)) from None
                     unstarted.append(index)
-                    reasons.append(str(exc))
+                    reasons.append((index, str(exc)))
             failed = await wait_all_ready(self.probe, started, self.settings.ready_timeout, self.settings.health_interval,
                                           lambda instance, result: self.announce_ready(generation, instance, result,
                                                                                        self.probe))
             await self.retire_instances(generation, list(failed))
-            reasons.extend(f"{self._label(instance)} {failure}" for instance, failure in failed.items())
+            reasons.extend((instance.index, f"{self._label(instance)} {failure}") for instance, failure in failed.items())
             pending = unstarted + [instance.index for instance in failed]
             if reasons:
                 await self._failed(reasons)
@@ -410,7 +412,7 @@ class Supervisor:
             status = f"unhealthy ({failing.sick})"
         else:
             status = failing.exit_status.describe() if failing.exit_status else "gone"
-        await self._failed([f"{self._label(failing)} {status}"])
+        await self._failed([(failing.index, f"{self._label(failing)} {status}")])
         await self._fill(generation, [failing.index], repair=True)
         await self.retire_instances(generation, [failing])
 
@@ -419,25 +421,28 @@ class Supervisor:
         several = self.processes > 1 or instance.index > 0
         return f"generation {instance.number}" + (f" instance {instance.index}" if several else "")
 
-    async def _failed(self, reasons: list[str]) -> None:
-        """Count failures (one per reason) and wait the backoff delay. Past --max-restarts in the window: give up
-        if nothing is serving any more (our own manager must act), else keep retrying at the longest delay —
-        exiting would take down the instances that still serve. A `ctl scale` or an upgrade request cuts the wait
-        short."""
+    async def _failed(self, reasons: list[tuple[int, str]]) -> None:
+        """Count the failures (instance index, reason) and wait the longest backoff delay. Past --max-restarts in
+        the window: give up if nothing is serving any more (our own manager must act), else keep retrying at the
+        longest delay — exiting would take down the instances that still serve. A `ctl scale` or an upgrade request
+        cuts the wait short."""
         delay = 0.0
-        for reason in reasons:
-            delay = max(delay, self._count_failure(reason))
+        for index, reason in reasons:
+            delay = max(delay, self._count_failure(index, reason))
         replan = self._replan
         with anyio.move_on_after(delay):
             await replan.wait()
 
-    def _count_failure(self, reason: str) -> float:
-        """Count one failure in the window and say what happens next; the backoff delay, or Fatal."""
+    def _count_failure(self, index: int, reason: str) -> float:
+        """Count one failure of instance `index` in the window and say what happens next; the backoff delay, or
+        Fatal. Each index counts on its own, as a single child would: instances that die together (a dependency
+        went away) each get their restarts, rather than N of them using up one budget at once."""
         now = time.monotonic()
-        self.failures.append(now)
-        while self.failures and now - self.failures[0] > self.settings.restart_window:
-            self.failures.popleft()
-        count, window = len(self.failures), self.settings.restart_window
+        failures = self.failures.setdefault(index, deque())
+        failures.append(now)
+        while failures and now - failures[0] > self.settings.restart_window:
+            failures.popleft()
+        count, window = len(failures), self.settings.restart_window
         serving = len(self.serving.ready()) if self.serving else 0
         if count > self.settings.max_restarts and not serving:
             raise Fatal(f"giving up: {count} failures within {window:g}s (last: {reason})")

@@ -197,6 +197,25 @@ def test_one_killed_instance_is_replaced_alone_while_the_others_serve(service: A
     assert pid_gone(after[1], 2)
 
 
+@pytest.mark.timeout(40)
+def test_instances_that_die_together_each_restart_as_a_single_child_would(service: Any) -> None:
+    svc = service("-n", "3", "--max-restarts", "2", *QUICK)
+    before = instances_of(svc.serving())
+    mark = svc.supervise.mark()
+    for pid in before.values():  # all at once, as when something they all depend on went away
+        os.kill(pid, signal.SIGKILL)
+    for index in before:
+        svc.supervise.wait_for("ready", where=lambda event, index=index: event.get("instance") == index, after=mark)
+    restarts = [event for event in svc.supervise.events[mark:] if event["event"] == "restarting"]
+    # Each instance has its own --max-restarts budget and backoff: three failures are one each, not three of two.
+    assert sorted(event["delay"] for event in restarts) == [0.1, 0.1, 0.1], restarts
+    assert all("failure 1 of at most 2" in event["msg"] for event in restarts), restarts
+    assert svc.supervise.process.poll() is None and not svc.supervise.of_kind("fatal")
+    after = svc.serving()
+    assert after["number"] == 1 and after["ready_instances"] == 3
+    assert not set(instances_of(after).values()) & set(before.values())
+
+
 # -- upgrades -----------------------------------------------------------------------------------------------------
 
 
