@@ -115,8 +115,13 @@ class Generation:
     @property
     def leader(self) -> int:
         """The main pid of its first living instance (for hooks and probes that name one pid)."""
+        living = self.leaders()
+        return living[0] if living else (self.instances[0].leader if self.instances else 0)
+
+    def leaders(self) -> list[int]:
+        """The main pid of each living instance, in index order."""
         living = sorted((instance for instance in self.instances if instance.alive), key=lambda item: item.index)
-        return living[0].leader if living else (self.instances[0].leader if self.instances else 0)
+        return [instance.leader for instance in living]
 
     @property
     def members(self) -> dict[int, psutil.Process]:

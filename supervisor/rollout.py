@@ -197,7 +197,7 @@ class Rollout:
         except UserError as exc:
             refusal = str(exc)  # an invalid config: nothing was started, nothing changes
         if refusal is None:
-            failure = await self._hook("pre-upgrade", self.settings.hooks.pre_upgrade, "")
+            failure = await self._hook("pre-upgrade", self.settings.hooks.pre_upgrade, self._hook_env(""))
             refusal = f"pre-upgrade hook {failure}" if failure else None
         if refusal:
             if self.plan is not None:
@@ -316,7 +316,8 @@ class Rollout:
                     batches=list(self.batches))
         self._enter(DRAINING)
         async with anyio.create_task_group() as group:
-            group.start_soon(self._hook, "post-upgrade", settings.hooks.post_upgrade, "")
+            # Its environment is taken now, before the old generation drains: the hook is told the old pids too.
+            group.start_soon(self._hook, "post-upgrade", settings.hooks.post_upgrade, self._hook_env(""))
             if self.old is not None:
                 await self.host.retire(self.old, graceful=True)
         self._mark("old_gone")
@@ -337,7 +338,7 @@ class Rollout:
         events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
                     gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings),
                     restored=self.replaced)
-        await self._hook("on-rollback", self.settings.hooks.on_rollback, reason)
+        await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason))
         self._enter(IDLE)
         return self._outcome(ROLLED_BACK, reason, kind)
 
@@ -360,19 +361,24 @@ class Rollout:
             await self.host.retire_instances(new, new.ready()[:count])
         await self.host.retire(new, graceful=True)
 
-    async def _hook(self, name: str, command: str | None, reason: str) -> str | None:
-        """Run one hook with the generations and reason in its environment; returns why it failed, or None."""
-        if not command:
-            return None
-        env = {
-            "SUPERVISE_HOOK": name,
+    def _hook_env(self, reason: str) -> dict[str, str]:
+        """What a hook is told: both generations, their main pids (the first instance's, and every living
+        instance's by index) and the reason of a rollback."""
+        return {
             "SUPERVISE_OLD_GENERATION": str(self.old.number) if self.old else "",
             "SUPERVISE_OLD_PID": str(self.old.leader or "") if self.old else "",
+            "SUPERVISE_OLD_PIDS": " ".join(map(str, self.old.leaders())) if self.old else "",
             "SUPERVISE_NEW_GENERATION": str(self.new.number) if self.new else "",
             "SUPERVISE_NEW_PID": str(self.new.leader or "") if self.new else "",
+            "SUPERVISE_NEW_PIDS": " ".join(map(str, self.new.leaders())) if self.new else "",
             "SUPERVISE_REASON": reason,
         }
-        failure = await self.host.commands(command, env, self.settings.hooks.timeout)
+
+    async def _hook(self, name: str, command: str | None, env: dict[str, str]) -> str | None:
+        """Run one hook with `env` (from _hook_env) in its environment; returns why it failed, or None."""
+        if not command:
+            return None
+        failure = await self.host.commands(command, {"SUPERVISE_HOOK": name, **env}, self.settings.hooks.timeout)
         level = "info" if failure is None else "warning"
         self.host.events.emit("hook", f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
                               hook=name, failure=failure)

@@ -300,6 +300,20 @@ exec {PYTHON} {STUB} --tag v2
 
 
 @pytest.mark.timeout(30)
+def test_hooks_are_told_every_instance_pid(service: Any, tmp_path: Path) -> None:
+    told = tmp_path / "told"
+    svc = service("-n", "3", *QUICK, "--post-upgrade",
+                  f'echo "$SUPERVISE_OLD_PID|$SUPERVISE_OLD_PIDS|$SUPERVISE_NEW_PID|$SUPERVISE_NEW_PIDS" > {told}')
+    old = instances_of(svc.serving())
+    svc.deploy("v2", "--tag", "v2")
+    assert svc.upgrade()["event"] == "promoted"
+    svc.supervise.wait_for("hook")
+    new = instances_of(svc.serving())
+    by_index = [" ".join(str(pids[index]) for index in sorted(pids)) for pids in (old, new)]
+    assert told.read_text().strip() == f"{old[0]}|{by_index[0]}|{new[0]}|{by_index[1]}"
+
+
+@pytest.mark.timeout(30)
 def test_dry_run_shows_the_batches(service: Any) -> None:
     svc = service("-n", "5", "--strategy", "rolling", "--batch", "40%", *QUICK)
     answer = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
