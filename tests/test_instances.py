@@ -497,9 +497,10 @@ exec {PYTHON} {STUB} --tag v1
 
 @pytest.mark.timeout(60)
 def test_one_sick_instance_among_healthy_ones_fails_the_watch_window(service: Any) -> None:
-    svc = service("-n", "3", "--ready", "http/readyz", "--watch", "3s", "--health-interval", "50ms",
+    svc = service("-n", "3", "--ready", "http/readyz", "--watch", "6s", "--health-interval", "50ms",
                   "--drain-timeout", "5s")
-    # Instance 1 of the new release turns sick after it was ready; its healthy siblings answer most checks.
+    # Instance 1 of the new release turns sick after it was ready; its healthy siblings answer most checks. (A long
+    # window: only about a third of the checks reach instance 1, fewer on a loaded machine; a failure ends it early.)
     svc.deploy("v2", "--tag", "v2", only={1: ["--tag", "v2", "--sick-after", "0.3"]})
     verdict = svc.upgrade()
     assert verdict["event"] == "rolled-back", verdict

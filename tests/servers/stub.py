@@ -59,6 +59,7 @@ class Stub:
     generation: int
     started: float = field(default_factory=time.monotonic)
     grandchildren: list[int] = field(default_factory=list)
+    first_ready_at: float | None = None  # monotonic; when /readyz first answered 200 (--sick-after counts from it)
     stop_accepting_at: float | None = None  # monotonic; set by SIGTERM/SIGINT
     drain_signal: str = ""
     accepting_stopped: threading.Event = field(default_factory=threading.Event)
@@ -84,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-delay", type=float, default=0.0, metavar="S", help="sleep before accepting")
     parser.add_argument("--never-ready", action="store_true", help="/readyz always 503")
     parser.add_argument("--no-readyz", action="store_true", help="/readyz is 404")
-    parser.add_argument("--sick-after", type=float, metavar="S", help="/readyz 503 from S s after start")
+    parser.add_argument("--sick-after", type=float, metavar="S",
+                        help="/readyz 503 from S s after it first answered 200 (ready first, however slow the start)")
     parser.add_argument("--crash-after", type=float, metavar="S", help="os._exit(3) S s after start")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM")
     parser.add_argument("--grandchildren", type=int, default=0, metavar="N",
@@ -361,13 +363,20 @@ def route(stub: Stub, request: Request) -> tuple[int, bytes, str]:
 
 
 def readyz(stub: Stub) -> tuple[int, bytes, str]:
-    """/readyz as shaped by --no-readyz, --never-ready and --sick-after; 503 once draining."""
+    """/readyz as shaped by --no-readyz, --never-ready and --sick-after; 503 once draining.
+
+    --sick-after counts from the first 200, not from the start: a test of "sick after it was found ready" must
+    not depend on how quickly a loaded machine starts the process and probes it."""
     options = stub.options
     if options.no_readyz:
         return 404, b"not found\n", TEXT
-    sick = options.sick_after is not None and time.monotonic() - stub.started >= options.sick_after
+    now = time.monotonic()
+    sick = (options.sick_after is not None and stub.first_ready_at is not None
+            and now - stub.first_ready_at >= options.sick_after)
     if options.never_ready or sick or stub.draining:
         return 503, b"not ready\n", TEXT
+    if stub.first_ready_at is None:
+        stub.first_ready_at = now
     return 200, b"ready\n", TEXT
 
 
