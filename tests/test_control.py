@@ -30,11 +30,11 @@ CTL = [*supervise_command(), "ctl"]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 BAD_RELEASES = {
     "crash": (["--exit-at-start", "3"], "exited with status 3 during readiness"),
-    "hang": (["--start-delay", "60"], "not ready after 1s"),
+    "hang": (["--start-delay", "60"], "not ready after 3s"),
     "sick": (["--sick-after", "0.3"], "unhealthy in watch window"),
 }
 # Readiness and health settings under which each BAD_RELEASES entry fails fast and for its own reason.
-STRICT = ("--ready", "http/readyz", "--ready-timeout", "1s", "--watch", "2s", "--health-interval", "200ms")
+STRICT = ("--ready", "http/readyz", "--ready-timeout", "3s", "--watch", "2s", "--health-interval", "200ms")
 
 
 @dataclass

@@ -255,7 +255,7 @@ def test_upgrade_of_four_never_has_fewer_than_four_ready(service: Any, strategy:
 
 @pytest.mark.timeout(60)
 def test_a_failing_batch_rolls_back_every_replaced_batch_without_dropping_below_n(service: Any) -> None:
-    svc = service("-n", "4", "--strategy", "rolling", "--batch", "1", "--ready-timeout", "1s", *QUICK)
+    svc = service("-n", "4", "--strategy", "rolling", "--batch", "1", "--ready-timeout", "3s", *QUICK)
     old = instances_of(svc.serving())
     # A release directory per version (a `current` link flipped): restored old instances run the old release.
     svc.deploy("v2", "--tag", "v2", only={2: ["--tag", "v2", "--never-ready"]})
@@ -268,7 +268,7 @@ def test_a_failing_batch_rolls_back_every_replaced_batch_without_dropping_below_
     finally:
         stats = load.stop()
     assert verdict["event"] == "rolled-back", verdict
-    assert "instance 2" in verdict["reason"] and "not ready after 1s" in verdict["reason"], verdict
+    assert "instance 2" in verdict["reason"] and "not ready after 3s" in verdict["reason"], verdict
     assert verdict["restored"] == 2, "two batches had replaced old instances 0 and 1"
     assert_lossless(stats)
     assert min(sampler.ready) >= 4, sampler.ready
@@ -284,7 +284,7 @@ def test_a_failing_batch_rolls_back_every_replaced_batch_without_dropping_below_
 @pytest.mark.timeout(60)
 def test_success_percent_lets_a_batch_go_on_with_part_of_it_ready(service: Any) -> None:
     svc = service("-n", "4", "--strategy", "rolling", "--batch", "2", "--success-percent", "50",
-                  "--ready-timeout", "1s", *QUICK)
+                  "--ready-timeout", "3s", *QUICK)
     # Instance 1's first start fails (half of batch 1 is ready: enough); a later batch starts index 1 again.
     directory = svc.deploy("v2", "--tag", "v2")
     once = directory / "failed-once"
@@ -536,7 +536,7 @@ exec {PYTHON} {STUB} --tag v1
 
 @pytest.mark.timeout(60)
 def test_a_release_rewritten_in_place_is_upgraded_all_at_once_so_it_can_be_rolled_back(service: Any) -> None:
-    svc = service("-n", "3", "--strategy", "rolling", "--ready-timeout", "1s", *QUICK)
+    svc = service("-n", "3", "--strategy", "rolling", "--ready-timeout", "3s", *QUICK)
     old = instances_of(svc.serving())
     time.sleep(0.3)  # the serving release's fingerprint is taken just after its promotion
     # The serving release's own script is overwritten (no new release directory): old instances could not be

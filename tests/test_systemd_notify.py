@@ -50,7 +50,7 @@ def test_ready_reloading_ready_stopping_in_order(tmp_path: Path, abstract: bool)
     run.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB} \"$@\"\n")
     run.chmod(0o755)
     env = dict(os.environ, NOTIFY_SOCKET="@" + address[1:] if abstract else address, WATCHDOG_USEC="400000")
-    sup = Supervise(["-l", f"127.0.0.1:{free_port()}", "--watch", "0", "--ready-timeout", "1s", "--", str(run)],
+    sup = Supervise(["-l", f"127.0.0.1:{free_port()}", "--watch", "0", "--ready-timeout", "3s", "--", str(run)],
                     env=env).start()
     try:
         sup.wait_for("serving")

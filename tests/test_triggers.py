@@ -30,7 +30,7 @@ def upgrades(sup: Supervise) -> list[dict]:
 def test_replaced_executable_upgrades_once_and_a_broken_one_is_not_retried(tmp_path: Path) -> None:
     port, run = free_port(), tmp_path / "app" / "run"
     release(run, "one")
-    sup = Supervise(["-l", f"127.0.0.1:{port}", "--watch", "0", "--ready", "http/readyz", "--ready-timeout", "1s",
+    sup = Supervise(["-l", f"127.0.0.1:{port}", "--watch", "0", "--ready", "http/readyz", "--ready-timeout", "3s",
                      "--upgrade-on-change", str(run), "--change-settle", "300ms", "--", str(run)]).start()
     try:
         sup.wait_for("serving")

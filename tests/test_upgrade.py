@@ -257,7 +257,7 @@ def test_default_probe_accepts_a_server_without_readyz_and_says_so(release: Rele
 @pytest.mark.timeout(30)
 def test_explicit_probe_is_strict_about_404(release: Release, port: int, running: list[Supervise]) -> None:
     release.deploy("--tag", "x")
-    sup = supervise(release, port, "--ready", "http/readyz", "--ready-timeout", "1s", "--watch", "0")
+    sup = supervise(release, port, "--ready", "http/readyz", "--ready-timeout", "3s", "--watch", "0")
     running.append(sup)
     sup.wait_for("serving")
     release.deploy("--tag", "y", "--no-readyz")
@@ -271,7 +271,7 @@ def test_hooks(release: Release, port: int, running: list[Supervise], tmp_path: 
     gate = tmp_path / "allow"
     record = f'echo "$SUPERVISE_HOOK old=$SUPERVISE_OLD_GENERATION new=$SUPERVISE_NEW_GENERATION reason=$SUPERVISE_REASON" >> {log}'
     release.deploy("--tag", "h1")
-    sup = supervise(release, port, "--watch", "0", "--ready-timeout", "1s", "--ready", "http/readyz",
+    sup = supervise(release, port, "--watch", "0", "--ready-timeout", "3s", "--ready", "http/readyz",
                     "--pre-upgrade", f"test -e {gate}", "--post-upgrade", record, "--on-rollback", record)
     running.append(sup)
     sup.wait_for("serving")
@@ -286,7 +286,7 @@ def test_hooks(release: Release, port: int, running: list[Supervise], tmp_path: 
     sup.wait_for("hook", where=lambda event: event["hook"] == "on-rollback")
     lines = log.read_text().splitlines()
     assert lines[0] == "post-upgrade old=1 new=2 reason="
-    assert lines[1].startswith("on-rollback old=2 new=3 reason=not ready after 1s")
+    assert lines[1].startswith("on-rollback old=2 new=3 reason=not ready after 3s")
 
 
 @pytest.mark.timeout(30)
