@@ -408,6 +408,19 @@ def env_report(stub: Stub) -> dict[str, object]:
     }
 
 
+def wait_start_delay(stub: Stub) -> bool:
+    """Sleep --start-delay before accepting; False if told to stop meanwhile (like a real server, a slow starter
+    stops on SIGTERM: tests of a release that never gets ready must not also wait out a drain timeout)."""
+    if stub.options.start_delay <= 0:
+        return True
+    deadline = time.monotonic() + stub.options.start_delay
+    while (remaining := deadline - time.monotonic()) > 0:
+        if stub.draining:
+            return False
+        time.sleep(min(remaining, POLL_SECONDS))
+    return not stub.draining
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain; 0 after a clean drain (or the --exit-at-start code)."""
     options = parse_args(argv)
@@ -417,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     stub = Stub(options, listener, where, generation=env_int("SUPERVISE_GENERATION") or 0)
     stub.grandchildren = spawn_grandchildren(options.grandchildren, listener)
     install_signal_handlers(stub)
-    if options.start_delay > 0:
-        time.sleep(options.start_delay)
+    if not wait_start_delay(stub):
+        stub.log(f"got {stub.drain_signal} while starting: exiting")
+        return 0
     stub.log(f"listening on {where}")
     start_timers(stub)
     accept_until_drain(stub)
