@@ -203,7 +203,7 @@ class Supervisor:
             release_free_memory()
             while True:
                 await self._next_operation()
-                if self.needs_repair and not (self.upgrade_pending and self.serves):
+                if self.needs_repair and not self.upgrade_first:
                     self.busy = "repair"
                     await self._repair()
                 elif self.upgrade_pending:
@@ -225,10 +225,10 @@ class Supervisor:
         return self.scaled or self.settings.processes
 
     @property
-    def serves(self) -> bool:
-        """Some instance of the serving generation is ready. Then a pending upgrade goes before a repair: it
-        replaces every instance anyway, and it may be the fix for one that keeps failing."""
-        return self.serving is not None and bool(self.serving.ready())
+    def upgrade_first(self) -> bool:
+        """An upgrade is pending while some instance of the serving generation is ready: it goes before a repair
+        (it replaces every instance anyway, and it may be the fix for one that keeps failing)."""
+        return self.upgrade_pending and self.serving is not None and bool(self.serving.ready())
 
     @property
     def needs_repair(self) -> bool:
@@ -356,7 +356,7 @@ class Supervisor:
         pending = list(indexes)
         while True:
             pending = [index for index in pending if generation is not self.serving or index < self.processes]
-            if repair and pending and self.upgrade_pending and self.serves:
+            if repair and pending and self.upgrade_first:
                 self.events.emit("repair-deferred", f"generation {generation.number}: not starting instance(s) "
                                  f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
                                  gen=generation.number, instances=pending)
