@@ -314,30 +314,19 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
 
 
 def _generation_row(generation: dict[str, Any]) -> list[str]:
-    return [
-        str(generation.get("number", "?")),
-        str(generation.get("state", "?")),
-        _pids(generation.get("pids")),
-        human_duration(generation.get("age")),
-        _mib(generation.get("rss")),
-        _percent(generation.get("cpu_percent")),
-        _yes_no(generation.get("ready")),
-        str(generation.get("status") or "-"),
-    ]
+    return [str(generation.get("number", "?")), str(generation.get("state", "?")), _pids(generation.get("pids")),
+            *_process_cells(generation)]
 
 
 def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[str]:
-    return [
-        str(generation.get("number", "?")),
-        str(instance.get("index", "?")),
-        str(instance.get("state", "?")),
-        str(instance.get("pid", "?")),
-        human_duration(instance.get("age")),
-        _mib(instance.get("rss")),
-        _percent(instance.get("cpu_percent")),
-        _yes_no(instance.get("ready")),
-        str(instance.get("status") or "-"),
-    ]
+    return [str(generation.get("number", "?")), str(instance.get("index", "?")), str(instance.get("state", "?")),
+            str(instance.get("pid", "?")), *_process_cells(instance)]
+
+
+def _process_cells(item: dict[str, Any]) -> list[str]:
+    """Age, memory, CPU, readiness and status: the columns a generation row and an instance row share."""
+    return [human_duration(item.get("age")), _mib(item.get("rss")), _percent(item.get("cpu_percent")),
+            _yes_no(item.get("ready")), str(item.get("status") or "-")]
 
 
 def _rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
