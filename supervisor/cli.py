@@ -116,6 +116,9 @@ DURATION = Duration()
               "to bind privileged ports. Sets USER, LOGNAME, HOME.")
 @click.option("--group", metavar="GROUP", help="Run the children with this group (default: the user's primary group).")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment variable for the children (repeatable).")
+@click.option("--version-file", metavar="PATH", help="A file the deploy writes (a version, a git revision): its first line "
+              "is the release's identity and name, re-read on every upgrade; relative to the working directory. Without "
+              "it, a release is told by the content of what runs and a metadata digest of its directory.")
 @click.option("--backlog", type=click.IntRange(min=1), default=4096, show_default=True, help="Listen backlog of TCP and unix listeners.")
 @click.option("--no-nodelay", is_flag=True, help="Do not set TCP_NODELAY on TCP listeners (accepted connections inherit it).")
 @click.option("--unix-mode", metavar="OCTAL", help="File mode of unix socket files we create (default: from the umask).")

@@ -70,6 +70,7 @@ class Settings:
     user: str | None = None
     group: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    version_file: str | None = None
     hooks: Hooks = field(default_factory=Hooks)
     log_format: str = "text"
     log_level: str = "info"
@@ -98,7 +99,7 @@ _DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "dra
               "change_settle")
 _COUNTS = {"health_threshold": 1, "max_restarts": 0, "backlog": 1, "processes": 1}
 _TEXTS = ("ready", "drain_signal", "name", "chdir", "user", "group", "unix_mode", "pre_upgrade", "post_upgrade",
-          "on_rollback", "log_format", "log_level", "loop")
+          "on_rollback", "log_format", "log_level", "loop", "version_file")
 _PATHS = ("control", "state_dir", "pidfile")
 _FILE_TABLES = {"hooks": {"pre_upgrade": "pre_upgrade", "post_upgrade": "post_upgrade", "on_rollback": "on_rollback",
                           "timeout": "hook_timeout"}}
@@ -209,6 +210,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         user=text["user"],
         group=text["group"],
         env=tuple(_env_pair(item) for item in options.get("env") or ()),
+        version_file=text["version_file"],
         upgrade_on_change=tuple(os.path.abspath(str(item)) for item in options.get("upgrade_on_change") or ()),
         hooks=Hooks(text["pre_upgrade"], text["post_upgrade"], text["on_rollback"],
                     _duration("hook_timeout", options["hook_timeout"])),

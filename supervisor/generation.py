@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import anyio
 import psutil
 
+from .identity import Identity
 from .instance import DRAINING, EXITED, READY, SERVING, STARTING, Instance, Launcher
 from .listeners import Listener
 from .reaper import ExitStatus
@@ -34,7 +35,7 @@ class Generation:
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
     casualty: anyio.Event = field(default_factory=anyio.Event)  # an instance that had been ready died
     lost: tuple[Instance, ExitStatus] | None = None
-    fingerprint: str | None = None  # its release's digest once promoted: tells whether its files changed since
+    identity: Identity | None = None  # its release's, when it was started or promoted: tells whether its files changed since
     _spawned: int = 0
 
     def spawn(self, index: int) -> Instance:

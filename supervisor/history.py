@@ -1,14 +1,12 @@
 """What happened to past rollouts, and which releases are known good or known bad.
 
-A release is identified by a fingerprint: the resolved executable, a hash of its content and of every file
-named in argv that exists (so `python app.py` changes when app.py does), argv and the resolved working
-directory. Like a batch-rollout engine, we refuse to roll out a fingerprint that already failed, unless forced.
-The record survives a supervisor restart: it is written atomically (temp file + rename) after every change.
+Releases are told apart by their identity (identity.py). Like a batch-rollout engine, we refuse to roll out an
+identity that already failed, unless forced — but never one that could not be told (unknown). The record
+survives a supervisor restart: it is written atomically (temp file + rename) after every change.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import deque
@@ -16,45 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .release import Release
+from .identity import Identity
 
 _KEEP = 20
-_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """A release's identity: what exactly would be executed."""
-
-    digest: str
-    executable: str
-    argv: tuple[str, ...]
-    cwd: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"digest": self.digest, "executable": self.executable, "argv": list(self.argv), "cwd": self.cwd}
-
-
-def _hash_file(digest: Any, path: str) -> None:
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    except OSError:
-        digest.update(b"<unreadable>")
-
-
-def fingerprint(release: Release) -> Fingerprint:
-    """Fingerprint a release as it is on disk right now."""
-    digest = hashlib.sha256()
-    _hash_file(digest, release.executable)
-    for arg in release.argv[1:]:
-        path = arg if os.path.isabs(arg) else os.path.join(release.cwd, arg)
-        if os.path.isfile(path):
-            digest.update(path.encode())
-            _hash_file(digest, path)
-    digest.update(json.dumps([release.executable, list(release.argv), release.cwd, list(release.env)]).encode())
-    return Fingerprint(digest.hexdigest()[:16], release.executable, release.argv, release.cwd)
 
 
 @dataclass
@@ -68,7 +30,8 @@ class Record:
     old_gen: int | None
     started_at: float
     timings: dict[str, float]
-    fingerprint: dict[str, Any] | None = None
+    fingerprint: dict[str, Any] | None = None  # the release's identity (Identity.as_dict)
+    blame: str = ""  # whether the failure was pinned on the release (marked known bad), and why not
 
 
 @dataclass
@@ -96,17 +59,30 @@ class History:
             pass
         return history
 
-    def is_known_bad(self, print_: Fingerprint) -> bool:
-        return self.last_known_bad is not None and self.last_known_bad.get("digest") == print_.digest
+    def is_known_bad(self, identity: Identity) -> bool:
+        """Whether `identity` failed before. An unknown identity is never known bad: it cannot be told apart."""
+        return identity.known and self.last_known_bad is not None and self.last_known_bad.get("digest") == identity.digest
 
-    def good(self, print_: Fingerprint) -> None:
+    def good(self, identity: Identity) -> None:
         """A release is serving: it is the last known good, and no longer known bad."""
-        self.last_known_good = print_.as_dict()
-        if self.is_known_bad(print_):
+        self.last_known_good = identity.as_dict()
+        if self.last_known_bad is not None and self.last_known_bad.get("digest") == identity.digest:
             self.last_known_bad = None
         self.save()
 
-    def add(self, record: Record, bad: Fingerprint | None = None) -> None:
+    def blame(self, identity: Identity, serving: Identity | None) -> tuple[Identity | None, str]:
+        """Whether a release that failed by its own fault becomes known bad, and the sentence that says so. Never one
+        that cannot be told apart from the serving or the last known good release: that would refuse a good one."""
+        if not identity.known:
+            return None, f"release {identity.name} not marked known bad: its identity is {identity.covers}"
+        good = self.last_known_good or {}
+        if (serving is not None and serving.digest == identity.digest) or good.get("digest") == identity.digest:
+            return None, (f"release {identity.name} not marked known bad: the failure cannot be pinned on a release "
+                          f"identity, it is the same as the serving or last known good release's ({identity.covers}); "
+                          "--version-file tells releases apart")
+        return identity, f"release {identity.name} marked known bad: upgrading to it again is refused unless forced"
+
+    def add(self, record: Record, bad: Identity | None = None) -> None:
         """Append a finished rollout; `bad` marks the release that failed."""
         self.records.append(record)
         if bad is not None:

@@ -10,9 +10,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .spawn import ExecutableNotFound, resolve_executable
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 _FD_TEMPLATE = re.compile(r"\{fd(?::([A-Za-z0-9_.\-]+))?\}")
 
@@ -26,6 +30,8 @@ class Release:
     cwd: str
     logical_cwd: str
     env: tuple[tuple[str, str], ...] = ()
+    version_file: str | None = None  # names the release (see identity.py); relative to `cwd`
+
 
     def describe(self) -> str:
         """One line for logs: the resolved executable and the arguments."""
@@ -48,13 +54,21 @@ def logical_cwd(chdir: str | None) -> str:
     return os.getcwd()
 
 
-def resolve(argv: Sequence[str], logical: str, env: Sequence[tuple[str, str]], path: str | None) -> Release:
+def resolve(argv: Sequence[str], logical: str, env: Sequence[tuple[str, str]], path: str | None,
+            version_file: str | None = None) -> Release:
     """Resolve the working directory and executable now; raises a clear error if either is missing."""
     cwd = os.path.realpath(logical)
     if not os.path.isdir(cwd):
         raise ExecutableNotFound(f"cannot start {argv[0]}: working directory {logical} does not exist")
     executable = pinned(resolve_executable(argv[0], path, cwd))
-    return Release(tuple(argv), executable, cwd, logical, tuple(env))
+    return Release(tuple(argv), executable, cwd, logical, tuple(env), version_file)
+
+
+def next_release(settings: Settings, current: Release) -> Release:
+    """What an upgrade with `settings` would start: the command resolved on disk again, in --chdir if given,
+    else in the working directory the current release was started from (as the operator named it)."""
+    logical = logical_cwd(settings.chdir) if settings.chdir else current.logical_cwd
+    return resolve(settings.command, logical, settings.env, os.environ.get("PATH"), settings.version_file)
 
 
 def pinned(executable: str) -> str:

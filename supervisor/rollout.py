@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import UserError
 from .events import Events
 from .generation import Generation
+from .identity import Identity
 from .instance import Instance
 from .listeners import Listener
 from .probes import Probe, Result, Verdict
@@ -57,12 +58,13 @@ class Host(Protocol):
     commands: CommandRunner
 
     def prepare(self, release: Release | None) -> Plan: ...
-    def refusal(self, release: Release, force: bool) -> str | None: ...
+    async def identify(self, release: Release, fresh: bool = False) -> Identity: ...
+    def refusal(self, release: Release, identity: Identity, force: bool) -> str | None: ...
     def create(self, plan: Plan) -> Generation: ...
     def spawn(self, generation: Generation, index: int) -> Instance: ...
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None: ...
     def promote(self, generation: Generation, plan: Plan | None = None) -> None: ...
-    def changed_in_place(self, generation: Generation) -> str | None: ...
+    async def changed_in_place(self, generation: Generation) -> str | None: ...
     def discard(self, plan: Plan) -> None: ...
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
@@ -82,6 +84,8 @@ class Outcome:
     trigger: str = ""
     release: Release | None = None
     started_at: float = field(default_factory=time.time)
+    identity: Identity | None = None  # the release's, once the outcome is recorded
+    blame: str = ""  # whether a failure was pinned on the release (it became known bad), and why not
 
     @property
     def promoted(self) -> bool:
@@ -154,6 +158,7 @@ class Rollout:
     batches: list[int] = field(default_factory=list)  # sizes of the batches started so far
     replaced: int = 0  # living old instances drained because a new one took their place
     promoted: bool = False
+    identity: Identity | None = None  # the new release's, once it is resolved
     _abort: anyio.Event = field(default_factory=anyio.Event)
     _abort_reason: str = ""
 
@@ -175,7 +180,12 @@ class Rollout:
 
     def _outcome(self, result: str, reason: str = "", kind: str = "") -> Outcome:
         return Outcome(result, reason, self.new.number if self.new else None, self.old.number if self.old else None,
-                       dict(self.timings), kind, self.trigger, self.release)
+                       dict(self.timings), kind, self.trigger, self.release, identity=self.identity)
+
+    def _named(self) -> dict[str, str | None]:
+        """The release an event is about, by name (its version, else its digest) and version."""
+        identity = self.identity
+        return {"release": identity.name, "version": identity.version} if identity else {}
 
     def abort(self, reason: str) -> bool:
         """Roll back now (an operator's request); possible until the new generation is promoted."""
@@ -191,7 +201,8 @@ class Rollout:
         try:
             self.plan = self.host.prepare(self.release)
             self.release = self.plan.release
-            refusal = self.host.refusal(self.release, self.force)
+            self.identity = await self.host.identify(self.release)
+            refusal = self.host.refusal(self.release, self.identity, self.force)
         except SpawnError as exc:
             return await self._roll_back(f"exec failed: {exc}", "exec-failed")
         except UserError as exc:
@@ -203,7 +214,7 @@ class Rollout:
             if self.plan is not None:
                 self.host.discard(self.plan)  # listeners it bound for nothing
             self.host.events.emit("upgrade-refused", f"upgrade refused: {refusal}", level="warning",
-                                  gen=self.old.number if self.old else None, reason=refusal)
+                                  gen=self.old.number if self.old else None, reason=refusal, **self._named())
             self._enter(IDLE)
             return self._outcome(REFUSED, refusal)
         assert self.plan is not None  # no refusal: prepare() succeeded
@@ -233,17 +244,17 @@ class Rollout:
         """Start new instances batch by batch until N are ready, draining an old one for each new one."""
         plan, new = self.plan, self.new
         assert plan is not None and new is not None
-        step = self._step(plan.processes)
+        step = await self._step(plan.processes)
         while (have := len(new.ready())) < plan.processes:
             ready = await self._batch(min(step, plan.processes - have))
             if len(new.ready()) < plan.processes:
                 await self._replace_old(ready)
 
-    def _step(self, processes: int) -> int:
+    async def _step(self, processes: int) -> int:
         """The batch size. Batches are rolled back by starting old instances again: if the old release's files
         were rewritten in place, that would start the new code, so then all instances start at once (surge)."""
         step = self.settings.strategy.step(processes)
-        changed = self.host.changed_in_place(self.old) if step < processes and self.old is not None else None
+        changed = await self.host.changed_in_place(self.old) if step < processes and self.old is not None else None
         if changed:
             self.host.events.emit("strategy-fallback", f"{changed}: batches could not be rolled back to it, so all "
                                   f"{processes} new instances start at once (surge); deploy to release directories and "
@@ -313,7 +324,7 @@ class Rollout:
         events.emit("promoted", f"generation {self.new.number} promoted"
                     + (f"; draining generation {old_number}" if old_number else ""),
                     gen=self.new.number, pids=self.new.pids(), old_gen=old_number, timings=dict(self.timings),
-                    batches=list(self.batches))
+                    batches=list(self.batches), **self._named())
         self._enter(DRAINING)
         async with anyio.create_task_group() as group:
             # Its environment is taken now, before the old generation drains: the hook is told the old pids too.
@@ -337,7 +348,7 @@ class Rollout:
         keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
         events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
                     gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings),
-                    restored=self.replaced)
+                    restored=self.replaced, **self._named())
         await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason))
         self._enter(IDLE)
         return self._outcome(ROLLED_BACK, reason, kind)
@@ -372,6 +383,8 @@ class Rollout:
             "SUPERVISE_NEW_PID": str(self.new.leader or "") if self.new else "",
             "SUPERVISE_NEW_PIDS": " ".join(map(str, self.new.leaders())) if self.new else "",
             "SUPERVISE_REASON": reason,
+            **_release_env("NEW", self.identity),
+            **_release_env("OLD", self.old.identity if self.old else None),
         }
 
     async def _hook(self, name: str, command: str | None, env: dict[str, str]) -> str | None:
@@ -383,6 +396,12 @@ class Rollout:
         self.host.events.emit("hook", f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
                               hook=name, failure=failure)
         return failure
+
+
+def _release_env(which: str, identity: Identity | None) -> dict[str, str]:
+    """SUPERVISE_NEW_RELEASE (the version, else the digest) and SUPERVISE_NEW_VERSION (the version file's, or empty)."""
+    return {f"SUPERVISE_{which}_RELEASE": identity.name if identity else "",
+            f"SUPERVISE_{which}_VERSION": (identity.version or "") if identity else ""}
 
 
 def _indexes(instances: list[Instance]) -> str:

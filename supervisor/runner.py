@@ -117,7 +117,8 @@ def run(settings: Settings) -> int:
     """Run the supervisor to completion and return its exit code."""
     events = Events(settings.log_format, settings.log_level)
     try:
-        release = resolve(settings.command, logical_cwd(settings.chdir), settings.env, os.environ.get("PATH"))
+        release = resolve(settings.command, logical_cwd(settings.chdir), settings.env, os.environ.get("PATH"),
+                          settings.version_file)
     except ExecutableNotFound as exc:
         raise UserError(str(exc)) from None
     backend_options = _backend_options(settings.loop)

@@ -28,7 +28,8 @@ from .credentials import Credentials
 from .errors import UserError
 from .events import Events
 from .generation import Generation
-from .history import Fingerprint, History, Record, fingerprint
+from .history import History, Record
+from .identity import Identity, identify
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .libc import release_free_memory
 from .listeners import Listener, bind
@@ -43,7 +44,7 @@ from .probes import (
 from .proctree import children, descendants
 from .readiness import wait_all_ready
 from .reaper import Reaper
-from .release import Release, check_templates, logical_cwd, resolve
+from .release import Release, check_templates, next_release
 from .rollout import (
     PROMOTED,
     ROLLED_BACK,
@@ -92,7 +93,8 @@ class Ticket:
         """The last line of a streamed upgrade: how it ended."""
         outcome = self.outcome or Outcome("aborted", "no verdict")
         return {"event": "verdict", "result": outcome.result, "reason": outcome.reason, "new_gen": outcome.new_gen,
-                "old_gen": outcome.old_gen, "timings": outcome.timings}
+                "old_gen": outcome.old_gen, "timings": outcome.timings, "blame": outcome.blame,
+                "release": outcome.identity.as_dict() if outcome.identity else None}
 
 
 @dataclass(eq=False)
@@ -128,7 +130,7 @@ class Supervisor:
     probe: Probe = field(init=False)
     commands: CommandRunner = field(init=False)
     workers: list[Worker] = field(init=False)
-    _fingerprints: dict[Release, Fingerprint] = field(init=False, default_factory=dict)
+    _identities: dict[Release, Identity] = field(init=False, default_factory=dict)  # for one upgrade
     _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
     _replan: anyio.Event = field(init=False)  # set by a scale or upgrade request: a retry's backoff ends early
@@ -298,7 +300,7 @@ class Supervisor:
         outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
         try:
             outcome = await self.rollout.run()
-            self._record(outcome)
+            await self._record(outcome)
         except Fatal:
             raise  # restoring old instances failed past --max-restarts: our own manager must act
         except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
@@ -308,7 +310,7 @@ class Supervisor:
             for ticket in self.tickets:
                 ticket.settle(outcome)
             self.tickets = []
-            self._fingerprints.clear()
+            self._identities.clear()
         return outcome
 
     async def _contain(self, rollout: Rollout, exc: Exception) -> Outcome:
@@ -326,22 +328,34 @@ class Supervisor:
             await self.retire(new, graceful=True)
         return Outcome(ROLLED_BACK, f"internal error: {exc}", *numbers, kind="internal", trigger=rollout.trigger)
 
-    def _record(self, outcome: Outcome) -> None:
-        """Keep the rollout in the history; a release that failed by its own fault becomes known bad."""
-        release = outcome.release
-        print_ = self._fingerprint(release) if release else None
-        bad = print_ if outcome.result == ROLLED_BACK and outcome.kind in _RELEASE_AT_FAULT else None
+    async def _record(self, outcome: Outcome) -> None:
+        """Keep the rollout in the history; a release that failed by its own fault becomes known bad — unless it
+        cannot be told apart from the serving or last known good release (the log and the verdict say so)."""
+        if outcome.identity is None and outcome.release is not None:
+            outcome.identity = await self.identify(outcome.release)
+        identity = outcome.identity
+        bad = None
+        if identity is not None and outcome.result == ROLLED_BACK and outcome.kind in _RELEASE_AT_FAULT:
+            serving = self.serving.identity if self.serving else None
+            if self.serving is not None and serving is None:
+                serving = await self.identify(self.serving.release)
+            bad, outcome.blame = self.history.blame(identity, serving)
+            self.events.emit("release-known-bad" if bad else "release-not-blamed", outcome.blame,
+                             level="warning" if bad else "info", gen=outcome.new_gen, release=identity.as_dict())
         self.history.add(Record(outcome.result, outcome.reason, outcome.trigger, outcome.new_gen, outcome.old_gen,
-                                outcome.started_at, outcome.timings, print_.as_dict() if print_ else None), bad)
+                                outcome.started_at, outcome.timings, identity.as_dict() if identity else None,
+                                outcome.blame), bad)
 
-    def _fingerprint(self, release: Release) -> Fingerprint:
-        if release not in self._fingerprints:
-            self._fingerprints[release] = fingerprint(release)
-        return self._fingerprints[release]
+    async def identify(self, release: Release, fresh: bool = False) -> Identity:
+        """The release's identity (identity.py), computed off the event loop; kept for the rest of the upgrade."""
+        if fresh or release not in self._identities:
+            self._identities[release] = await anyio.to_thread.run_sync(identify, release)
+        return self._identities[release]
 
     async def _bring_up(self, release: Release, first: bool = False) -> Generation:
         """Start a generation of `release` and wait until all its instances are ready (each retried with backoff);
         it becomes the serving generation."""
+        await self.identify(release)  # before it starts: a deploy racing its start must not be taken for it
         generation = self.create(Plan(self.settings, self.probe, release, tuple(self.listeners), self.processes))
         await self._fill(generation, generation.free_indexes(self.processes), first=first)
         self.promote(generation)
@@ -462,7 +476,7 @@ class Supervisor:
     def prepare(self, release: Release | None) -> Plan:
         """What the next upgrade deploys: the config file read again (if any), listeners it adds bound, the
         command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given."""
-        self._fingerprints.clear()  # a deploy may have rewritten the files of an identical-looking release
+        self._identities.clear()  # a deploy may have rewritten the files of an identical-looking release
         try:
             settings = reread(self.settings)
             listeners = self._listeners_for(settings)
@@ -475,9 +489,8 @@ class Supervisor:
             self._close_unused(listeners)
             raise UserError(f"invalid config: {exc}") from None
         if release is None:
-            logical = logical_cwd(settings.chdir) if settings.chdir else self.release.logical_cwd
             try:
-                release = resolve(settings.command, logical, settings.env, os.environ.get("PATH"))
+                release = next_release(settings, self.release)
             except SpawnError:
                 self._close_unused(listeners)
                 raise
@@ -518,18 +531,19 @@ class Supervisor:
                                  "generation uses it any more", name=listener.name, address=listener.address)
                 listener.close()
 
-    def refusal(self, release: Release, force: bool) -> str | None:
+    def refusal(self, release: Release, identity: Identity, force: bool) -> str | None:
         """Why an upgrade to `release` must not run, or None: it is known bad (unless forced)."""
-        if force or not self.history.is_known_bad(self._fingerprint(release)):
+        if force or not self.history.is_known_bad(identity):
             return None
-        return (f"release {self._fingerprint(release).digest} ({release.describe()}) is known bad: it was rolled back "
-                "before; deploy a fixed release, or force it (supervise ctl upgrade --force)")
+        return (f"release {identity.name} ({release.describe()}) is known bad: it was rolled back before, and nothing "
+                f"it is told by has changed since ({identity.covers}); deploy a fixed release, or force it "
+                "(supervise ctl upgrade --force)")
 
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
         launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials)
-        generation = Generation(number, plan.release, plan.listeners, launcher)
+        generation = Generation(number, plan.release, plan.listeners, launcher, identity=self._identities.get(plan.release))
         self.generations.append(generation)
         return generation
 
@@ -539,7 +553,7 @@ class Supervisor:
         release = generation.release
         self.events.emit("spawned", f"{self._label(instance)} started: {release.describe()}", gen=generation.number,
                          pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
-                         cwd=release.cwd)
+                         cwd=release.cwd, release=generation.identity.name if generation.identity else None)
         self._group.start_soon(self._report_exit, generation, instance)
         return instance
 
@@ -568,23 +582,19 @@ class Supervisor:
             self.listeners = list(plan.listeners)
         self.serving = generation
         generation.serve()
-        self._group.start_soon(self._remember_good, generation)  # off the promotion's critical path
+        if generation.identity is not None:
+            self.history.good(generation.identity)
 
-    async def _remember_good(self, generation: Generation) -> None:
-        print_ = self._fingerprint(generation.release)
-        generation.fingerprint = print_.digest
-        self.history.good(print_)
-
-    def changed_in_place(self, generation: Generation) -> str | None:
+    async def changed_in_place(self, generation: Generation) -> str | None:
         """Whether the files of a generation's release were rewritten since it was promoted — then starting it
         again would run something else — and how, for the log."""
-        if generation.fingerprint is None:
+        if generation.identity is None:
             return None
-        now = fingerprint(generation.release).digest
-        if now == generation.fingerprint:
+        now = await self.identify(generation.release, fresh=True)
+        if now.same_code(generation.identity):
             return None
         return (f"the files of generation {generation.number} ({generation.release.describe()}) changed in place "
-                f"since it started (fingerprint {generation.fingerprint} → {now})")
+                f"since it started (identity {generation.identity.name} → {now.name})")
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""

@@ -470,17 +470,23 @@ def test_a_known_bad_release_is_refused_unless_forced(services: Callable[..., Se
 
 @pytest.mark.timeout(90)
 def test_history_and_known_releases_survive_a_restart(tmp_path: Path, services: Callable[..., Service]) -> None:
-    state = tmp_path / "state"
-    options = ("--state-dir", str(state), *STRICT)
+    state, version = tmp_path / "state", tmp_path / "VERSION"
+    # A redeploy rewrites the script (new mtime and inode): only a version file says it is the same release again.
+    options = ("--state-dir", str(state), "--version-file", str(version), *STRICT)
+    version.write_text("1\n")
     first = services(*options)
     write_release(first.script.parent, "--tag", "v2")
+    version.write_text("2\n")
     assert first.ctl("upgrade").returncode == 0
     write_release(first.script.parent, "--tag", "bad", "--exit-at-start", "3")
+    version.write_text("bad\n")
     assert first.ctl("upgrade").returncode == 1
     before = first.status()
+    assert before["last_known_bad"]["version"] == "bad" and before["last_known_good"]["version"] == "2"
     assert first.ctl("stop").returncode == 0
     assert first.supervise.wait_exit(15) == 0
 
+    version.write_text("2\n")
     second = services(*options, flags=("--tag", "v2"), control=tmp_path / "ctl2.sock")
     status = second.status()
     results = [record["result"] for record in status["history"]]
@@ -489,6 +495,7 @@ def test_history_and_known_releases_survive_a_restart(tmp_path: Path, services: 
     assert status["last_known_good"] == before["last_known_good"] is not None
     assert status["last_known_bad"] == before["last_known_bad"] is not None
     write_release(first.script.parent, "--tag", "bad", "--exit-at-start", "3")
+    version.write_text("bad\n")
     refused = second.ctl("upgrade")
     assert refused.returncode == 1 and "known bad" in refused.stdout + refused.stderr, (refused.stdout, refused.stderr)
 

@@ -276,11 +276,14 @@ def _total(timings: Any) -> float | None:
     return max(values) if values else None
 
 
-def _release(fingerprint: dict[str, Any] | None) -> str:
-    if not fingerprint:
+def _release(identity: Any) -> str:
+    """A release as status shows it: its name (version, else digest), the command, and what its identity covers."""
+    if not isinstance(identity, dict):
         return "-"
-    argv = " ".join(fingerprint.get("argv") or [fingerprint.get("executable", "?")])
-    return f"{fingerprint.get('digest', '?')}  {argv}"
+    argv = identity.get("argv")
+    command = " ".join(map(str, argv)) if isinstance(argv, list) and argv else str(identity.get("executable", "?"))
+    covers = f"  ({identity['covers']})" if identity.get("covers") else ""
+    return f"{identity.get('version') or identity.get('digest', '?')}  {command}{covers}"
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
@@ -310,6 +313,8 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
                      f"upgrades: {supervisor.get('strategy', '?')}")
     for listener in status.get("listeners") or []:
         lines.append(f"listening   {listener.get('name', '?')} {listener.get('address', '?')}")
+    if supervisor.get("release"):
+        lines.append(f"release     {_release(supervisor['release'])}")
     return lines
 
 
@@ -374,7 +379,7 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         f"  command      {' '.join(plan.get('command') or [])}",
         f"  executable   {plan.get('executable', '?')}",
         f"  cwd          {plan.get('cwd', '?')}",
-        f"  fingerprint  {plan.get('fingerprint', '?')}" + ("  (KNOWN BAD)" if plan.get("known_bad") else ""),
+        f"  release      {_release(plan.get('release'))}" + ("  (KNOWN BAD)" if plan.get("known_bad") else ""),
         f"  probe        {plan.get('probe', '?')}",
         f"  timeouts     {timeouts or '-'}",
         f"  hooks        {hooks}",
@@ -401,6 +406,8 @@ def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse, accep
     endpoint.check(response)
     for event in endpoint.lines(response):
         if event.get("event") == "verdict":
+            if event.get("blame"):
+                click.echo(str(event["blame"]))
             click.echo(verdict_line(event))
             return 0 if event.get("result") in accepted else EXIT_FAILED
         if event.get("level") != "debug":

@@ -144,6 +144,7 @@ def render(supervisor: Supervisor) -> bytes:
                                 HistogramMetricFamily))
     families.extend(_process_families(supervisor, GaugeMetricFamily, CounterMetricFamily))
     families.append(_queue_family(supervisor, GaugeMetricFamily))
+    families.append(_release_family(supervisor, GaugeMetricFamily))
     uptime = GaugeMetricFamily("supervise_uptime_seconds", "Seconds since the supervisor started")
     uptime.add_metric([], time.monotonic() - supervisor.started_at)
     families.append(uptime)
@@ -184,6 +185,16 @@ def _process_families(supervisor: Supervisor, gauge: Any, counter: Any) -> list[
                 rss.add_metric(values, memory)
                 cpu.add_metric(values, times.user + times.system)
     return [rss, cpu, ready, wanted]
+
+
+def _release_family(supervisor: Supervisor, gauge: Any) -> Any:
+    """The serving release as labels (always 1), the Prometheus way to join a version onto other series."""
+    info = gauge("supervise_release_info", "The serving release: its version (--version-file) and digest",
+                 labels=["version", "digest", "gen"])
+    serving = supervisor.serving
+    if serving is not None and serving.identity is not None:
+        info.add_metric([serving.identity.version or "", serving.identity.digest, str(serving.number)], 1)
+    return info
 
 
 def _queue_family(supervisor: Supervisor, gauge: Any) -> Any:

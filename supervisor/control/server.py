@@ -159,7 +159,7 @@ class ControlServer:
     async def _upgrade(self, request: web.Request) -> web.StreamResponse:
         force = _flag(request, "force")
         if _flag(request, "dry_run"):
-            return _json({"plan": views.plan(self.supervisor, force)})
+            return _json({"plan": await views.plan(self.supervisor, force)})
         if request.query.get("wait", "1") in ("0", "false", "no"):
             ticket = self.supervisor.request_upgrade("ctl upgrade", force=force)
             if ticket is None:

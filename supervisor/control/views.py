@@ -12,9 +12,9 @@ from .. import __version__
 from ..config import reread
 from ..errors import UserError
 from ..generation import Generation
-from ..history import fingerprint
+from ..identity import Identity
 from ..instance import EXITED, Instance
-from ..release import logical_cwd, resolve
+from ..release import next_release
 from ..spawn import SpawnError
 from ..strategy import Strategy, drain_count
 
@@ -33,7 +33,8 @@ def status(supervisor: Supervisor) -> dict[str, Any]:
                        "orphans_reaped": supervisor.reaper.orphans_reaped, "processes": supervisor.processes,
                        "strategy": supervisor.settings.strategy.describe(supervisor.processes),
                        "ready_instances": sum(len(generation.ready()) for generation in supervisor.generations),
-                       "operation": supervisor.busy},
+                       "operation": supervisor.busy,
+                       "release": _identity(supervisor.serving.identity) if supervisor.serving else None},
         "listeners": [{"name": listener.name, "address": listener.address, "kind": listener.kind,
                        "adopted": listener.adopted, "fd": 3 + index} for index, listener in enumerate(supervisor.listeners)],
         "generations": [_generation_status(supervisor, generation) for generation in supervisor.generations],
@@ -62,7 +63,11 @@ def _generation_status(supervisor: Supervisor, generation: Generation) -> dict[s
             "watchdog_age": round(time.monotonic() - watchdog, 3) if watchdog else None,
             "instances": instances,
             "argv": list(generation.release.argv), "executable": generation.release.executable,
-            "cwd": generation.release.cwd}
+            "cwd": generation.release.cwd, "release": _identity(generation.identity)}
+
+
+def _identity(identity: Identity | None) -> dict[str, Any] | None:
+    return identity.as_dict() if identity else None
 
 
 def _instance_status(instance: Instance) -> dict[str, Any]:
@@ -83,7 +88,7 @@ def _instance_status(instance: Instance) -> dict[str, Any]:
             "watchdog_age": round(time.monotonic() - instance.last_watchdog, 3) if instance.last_watchdog else None}
 
 
-def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
+async def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     """What an upgrade would do now, step by step, without doing any of it (ctl upgrade --dry-run)."""
     number, old = supervisor.next_number, supervisor.serving
     try:
@@ -91,14 +96,13 @@ def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     except UserError as exc:
         return {"error": f"invalid config: {exc}", "steps": [f"refuse: invalid config: {exc}"]}
     try:
-        logical = logical_cwd(settings.chdir) if settings.chdir else supervisor.release.logical_cwd
-        release = resolve(settings.command, logical, settings.env, os.environ.get("PATH"))
+        release = next_release(settings, supervisor.release)
     except (SpawnError, UserError) as exc:
         return {"error": str(exc), "steps": [f"roll back at once: exec failed: {exc}"]}
-    print_ = fingerprint(release)
-    known_bad = supervisor.history.is_known_bad(print_)
+    identity = await supervisor.identify(release, fresh=True)
+    refusal = supervisor.refusal(release, identity, force)
     hooks = settings.hooks
-    steps = [] if not known_bad or force else [f"refuse: release {print_.digest} is known bad (pass --force)"]
+    steps = [f"refuse: {refusal}"] if refusal else []
     if hooks.pre_upgrade:
         steps.append(f"run pre-upgrade hook (up to {hooks.timeout:g}s), refuse the upgrade if it fails: {hooks.pre_upgrade}")
     held = {listener.spec for listener in supervisor.listeners}
@@ -108,7 +112,7 @@ def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     processes = supervisor.scaled or settings.processes
     strategy = settings.strategy
     probe_text = settings.ready.text if settings.ready else supervisor.probe.spec.text
-    changed = supervisor.changed_in_place(old) if old is not None and strategy.step(processes) < processes else None
+    changed = await supervisor.changed_in_place(old) if old is not None and strategy.step(processes) < processes else None
     if changed:
         steps.append(f"{changed}: batches could not be rolled back to it, so all instances start at once (surge)")
         strategy = Strategy(success_percent=strategy.success_percent)
@@ -139,7 +143,8 @@ def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     if hooks.post_upgrade:
         steps.append(f"run post-upgrade hook: {hooks.post_upgrade}")
     return {"command": list(release.argv), "executable": release.executable, "cwd": release.cwd,
-            "fingerprint": print_.digest, "known_bad": known_bad, "probe": probe_text, "processes": processes,
+            "fingerprint": identity.digest, "release": identity.as_dict(), "known_bad": supervisor.history.is_known_bad(identity),
+            "probe": probe_text, "processes": processes,
             "strategy": strategy.describe(processes), "batches": batches,
             "timeouts": {"ready": settings.ready_timeout, "probe": settings.probe_timeout, "watch": settings.watch,
                          "drain": settings.drain_timeout, "hook": hooks.timeout},
