@@ -175,8 +175,7 @@ class _Walk:
                 continue
             for entry in entries:
                 info = self._add(entry)
-                if info is not None and stat.S_ISDIR(info.st_mode) and info.st_dev == device \
-                        and entry.name not in _SKIPPED:
+                if info is not None and stat.S_ISDIR(info.st_mode) and info.st_dev == device:
                     pending.append(entry.path)
 
     def directory(self, path: str) -> None:
@@ -192,9 +191,10 @@ class _Walk:
         self.directory(os.path.join(root, "bin"))
 
     def _list(self, path: str) -> list[os.DirEntry[str]]:
+        """A directory's entries in name order, caches and tooling left out."""
         try:
             with os.scandir(path) as listing:
-                return sorted(listing, key=lambda entry: entry.name)
+                return sorted((entry for entry in listing if entry.name not in _SKIPPED), key=lambda entry: entry.name)
         except OSError:
             return []
 

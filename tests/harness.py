@@ -172,6 +172,16 @@ class Supervise:
                 raise AssertionError("upgrade gave no verdict; log:\n" + "\n".join(self.lines[-40:]))
             time.sleep(0.02)
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """`supervise ctl ARGS` against this supervisor's control socket."""
+        options = list(self.args)
+        control = options[options.index("--control") + 1] if "--control" in options else None
+        if control is None:
+            assert self.private_dir is not None
+            control = os.path.join(self.private_dir, "control.sock")
+        return subprocess.run([*supervise_command(), "ctl", "--control", control, *args], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
     def wait_exit(self, timeout: float = 20.0) -> int:
         return self.process.wait(timeout)
 
