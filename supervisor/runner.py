@@ -84,9 +84,9 @@ def run(settings: Settings) -> int:
     credentials = resolve_credentials(settings.user, settings.group)
     if settings.pidfile:
         _check_writable(settings.pidfile, "pidfile")
+    _check_writable(settings.control_path, "control socket")
     _check_directories(settings)
     parent = runtime_parent()
-    _check_writable(settings.control_path, "control socket")
     listeners: list[Listener] = open_listeners(
         settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
     runtime_dir: RuntimeDir | None = None

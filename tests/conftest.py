@@ -22,5 +22,6 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every supervisor the tests start (and every `ctl` without --control) keeps its runtime files in a directory
     of this test session: never in the machine's /run/supervise or the user's real $XDG_RUNTIME_DIR."""
     directory = tempfile.mkdtemp(prefix="supervise-xdg-")
+    os.chmod(directory, 0o711)  # as /run is: children running as another user (--user) reach their notify socket
     os.environ["XDG_RUNTIME_DIR"] = directory
     config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
