@@ -56,7 +56,7 @@ def _ownership_problem(info: os.stat_result, private: bool) -> str | None:
     if not stat.S_ISDIR(info.st_mode):
         return "it is not a directory"
     if info.st_uid != uid and (private or info.st_uid != 0):
-        return f"it is owned by uid {info.st_uid}, not by uid {uid} (another user created it: remove it or choose another)"
+        return f"it is owned by uid {info.st_uid}, not by uid {uid} (another user created it: remove it or choose another directory)"
     if info.st_mode & 0o022 and (private or not info.st_mode & stat.S_ISVTX):
         return f"it is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o}; chmod go-w it)"
     return None
@@ -89,6 +89,9 @@ class RuntimeDir:
         try:
             parent_fd = os.open(parent, _DIRECTORY)
             try:
+                problem = _ownership_problem(os.fstat(parent_fd), private=True)  # the one checked, not a swapped one
+                if problem:
+                    raise UserError(f"refusing runtime directory {parent}: {problem}")
                 remove_stale(parent_fd)
                 name, lock = _create_locked(parent_fd, shared)
             finally:

@@ -30,7 +30,18 @@ from typing import Any
 import psutil
 import pytest
 
-from harness import PYTHON, STUB, Supervise, free_port, http_get, supervise_command, wait_port_free, write_release
+from harness import (
+    PYTHON,
+    STUB,
+    Supervise,
+    assert_lossless,
+    free_port,
+    http_get,
+    start_load,
+    supervise_command,
+    wait_port_free,
+    write_release,
+)
 from supervisor.safefile import STALE_AFTER, write_atomically
 
 NAME = "app"
@@ -368,7 +379,9 @@ def test_a_supervisor_in_another_pid_namespace_leaves_a_live_runtime_dir_alone(r
                                                                                 supervisors: list[Supervise]) -> None:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_root)}
     parent = runtime_root / "supervise"
-    first = start(supervisors, runtime_root / "state1", env=env)
+    port = free_port()
+    first = start(supervisors, runtime_root / "state1", env=env, port=port)
+    load = start_load(port)
     live = [path for path in parent.iterdir() if path.name.startswith(f"run-{first.pid}-")]
     assert len(live) == 1
     # A second supervisor, as PID 1 of a container sharing the directory: the first one's pid means nothing there.
@@ -378,6 +391,7 @@ def test_a_supervisor_in_another_pid_namespace_leaves_a_live_runtime_dir_alone(r
         "the live supervisor's runtime directory was removed"
     verdict = first.upgrade()
     assert verdict["event"] == "promoted", verdict
+    assert_lossless(load.stop())
 
 
 # -- item 10: lost state is said, not silent ----------------------------------------------------------------------
@@ -387,8 +401,10 @@ def test_a_supervisor_in_another_pid_namespace_leaves_a_live_runtime_dir_alone(r
 def test_a_failing_save_is_said_once_and_once_when_it_works_again(tmp_path: Path, supervisors: list[Supervise]) -> None:
     state = tmp_path / "state"
     path = state / f"{NAME}.state.json"
-    sup = start(supervisors, state)
+    port = free_port()
+    sup = start(supervisors, state, port=port)
     saved(state, where=lambda data: data.get("last_known_good"))
+    load = start_load(port)
     path.unlink()
     path.mkdir()  # a rename over a non-empty directory fails, for root too (as a read-only or full disk would)
     (path / "in-the-way").touch()
@@ -402,6 +418,7 @@ def test_a_failing_save_is_said_once_and_once_when_it_works_again(tmp_path: Path
     shutil.rmtree(path)
     assert sup.upgrade()["event"] == "promoted"
     sup.wait_for("state-saved")
+    assert_lossless(load.stop())
     data = saved(state, where=lambda data: len(data["records"]) == 3)
     assert [record["result"] for record in data["records"]] == ["promoted"] * 3, "rollouts kept while saving failed"
     assert len(sup.of_kind("state-save-failed")) == 1 and len(sup.of_kind("state-saved")) == 1
