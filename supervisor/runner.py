@@ -6,13 +6,12 @@ Everything that can fail because of user input fails here, before any child is s
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import anyio
 
 from . import libc
-from .config import Settings, default_runtime_dir
+from .config import Settings
 from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
 from .errors import UserError
@@ -21,6 +20,8 @@ from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
 from .notify import SystemdNotifier
 from .release import check_templates, logical_cwd, resolve
+from .rundir import RuntimeDir, own_directory, runtime_parent
+from .safefile import write_atomically
 from .spawn import ExecutableNotFound
 from .supervisor import Supervisor
 
@@ -50,11 +51,16 @@ def _check_writable(path: Path, what: str) -> None:
         raise UserError(f"cannot write {what} {path}: permission denied")
 
 
+def _check_directories(settings: Settings) -> None:
+    """The control socket's and the state's directories must be ours (see rundir.own_directory)."""
+    own_directory(settings.control_path.parent, "control socket directory", private=settings.control is None)
+    if settings.state_dir is not None:
+        own_directory(settings.state_dir, "state directory", private=False)
+
+
 def _write_pidfile(path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        temporary.write_text(f"{os.getpid()}\n")
-        os.replace(temporary, path)
+        write_atomically(path, f"{os.getpid()}\n".encode(), 0o644)
     except OSError as exc:
         raise UserError(f"cannot write pidfile {path}: {exc.strerror}") from None
 
@@ -65,52 +71,6 @@ def _remove_pidfile(path: Path) -> None:
             path.unlink()
     except OSError:
         pass
-
-
-_MAX_RUNTIME_PATH = 56  # leaves room for /run-PID-NANOSECONDS/genN.SEQ.notify within AF_UNIX's 107 bytes
-
-
-def _runtime_dir(shared: bool) -> Path:
-    """A private (0700) directory for this run's notify sockets; short, since socket paths are limited.
-
-    `shared`: children run as another user and must reach their socket, so the directories become traversable
-    (0711: no listing); each notify socket itself belongs to that user. (Plain os calls rather than
-    tempfile/shutil: those two modules alone add a megabyte to a long-lived RSS.)
-    """
-    parent = default_runtime_dir()
-    if len(str(parent)) > _MAX_RUNTIME_PATH:  # socket paths are limited to 107 bytes: fall back to a short one
-        parent = Path("/tmp") / f"supervise-{os.getuid()}"
-    try:
-        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _remove_stale_runtime_dirs(parent)
-        directory = parent / f"run-{os.getpid()}-{time.monotonic_ns()}"
-        directory.mkdir(mode=0o700)
-        if shared:
-            parent.chmod(0o711)
-            directory.chmod(0o711)
-    except OSError as exc:
-        raise UserError(f"cannot create runtime directory under {parent}: {exc.strerror}") from None
-    return directory
-
-
-def _remove_stale_runtime_dirs(parent: Path) -> None:
-    """Directories left by supervisors that were killed (SIGKILL leaves no chance to clean up)."""
-    for entry in parent.glob("run-*-*"):
-        pid = entry.name.split("-")[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            _remove_runtime_dir(entry)
-        except PermissionError:
-            continue  # alive, someone else's
-
-
-def _remove_runtime_dir(directory: Path) -> None:
-    for entry in directory.iterdir():
-        entry.unlink(missing_ok=True)
-    directory.rmdir()
 
 
 def run(settings: Settings) -> int:
@@ -126,13 +86,16 @@ def run(settings: Settings) -> int:
     if settings.pidfile:
         _check_writable(settings.pidfile, "pidfile")
     _check_writable(settings.control_path, "control socket")
+    _check_directories(settings)
+    parent = runtime_parent()
     listeners: list[Listener] = open_listeners(
         settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
-    runtime_dir: Path | None = None
+    runtime_dir: RuntimeDir | None = None
     supervisor: Supervisor | None = None
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
-        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path),
+        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="",
+                                history=History.load(settings.state_path, events),
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
@@ -142,8 +105,8 @@ def run(settings: Settings) -> int:
                         f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
-        runtime_dir = _runtime_dir(shared=credentials is not None)
-        supervisor.runtime_dir = str(runtime_dir)
+        runtime_dir = RuntimeDir.create(parent, shared=credentials is not None)
+        supervisor.runtime_dir = str(runtime_dir.path)
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:
@@ -154,4 +117,4 @@ def run(settings: Settings) -> int:
         if settings.pidfile:
             _remove_pidfile(settings.pidfile)
         if runtime_dir is not None:
-            _remove_runtime_dir(runtime_dir)
+            runtime_dir.remove()

@@ -298,6 +298,7 @@ class Supervisor:
         release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
         self.rollout = Rollout(self, self.serving, trigger, force=any(ticket.force for ticket in tickets), release=release)
         outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
+        self.history.begin(trigger, self.serving.number if self.serving else None, self.next_number)
         try:
             outcome = await self.rollout.run()
             await self._record(outcome)
@@ -306,6 +307,7 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
             outcome = await self._contain(self.rollout, exc)
         finally:
+            self.history.finish()
             self.rollout = None
             for ticket in self.tickets:
                 ticket.settle(outcome)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import tempfile
+
+import pytest
 
 # A test run started in the background by a non-interactive shell (as CI may be) ignores SIGINT and SIGQUIT,
 # and every process the tests start would inherit that: tests that send Ctrl-C to a child would then test
@@ -11,3 +16,12 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every supervisor the tests start (and every `ctl` without --control) keeps its runtime files in a directory
+    of this test session: never in the machine's /run/supervise or the user's real $XDG_RUNTIME_DIR."""
+    directory = tempfile.mkdtemp(prefix="supervise-xdg-")
+    os.chmod(directory, 0o711)  # as /run is: children running as another user (--user) reach their notify socket
+    os.environ["XDG_RUNTIME_DIR"] = directory
+    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))

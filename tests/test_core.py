@@ -766,7 +766,8 @@ def test_privileged_port_permission_denied(run_supervise: Callable[..., Any], ma
                            capture_output=True, text=True, timeout=15)
     if check.returncode != 0:
         pytest.skip(f"the test venv ({PYTHON}) is not usable by user nobody: {check.stderr.strip()[-200:]}")
-    result = run_supervise(["-l", f"127.0.0.1:{port}", "--", "/bin/sleep", "60"], prefix=_nobody_prefix(), cwd="/")
+    result = run_supervise(["-l", f"127.0.0.1:{port}", "--", "/bin/sleep", "60"], prefix=_nobody_prefix(), cwd="/",
+                           env={"XDG_RUNTIME_DIR": ""})  # the session's runtime directory is root's: nobody uses its own
     line = assert_one_error_line(result, f"127.0.0.1:{port}")
     assert "permission denied" in line.lower()
     assert leftovers(marker, timeout=0.5) == []

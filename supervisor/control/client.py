@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -287,18 +287,31 @@ def _release(identity: Any) -> str:
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
-    """The readable form of GET /status."""
-    lines = _header_lines(status)
+    """The readable form of GET /status; a part holding something unexpected is said, the others still shown."""
+    return [line for title, render in _STATUS_PARTS for line in _part(title, render, status)]
+
+
+_UNEXPECTED = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+def _part(title: str, render: Callable[[dict[str, Any]], list[str]], status: dict[str, Any]) -> list[str]:
+    """One part of the status, rendered defensively: the answer may come from another version of the supervisor,
+    or from a state file written by one, and a display must never end in a traceback."""
+    try:
+        return render(status)
+    except _UNEXPECTED as exc:
+        return ["", f"{title}: cannot be shown (unexpected data in the answer: {type(exc).__name__}: {exc}); "
+                    "see `supervise ctl status --json`"]
+
+
+def _process_lines(status: dict[str, Any]) -> list[str]:
     generations = status.get("generations") or []
-    lines += ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
-                         [_generation_row(generation) for generation in generations])]
+    lines = ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
+                        [_generation_row(generation) for generation in generations])]
     if any(len(generation.get("instances") or []) > 1 for generation in generations):
         lines += ["", *table(["GEN", "#", "STATE", "PID", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
                              [_instance_row(generation, instance) for generation in generations
                               for instance in generation.get("instances") or []])]
-    lines += _rollout_lines(status.get("rollout"))
-    lines += _history_lines(status)
-    lines += _worker_lines(status.get("workers") or [])
     return lines
 
 
@@ -352,8 +365,12 @@ def _history_lines(status: dict[str, Any]) -> list[str]:
                  human_duration(_total(record.get("timings"))), str(record.get("reason") or "-")]
                 for record in reversed(records)]
         lines += ["", *table(["WHEN", "RESULT", "GENS", "TOOK", "REASON"], rows)]
-    lines += ["", f"last known good  {_release(status.get('last_known_good'))}",
-              f"last known bad   {_release(status.get('last_known_bad'))}"]
+    return lines
+
+
+def _release_lines(status: dict[str, Any]) -> list[str]:
+    lines = ["", f"last known good  {_release(status.get('last_known_good'))}",
+             f"last known bad   {_release(status.get('last_known_bad'))}"]
     if status.get("state_error"):
         lines.append(f"WARNING: {status['state_error']}")
     return lines
@@ -366,6 +383,16 @@ def _worker_lines(workers: list[dict[str, Any]]) -> list[str]:
              clock(worker.get("last_run")) if worker.get("last_run") else "never", str(worker.get("last_error") or "-")]
             for worker in workers]
     return ["", *table(["WORKER", "EVERY", "RUNS", "LAST RUN", "LAST ERROR"], rows)]
+
+
+_STATUS_PARTS: tuple[tuple[str, Callable[[dict[str, Any]], list[str]]], ...] = (
+    ("supervisor", _header_lines),
+    ("generations", _process_lines),
+    ("rollout", lambda status: _rollout_lines(status.get("rollout"))),
+    ("history", _history_lines),
+    ("releases", _release_lines),
+    ("workers", lambda status: _worker_lines(status.get("workers") or [])),
+)
 
 
 def plan_lines(plan: dict[str, Any]) -> list[str]:
