@@ -16,7 +16,8 @@ from typing import Protocol
 import anyio
 
 from .commands import CommandRunner
-from .concurrency import first_completed
+from .acceptance import Proof, accept_probe, answered_elsewhere
+from .concurrency import first_completed, gather
 from .config import Settings
 from .errors import UserError
 from .events import Events
@@ -125,16 +126,26 @@ class Strikes:
         return (f"instance {key}: " if several else "") + f"{self.threshold} consecutive failures (last: {result.detail})"
 
 
-async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int) -> None:
-    """Health-check through the watch window; raises Failed when an instance fails `threshold` checks in a row.
-    (An instance dying meanwhile is caught by the rollout's casualty watch.)"""
+async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int,
+                proof: Proof | None = None) -> None:
+    """Health-check through the watch window; raises Failed when an instance fails `threshold` checks in a row
+    (a check answered only by another generation counts as failed), or when a `proof` finds an instance that
+    accepted no connection itself. (An instance dying meanwhile is caught by the rollout's casualty watch.)"""
     strikes = Strikes(generation, threshold)
-    with anyio.move_on_after(window):
-        while True:
-            await anyio.sleep(interval)
-            failure = strikes.record(await health_check(probe, generation))
-            if failure:
-                raise Failed(f"unhealthy in watch window: {failure}", "unhealthy")
+
+    async def health() -> None:
+        with anyio.move_on_after(window):
+            while True:
+                await anyio.sleep(interval)
+                failure = strikes.record(answered_elsewhere(await health_check(probe, generation)))
+                if failure:
+                    raise Failed(f"unhealthy in watch window: {failure}", "unhealthy")
+
+    async def accepting() -> None:
+        if proof is not None:
+            await proof.run(window, interval)
+
+    await gather(health, accepting)
 
 
 @dataclass
@@ -282,7 +293,9 @@ class Rollout:
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
             self.host.events.emit("watching", f"watching generation {new.number} for {settings.watch:g}s{beside}",
                                   gen=new.number, instances=[instance.index for instance in ready])
-            await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold)
+            proof = Proof(accept_probe(plan.listeners, settings.probe_timeout), ready, settings.probe_timeout,
+                          plan.processes > 1)
+            await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold, proof)
         return ready
 
     async def _replace_old(self, ready: list[Instance]) -> None:

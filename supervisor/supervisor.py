@@ -31,6 +31,7 @@ from .generation import Generation
 from .history import Fingerprint, History, Record, fingerprint
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .libc import release_free_memory
+from .listener_guard import ListenerGuard
 from .listeners import Listener, bind
 from .notify import SystemdNotifier
 from .probes import (
@@ -128,6 +129,7 @@ class Supervisor:
     probe: Probe = field(init=False)
     commands: CommandRunner = field(init=False)
     workers: list[Worker] = field(init=False)
+    guard: ListenerGuard = field(init=False)
     _fingerprints: dict[Release, Fingerprint] = field(init=False, default_factory=dict)
     _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
@@ -141,9 +143,11 @@ class Supervisor:
         self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd)
         self.probe = self._build_probe(self.settings, self.listeners)
         self.events.subscribe(self.tally.on_event)
+        self.guard = ListenerGuard(self.events, self._all_listeners, lambda: [gen.number for gen in self.generations])
         self.workers = [
             Worker("liveness", self.settings.health_interval, self._check_liveness),
             Worker("reaper", _REAPER_INTERVAL, self._sweep),
+            Worker("listeners", 0.0, partial(self.guard.watch, _REAPER_INTERVAL)),
         ]
         if self.systemd is not None:
             self.events.subscribe(self.systemd.on_event)
@@ -535,6 +539,7 @@ class Supervisor:
 
     def spawn(self, generation: Generation, index: int) -> Instance:
         """Start instance `index` of `generation` and watch its exit; raises SpawnError if it cannot start."""
+        self.guard.check()  # a socket an earlier child shut down would fail this instance's readiness
         instance = generation.spawn(index)
         release = generation.release
         self.events.emit("spawned", f"{self._label(instance)} started: {release.describe()}", gen=generation.number,
