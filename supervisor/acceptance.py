@@ -5,7 +5,7 @@ closed its inherited socket (or never accepted at all, yet sent READY=1) accepts
 answered by the old generation, and a watch window that only counts failures would promote it — and the
 service would go down with the old generation's drain. So each instance that enters the window must also be
 seen accepting a connection on one of our TCP listeners (attributed to its own processes, see attribution.py)
-within the window; a health check answered only by another generation counts as a failed one.
+at the end of the window; a health check answered only by another generation counts as a failed one.
 """
 
 from __future__ import annotations
@@ -58,24 +58,24 @@ def answered_elsewhere(result: Result) -> Result:
 
 @dataclass(frozen=True)
 class Proof:
-    """What a watch window must see accepting connections itself: these instances, through `probe` (None: it
-    cannot be told), within the window — or `timeout` if that is longer: a very short window must not fail a
-    healthy instance. `several`: the generation has more than one instance (reasons then name it)."""
+    """What the end of a watch window must see accepting connections itself: these instances, through `probe`
+    (None: it cannot be told), within `timeout`. `several`: the generation has more than one instance (reasons
+    then name the instance)."""
 
     probe: AcceptProbe | None
     instances: list[Instance]
     timeout: float
     several: bool = False
 
-    async def run(self, window: float, interval: float) -> None:
+    async def run(self, interval: float) -> None:
         """Wait until each instance has accepted a connection itself; raises Failed (unhealthy) for one that did
         not in time. An instance that exits meanwhile is left to the rollout's casualty watch."""
         if self.probe is None or not self.instances:
             return
-        timeout = max(window, self.timeout)
-        failed = await wait_all_ready(self.probe, self.instances, timeout, interval, lambda instance, result: None)
+        failed = await wait_all_ready(self.probe, self.instances, self.timeout, interval, lambda instance, result: None)
         for instance, failure in failed.items():
             if failure.kind != "exited":
                 which = f"instance {instance.index} " if self.several else ""
-                raise Failed(f"unhealthy in watch window: {which}accepted no connection itself in {timeout:g}s "
-                             "(each went to another generation: did it close its listening socket?)", "unhealthy")
+                raise Failed(f"unhealthy in watch window: {which}accepted no connection itself within "
+                             f"{self.timeout:g}s at its end (each went to another generation: did it close its "
+                             "listening socket?)", "unhealthy")

@@ -17,6 +17,7 @@ from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
 from .errors import UserError
 from .events import Events
+from .fdlimit import raise_fd_limit
 from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
 from .notify import SystemdNotifier
@@ -116,6 +117,10 @@ def _remove_runtime_dir(directory: Path) -> None:
 def run(settings: Settings) -> int:
     """Run the supervisor to completion and return its exit code."""
     events = Events(settings.log_format, settings.log_level)
+    fd_limit = raise_fd_limit()
+    if fd_limit is not None:
+        events.emit("fd-limit-raised", f"open-files limit raised from {fd_limit.soft} to {fd_limit.hard} (children "
+                    f"keep {fd_limit.soft})", level="debug", soft=fd_limit.soft, hard=fd_limit.hard)
     try:
         release = resolve(settings.command, logical_cwd(settings.chdir), settings.env, os.environ.get("PATH"))
     except ExecutableNotFound as exc:
@@ -132,7 +137,8 @@ def run(settings: Settings) -> int:
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path),
-                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials)
+                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
+                                fd_limit=fd_limit)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
         for listener in listeners:

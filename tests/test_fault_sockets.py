@@ -6,12 +6,13 @@ shrinks its backlog, a generation that accepts nothing yet looks healthy, a supe
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import select
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,17 +32,23 @@ def port() -> int:
 
 @pytest.fixture
 def running() -> Iterator[list[Supervise]]:
-    """Collects started supervisors and stops every one of them after the test."""
+    """Collects started supervisors and stops every one of them after the test, then removes their runtime
+    directory (a private one: these tests never touch the machine's /run/supervise)."""
     started: list[Supervise] = []
     yield started
     for item in started:
         item.stop()
+        if item.env is not None:
+            shutil.rmtree(item.env["XDG_RUNTIME_DIR"], ignore_errors=True)
 
 
-def supervise(running: list[Supervise], release: Path, port: int, *options: str, **kwargs: object) -> Supervise:
-    sup = Supervise(["-l", f"127.0.0.1:{port}", *WATCH, *options, "--", str(release / "run")], **kwargs).start()  # type: ignore[arg-type]
+def supervise(running: list[Supervise], release: Path, port: int, *options: str, wrapper: list[str] | None = None) -> Supervise:
+    """Start a supervisor of `release` on 127.0.0.1:port (in a private runtime directory)."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": tempfile.mkdtemp(prefix="svf-")}  # short: notify socket paths are limited
+    sup = Supervise(["-l", f"127.0.0.1:{port}", *WATCH, *options, "--", str(release / "run")], env=env,
+                    wrapper=wrapper or [])
     running.append(sup)
-    return sup
+    return sup.start()
 
 
 def ctl(sup: Supervise, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -183,3 +190,68 @@ def test_a_healthy_generation_is_still_promoted_with_a_short_watch_window(tmp_pa
     stats = load.stop()
     assert verdict["event"] == "promoted", verdict
     assert stats.failures == 0, stats.summary()
+
+
+# -- item 7: running out of fds is contained -----------------------------------------------------------------------
+
+
+def limits_of(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of a process, from /proc/PID/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-files line in /proc/{pid}/limits")
+
+
+def idle_control_connections(sup: Supervise, count: int) -> list[socket.socket]:
+    """`count` connections to the control socket that never send a byte."""
+    assert sup.private_dir is not None
+    path = os.path.join(sup.private_dir, "control.sock")
+    connections = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        connections.append(sock)
+    return connections
+
+
+@pytest.mark.timeout(30)
+def test_the_fd_limit_is_raised_for_the_supervisor_and_not_for_its_children(tmp_path: Path, port: int,
+                                                                             running: list[Supervise]) -> None:
+    release = tmp_path / "app"
+    write_release(release, "--tag", "v1")
+    hard = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 4096)
+    sup = supervise(running, release, port, wrapper=["prlimit", f"--nofile=64:{hard}", "--"])
+    serving = sup.wait_for("serving")
+    assert limits_of(sup.pid) == (hard, hard)
+    assert limits_of(serving["pids"][0]) == (64, hard)
+
+
+@pytest.mark.timeout(90)
+def test_running_out_of_fds_during_an_upgrade_is_contained(tmp_path: Path, port: int,
+                                                           running: list[Supervise]) -> None:
+    release = tmp_path / "app"
+    write_release(release, "--tag", "v1")
+    sup = supervise(running, release, port, wrapper=["prlimit", "--nofile=64:64", "--"])
+    sup.wait_for("serving")
+    assert ctl(sup, "status").returncode == 0  # the control server is up and taking connections
+    load = start_load(port)
+    idle = idle_control_connections(sup, 80)
+    try:
+        write_release(release, "--tag", "v2")
+        verdict = sup.upgrade()
+        status = ctl(sup, "status")
+        stats = load.stop()
+    finally:
+        for sock in idle:
+            sock.close()
+    print(f"\nupgrade with 80 idle control connections under ulimit -n 64: {verdict['event']} "
+          f"({verdict.get('reason', '')}); {stats.failures} of {stats.requests} requests failed")
+    assert sup.process.poll() is None, "the supervisor exited"
+    assert status.returncode == 0, status.stderr
+    assert stats.failures == 0, stats.summary()
+    assert verdict["event"] == "promoted", verdict  # idle connections made way: the upgrade had the fds it needed
+    assert sup.of_kind("control-shed"), "no idle control connection was closed"
+    sup.wait_for("retired", where=lambda event: event["gen"] == verdict["old_gen"])
+    assert tag_of(port) == "v2"
