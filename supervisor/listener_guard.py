@@ -84,20 +84,21 @@ class ListenerGuard:
     def _check_one(self, listener: Listener) -> bool:
         sock = listener.sock
         queue = accept_queue(sock)
-        alive = queue is not None or listening(sock)
+        listens = queue is not None or listening(sock)
         baseline = self.baselines.get(listener)
         if baseline is None:
-            if alive:  # first sight, before any child could touch it: this is what it must stay like
+            if listens:  # first sight, before any child could touch it: this is what it must stay like
                 self.baselines[listener] = Baseline(tuple(sock.getsockname()), queue[1] if queue else None)
             return False
-        if alive and (baseline.backlog is None or queue is None or queue[1] >= baseline.backlog):
+        if not listens:
+            return self._revive(listener, baseline, "it no longer listened (a child called shutdown() on it?)")
+        if baseline.backlog is None or queue is None or queue[1] >= baseline.backlog:
             return False
-        reason = ("it no longer listened (a child called shutdown() on it?)" if not alive else
-                  f"its backlog was {queue[1] if queue else '?'} instead of {baseline.backlog} (a child called "
-                  "listen() on it?)")
-        return self._revive(listener, baseline, reason)
+        # A server that calls listen() with its own smaller default (uvicorn: 2048) shows up here too: said at info.
+        return self._revive(listener, baseline, f"its backlog was {queue[1]} instead of {baseline.backlog} (a child "
+                            "called listen() on it; pass --backlog to match the server's own)", level="info")
 
-    def _revive(self, listener: Listener, baseline: Baseline, reason: str) -> bool:
+    def _revive(self, listener: Listener, baseline: Baseline, reason: str, level: str = "warning") -> bool:
         """listen() again with the baseline backlog; first bind the old address again if the shutdown gave the
         port back (shutdown() releases a port the system picked, `:0`)."""
         sock, gens, backlog = listener.sock, sorted(self.alive()), baseline.backlog or socket.SOMAXCONN
@@ -118,7 +119,7 @@ class ListenerGuard:
         self.lost.discard(listener)
         self.events.emit("listener-revived", f"listener {listener.name} ({listener.address}) revived: {reason}; "
                          f"listening again with backlog {backlog} (generations alive: {', '.join(map(str, gens))})",
-                         level="warning", name=listener.name, address=listener.address, reason=reason,
+                         level=level, name=listener.name, address=listener.address, reason=reason,
                          backlog=backlog, generations=gens)
         return True
 

@@ -4,8 +4,8 @@ Every control connection costs the supervisor an fd, and so do the things an upg
 socket, a pipe, probe connections, reading /proc). Clients that connect and then say nothing would otherwise
 use up the open-files limit, and the next upgrade would fail half-way. So control connections get the fds
 below a reserve: a connection accepted into the reserve first makes the oldest idle connections (no request
-in progress) close, one for one (or itself, when none is idle); when accept() itself finds no fd, idle ones are
-closed too and it tries again.
+in progress) close, one for one (or itself, when none is idle and more than a few are open); when accept() itself
+finds no fd, idle ones are closed too and it tries again.
 The kernel hands out the lowest free fd, so an accepted connection's fd number is a lower bound of how many
 are open: no scan of /proc/self/fd (which would need an fd of its own) is needed.
 """
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 _MIN_RESERVE = 24  # fds an upgrade may need at once beside what the supervisor holds anyway
+_ALWAYS_ADMITTED = 4  # connections let in even within the reserve, when none is idle (ctl status must answer)
 
 
 def fd_reserve(limit: int) -> int:
@@ -43,7 +44,8 @@ class Admission:
 
     def admit(self, transport: asyncio.BaseTransport, fd: int) -> int:
         """Count a new connection on `fd`. One that went into the reserve takes the place of the oldest idle
-        connection, which is closed; with none idle, the new one is closed itself. Returns how many were closed."""
+        connection, which is closed; with none idle, the new one is closed itself, unless only a few are open.
+        Returns how many were closed."""
         self._forget_closed()
         self.opened[transport] = time.monotonic()
         limit = self.limit()
@@ -51,6 +53,8 @@ class Admission:
             return 0
         if self.shed(1, keep=transport):
             return 1
+        if len(self.opened) <= _ALWAYS_ADMITTED:  # an operator can always get in, however tight fds are
+            return 0
         transport.close()
         del self.opened[transport]
         self.shed_total += 1

@@ -38,7 +38,7 @@ _UCRED = struct.Struct("3i")
 _MAX_BODY = 64 * 1024
 _STREAM_BUFFER = 1000
 NDJSON = "application/x-ndjson"
-_FULL_PAUSE = 0.1  # accept() found no fd and no idle connection could be closed: try again after this long
+_FULL_PAUSE = 0.1  # accept() failed and no idle connection could be closed: try again after this long
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -132,13 +132,16 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
-            except OSError as exc:
-                if not out_of_fds(exc):
-                    raise
-                if not self._shed(max(1, len(self.admission.opened) // 2), "no fd left to accept one"):
-                    await anyio.sleep(_FULL_PAUSE)  # nothing idle to close: the client waits in the backlog
+            except OSError as exc:  # EMFILE/ENFILE, or a transient ENOBUFS/ENOMEM: never fatal to the supervisor
+                if not (out_of_fds(exc) and self._shed(max(1, len(self.admission.opened) // 2), "no fd left to "
+                                                       "accept a new one")):
+                    await anyio.sleep(_FULL_PAUSE)  # the client waits in the backlog meanwhile
                 continue
-            transport, _ = await loop.connect_accepted_socket(protocol, conn)
+            try:
+                transport, _ = await loop.connect_accepted_socket(protocol, conn)
+            except OSError:  # the client is gone already
+                conn.close()
+                continue
             if closed := self.admission.admit(transport, conn.fileno()):
                 self._said(closed, f"fds are running low (a new one got fd {conn.fileno()}, within the reserve kept "
                                    "for upgrades)")

@@ -237,7 +237,7 @@ def accept_until_drain(stub: Stub) -> None:
             shutdown_at = None
             try:
                 stub.listener.shutdown(socket.SHUT_RDWR)  # the fault under test: it stops the socket for everyone
-                stub.log("shut down the listening socket")
+                stub.log(f"shut down the listening socket at {time.time():.6f}")
             except OSError as exc:  # ENOTCONN: an earlier instance already did, and nobody revived it
                 stub.log(f"cannot shut down the listening socket: {exc}")
         if close_listener_due(stub):
