@@ -123,20 +123,26 @@ class ListenerGuard:
                          backlog=backlog, generations=gens)
         return True
 
-    async def watch(self, interval: float) -> None:
-        """Wait up to `interval` for a held listener to hang up (shut down), then check them all."""
-        try:
-            poller = select.epoll()  # a new one each time: a closed listener never lingers in it
-        except OSError:  # out of fds: look every `interval` instead
-            await anyio.sleep(interval)
-        else:
-            with poller:
-                for listener in self._tcp():
-                    if listening(listener.sock):  # one that cannot listen again would wake us again and again
-                        poller.register(listener.sock.fileno(), select.EPOLLRDHUP)  # not EPOLLIN: queued connections
-                with anyio.move_on_after(interval):
-                    await _readable(poller.fileno())
-        self.check()
+    async def watch_hangups(self, interval: float) -> None:
+        """Forever: check at once when a held listener hangs up (shut down); the set of listeners is looked at
+        again every `interval` (the periodic check of backlogs is the housekeeping sweep's)."""
+        while True:
+            try:
+                if await self._hangup(interval):
+                    self.check()
+            except OSError:  # out of fds for the epoll instance: the sweep's periodic check is left
+                await anyio.sleep(interval)
+
+    async def _hangup(self, interval: float) -> bool:
+        """Wait up to `interval` for a held listener to hang up; whether one did."""
+        with select.epoll() as poller:  # a new one each time: a closed listener never lingers in it
+            for listener in self._tcp():
+                if listening(listener.sock):  # one that cannot listen again would wake us again and again
+                    poller.register(listener.sock.fileno(), select.EPOLLRDHUP)  # not EPOLLIN: queued connections
+            with anyio.move_on_after(interval):
+                await _readable(poller.fileno())
+                return True
+        return False
 
 
 async def _readable(fd: int) -> None:

@@ -150,7 +150,6 @@ class Supervisor:
         self.workers = [
             Worker("liveness", self.settings.health_interval, self._check_liveness),
             Worker("reaper", _REAPER_INTERVAL, self._sweep),
-            Worker("listeners", 0.0, partial(self.guard.watch, _REAPER_INTERVAL)),
         ]
         if self.systemd is not None:
             self.events.subscribe(self.systemd.on_event)
@@ -181,6 +180,7 @@ class Supervisor:
                 self._group = group
                 group.start_soon(self.reaper.run)
                 group.start_soon(self._receive_signals)
+                group.start_soon(self.guard.watch_hangups, _REAPER_INTERVAL)
                 for worker in self.workers:
                     group.start_soon(worker.run)
                 if self.control is not None:
@@ -738,6 +738,7 @@ class Supervisor:
     async def _sweep(self) -> None:
         """The reaper worker: reap zombies, keep process trees current, clear leftovers and stale socket files."""
         self.reaper.reap()
+        self.guard.check()  # listening, and with the backlog it had? (a hangup is seen at once by watch_hangups)
         for generation in self.generations:
             generation.refresh()
         self._adopt_orphans()

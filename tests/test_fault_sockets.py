@@ -114,12 +114,14 @@ def test_a_listener_shut_down_by_a_child_is_revived_at_once_under_load(tmp_path:
     after = [ok for start, _, ok in stats.samples if failed and start > max(failed)]
     shut_at = float(next(line for line in sup.lines if "shut down the listening socket at" in line).split()[-1])
     recovery = datetime.fromisoformat(revived["ts"].replace("Z", "+00:00")).timestamp() - shut_at
-    print(f"\nshutdown() of the listener under load: revived {max(recovery, 0.0) * 1000:.0f} ms after it (log times, to the ms; "
-          f"resolution); {stats.failures} of {stats.requests} requests failed {stats.errors}")
+    print(f"\nshutdown() of the listener under load: revived {max(recovery, 0.0) * 1000:.0f} ms after it (log times, "
+          f"to the ms); {stats.failures} of {stats.requests} requests failed {stats.errors}")
     assert "no longer listened" in revived["reason"], revived
     assert recovery < 0.5, recovery  # woken by the socket's hangup, not by the next once-a-second look
     assert revived["generations"] == [1], revived
-    assert stats.failures <= 20, stats.summary()  # only those caught in the instant between shutdown and revival
+    # Only requests in the instant between shutdown and revival fail (a refused connect fails in microseconds,
+    # so their number says more about the client's speed than about the gap).
+    assert not failed or max(failed) - min(failed) < 0.5, stats.summary()
     assert stats.requests - stats.failures > 50, stats.summary()
     assert not failed or len(after) > 20, stats.summary()  # and everything after it served
     assert metric(sup, "supervise_listener_revivals_total", listener="listen0") == 1
