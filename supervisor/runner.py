@@ -138,7 +138,7 @@ def run(settings: Settings) -> int:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release, runtime_dir="", history=History.load(settings.state_path),
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
-                                fd_limit=fd_limit)
+                                child_fd_limit=fd_limit.pair if fd_limit else None)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
         for listener in listeners:

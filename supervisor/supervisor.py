@@ -27,7 +27,6 @@ from .control.metrics import Tally, TimedProbe
 from .credentials import Credentials
 from .errors import UserError
 from .events import Events
-from .fdlimit import FdLimit
 from .generation import Generation
 from .history import Fingerprint, History, Record, fingerprint
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
@@ -114,7 +113,7 @@ class Supervisor:
     control: ControlServer | None = None
     systemd: SystemdNotifier | None = None
     credentials: Credentials | None = None
-    fd_limit: FdLimit | None = None  # RLIMIT_NOFILE as we were started with (we raised ours): what children get
+    child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
     next_number: int = 1
     stopping: bool = False
     forced: bool = False
@@ -142,8 +141,7 @@ class Supervisor:
     _lenient_logged: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        child_limit = self.fd_limit.pair if self.fd_limit else None
-        self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd, child_limit)
+        self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd, self.child_fd_limit)
         self.probe = self._build_probe(self.settings, self.listeners)
         self.events.subscribe(self.tally.on_event)
         self.guard = ListenerGuard(self.events, self._all_listeners, lambda: [gen.number for gen in self.generations])
@@ -535,8 +533,7 @@ class Supervisor:
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
-        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials,
-                            self.fd_limit.pair if self.fd_limit else None)
+        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit)
         generation = Generation(number, plan.release, plan.listeners, launcher)
         self.generations.append(generation)
         return generation
