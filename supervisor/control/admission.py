@@ -3,16 +3,17 @@
 Every control connection costs the supervisor an fd, and so do the things an upgrade must do (a notify
 socket, a pipe, probe connections, reading /proc). Clients that connect and then say nothing would otherwise
 use up the open-files limit, and the next upgrade would fail half-way. So control connections get the fds
-below a reserve: a connection accepted into the reserve first makes the oldest idle connections (no request
-in progress) close, one for one (or itself, when none is idle and more than a few are open); when accept() itself
-finds no fd, idle ones are closed too and it tries again.
-The kernel hands out the lowest free fd, so an accepted connection's fd number is a lower bound of how many
-are open: no scan of /proc/self/fd (which would need an fd of its own) is needed.
+below a reserve: one accepted while the fds in use reach into the reserve takes the place of the oldest idle
+connection (no request in progress), which is closed — or is closed itself when none is idle and more than a
+few are open; when accept() itself finds no fd, idle ones are closed too and it tries again. The fds in use
+are counted in /proc/self/fd on each new connection (control connections are few and far between).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import resource
 import time
 from collections import Counter
@@ -33,14 +34,23 @@ def soft_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def open_fds(newest: int) -> int:
+    """How many fds this process has open. Where /proc cannot be listed (or there is no fd left to list it),
+    `newest` + 1 — a lower bound, as the kernel hands out the lowest free fd — or the limit itself."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the directory's own
+    except OSError as exc:
+        return soft_fd_limit() if exc.errno in (errno.EMFILE, errno.ENFILE) else newest + 1
+
+
 @dataclass
 class Admission:
     """The open control connections (oldest first) and which of them have a request in progress."""
 
     limit: Callable[[], int] = soft_fd_limit
+    count: Callable[[int], int] = open_fds
     opened: dict[asyncio.BaseTransport, float] = field(default_factory=dict)  # transport → when accepted
     busy: Counter[asyncio.BaseTransport] = field(default_factory=Counter)
-    shed_total: int = 0
 
     def admit(self, transport: asyncio.BaseTransport, fd: int) -> int:
         """Count a new connection on `fd`. One that went into the reserve takes the place of the oldest idle
@@ -49,7 +59,7 @@ class Admission:
         self._forget_closed()
         self.opened[transport] = time.monotonic()
         limit = self.limit()
-        if fd < limit - fd_reserve(limit):
+        if self.count(fd) < limit - fd_reserve(limit):
             return 0
         if self.shed(1, keep=transport):
             return 1
@@ -57,7 +67,6 @@ class Admission:
             return 0
         transport.close()
         del self.opened[transport]
-        self.shed_total += 1
         return 1
 
     def shed(self, count: int, keep: asyncio.BaseTransport | None = None) -> int:
@@ -67,9 +76,7 @@ class Admission:
         for transport in idle[:count]:
             transport.close()
             del self.opened[transport]
-        closed = min(count, len(idle))
-        self.shed_total += closed
-        return closed
+        return min(count, len(idle))
 
     def _forget_closed(self) -> None:
         for transport in [transport for transport in self.opened if transport.is_closing()]:
