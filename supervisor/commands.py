@@ -26,10 +26,12 @@ class CommandRunner:
     reaper: Reaper
     base_env: Mapping[str, str]
     cwd: str | None = None
+    fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE for the command: the supervisor's as it started
 
     async def __call__(self, command: str, env: dict[str, str], timeout: float) -> str | None:
         """Run to completion: None on exit 0, else why it failed (`exited with status 1`, `timed out after 5s`)."""
-        spec = ProcessSpec(_SHELL, ("sh", "-c", command), child_environment(self.base_env, env, 0, ()), cwd=self.cwd)
+        spec = ProcessSpec(_SHELL, ("sh", "-c", command), child_environment(self.base_env, env, 0, ()), cwd=self.cwd,
+                           fd_limit=self.fd_limit)
         try:
             pid = spawn(spec)
         except SpawnError as exc:

@@ -22,7 +22,7 @@ from .notify import NotifySocket
 from .proctree import descendants
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
-from .spawn import ProcessSpec, SpawnError, child_environment, spawn
+from .spawn import OutOfFds, ProcessSpec, SpawnError, child_environment, out_of_fds, spawn
 
 # States an instance (and a generation) moves through; `starting` → `ready` → `serving` → `draining` → `exited`.
 STARTING, READY, SERVING, DRAINING, EXITED = "starting", "ready", "serving", "draining", "exited"
@@ -38,6 +38,7 @@ class Launcher:
     reaper: Reaper
     events: Events
     credentials: Credentials | None = None
+    fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE for children: the supervisor's own as it started
 
 
 @dataclass(eq=False)
@@ -81,7 +82,8 @@ class Instance:
         try:
             notify = NotifySocket(notify_path, on_notify, (credentials.uid, credentials.gid) if credentials else None)
         except OSError as exc:
-            raise SpawnError(f"cannot create the notify socket {notify_path} for generation {number}: "
+            error = OutOfFds if out_of_fds(exc) else SpawnError
+            raise error(f"cannot create the notify socket {notify_path} for generation {number}: "
                              f"{exc.strerror or exc}" + (" (giving it to another user needs CAP_CHOWN)"
                                                          if credentials and isinstance(exc, PermissionError) else "")) from None
         try:
@@ -96,6 +98,7 @@ class Instance:
                 pass_fds=tuple(listener.sock.fileno() for listener in listeners),
                 set_listen_pid=bool(listeners),
                 credentials=credentials,
+                fd_limit=launcher.fd_limit,
             )
             pid = spawn(spec)
         except BaseException:

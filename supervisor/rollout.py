@@ -16,6 +16,7 @@ from typing import Protocol
 import anyio
 
 from .commands import CommandRunner
+from .acceptance import Proof, accept_probe, answered_elsewhere
 from .concurrency import first_completed
 from .config import Settings
 from .errors import UserError
@@ -27,7 +28,7 @@ from .listeners import Listener
 from .probes import Probe, Result, Verdict
 from .readiness import Failed, wait_all_ready
 from .release import Release
-from .spawn import SpawnError
+from .spawn import SpawnError, out_of_fds
 from .strategy import drain_count
 
 IDLE, SPAWNING, WAITING_READY, WATCHING, DRAINING, ROLLING_BACK = (
@@ -129,16 +130,21 @@ class Strikes:
         return (f"instance {key}: " if several else "") + f"{self.threshold} consecutive failures (last: {result.detail})"
 
 
-async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int) -> None:
-    """Health-check through the watch window; raises Failed when an instance fails `threshold` checks in a row.
-    (An instance dying meanwhile is caught by the rollout's casualty watch.)"""
+async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int,
+                proof: Proof | None = None) -> None:
+    """Health-check through the watch window; raises Failed when an instance fails `threshold` checks in a row
+    (a check answered only by another generation counts as failed), or when, at the end of the window, the
+    `proof` finds an instance not accepting connections itself. (An instance dying meanwhile is caught by the
+    rollout's casualty watch.)"""
     strikes = Strikes(generation, threshold)
     with anyio.move_on_after(window):
         while True:
             await anyio.sleep(interval)
-            failure = strikes.record(await health_check(probe, generation))
+            failure = strikes.record(answered_elsewhere(await health_check(probe, generation)))
             if failure:
                 raise Failed(f"unhealthy in watch window: {failure}", "unhealthy")
+    if proof is not None:
+        await proof.run(interval)
 
 
 @dataclass
@@ -207,6 +213,10 @@ class Rollout:
             return await self._roll_back(f"exec failed: {exc}", "exec-failed")
         except UserError as exc:
             refusal = str(exc)  # an invalid config: nothing was started, nothing changes
+        except OSError as exc:
+            if not out_of_fds(exc):
+                raise
+            refusal = f"the supervisor is out of file descriptors ({exc.strerror})"
         if refusal is None:
             failure = await self._hook("pre-upgrade", self.settings.hooks.pre_upgrade, self._hook_env(""))
             refusal = f"pre-upgrade hook {failure}" if failure else None
@@ -225,6 +235,10 @@ class Rollout:
                 raise Failed(self._abort_reason, "operator")
         except Failed as failure:
             return await self._roll_back(failure.reason, failure.kind)
+        except OSError as exc:  # no fault of the release: it is not marked bad
+            if not out_of_fds(exc):
+                raise
+            return await self._roll_back(f"the supervisor ran out of file descriptors ({exc.strerror})", "resources")
         return await self._promote_and_drain()
 
     async def _casualty(self) -> None:
@@ -274,7 +288,7 @@ class Rollout:
             for index in new.free_indexes(size):
                 started.append(self.host.spawn(new, index))
         except SpawnError as exc:
-            raise Failed(f"exec failed: {exc}", "exec-failed") from None
+            raise Failed(f"exec failed: {exc}" if exc.kind == "exec-failed" else str(exc), exc.kind) from None
         self._mark("spawned", again=False)
         self._enter(WAITING_READY)
         failed = await wait_all_ready(plan.probe, started, settings.ready_timeout, settings.health_interval,
@@ -293,7 +307,9 @@ class Rollout:
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
             self.host.events.emit("watching", f"watching generation {new.number} for {settings.watch:g}s{beside}",
                                   gen=new.number, instances=[instance.index for instance in ready])
-            await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold)
+            proof = Proof(accept_probe(plan.listeners, settings.probe_timeout), ready, settings.probe_timeout,
+                          plan.processes > 1)
+            await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold, proof)
         return ready
 
     async def _replace_old(self, ready: list[Instance]) -> None:

@@ -16,6 +16,7 @@ from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
 from .errors import UserError
 from .events import Events
+from .fdlimit import raise_fd_limit
 from .history import History
 from .listeners import Listener, inherited_from_systemd, open_listeners
 from .notify import SystemdNotifier
@@ -76,6 +77,10 @@ def _remove_pidfile(path: Path) -> None:
 def run(settings: Settings) -> int:
     """Run the supervisor to completion and return its exit code."""
     events = Events(settings.log_format, settings.log_level)
+    fd_limit = raise_fd_limit()
+    if fd_limit is not None:
+        events.emit("fd-limit-raised", f"open-files limit raised from {fd_limit.soft} to {fd_limit.hard} (children "
+                    f"keep {fd_limit.soft})", level="debug", soft=fd_limit.soft, hard=fd_limit.hard)
     try:
         release = resolve(settings.command, logical_cwd(settings.chdir), settings.env, os.environ.get("PATH"),
                           settings.version_file)
@@ -96,7 +101,8 @@ def run(settings: Settings) -> int:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release, runtime_dir="",
                                 history=History.load(settings.state_path, events),
-                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials)
+                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
+                                child_fd_limit=fd_limit.pair if fd_limit else None)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
         for listener in listeners:

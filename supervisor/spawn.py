@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +36,25 @@ class ProcessSpec:
     set_listen_pid: bool = False
     parent_death_signal: int | None = signal.SIGKILL
     credentials: Credentials | None = None
+    fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE to set in the child (the supervisor's raised its own)
 
 
 class SpawnError(Exception):
-    """The child could not be started (chdir or exec failed); the message names the command and the cause."""
+    """The child could not be started (chdir or exec failed); the message names the command and the cause.
+    `kind` says whose fault: exec-failed (the release's) or resources (ours, see OutOfFds)."""
+
+    kind = "exec-failed"
+
+
+class OutOfFds(SpawnError):
+    """The supervisor ran out of file descriptors (EMFILE/ENFILE) while starting a child: no fault of the release."""
+
+    kind = "resources"
+
+
+def out_of_fds(exc: BaseException) -> bool:
+    """Whether an error is the process (EMFILE) or the system (ENFILE) running out of file descriptors."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
 
 
 class ExecutableNotFound(SpawnError):
@@ -95,6 +111,8 @@ def _exec_child(
             if os.getppid() != parent:
                 os._exit(1)  # the supervisor died before prctl: do not start an orphan
         os.setsid()
+        if spec.fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, spec.fd_limit)
         for index, fd in enumerate(fds):
             os.dup2(fd, 3 + index)
         first_free = 3 + len(fds)
@@ -139,11 +157,7 @@ def spawn(spec: ProcessSpec) -> int:
 
     The caller must register the pid with the reaper before its next await.
     """
-    first_free = 3 + len(spec.pass_fds)
-    fds = [_above(fd, first_free) for fd in spec.pass_fds]
-    read_end, write_end = os.pipe()
-    report = _above(write_end, first_free)
-    os.close(write_end)
+    read_end, report, fds = _prepare_fds(spec)
     executable = os.fsencode(spec.executable)
     argv = [os.fsencode(arg) for arg in spec.argv]
     env = {os.fsencode(key): os.fsencode(value) for key, value in spec.env.items()}
@@ -167,6 +181,30 @@ def spawn(spec: ProcessSpec) -> int:
         os.waitpid(pid, 0)  # it has already called _exit; collect it here so nobody sees a stray exit
         raise SpawnError(_describe_failure(spec, data))
     return pid
+
+
+def _prepare_fds(spec: ProcessSpec) -> tuple[int, int, list[int]]:
+    """The exec-error pipe (read end, close-on-exec write end) and the fds to pass, all numbered above where they
+    go; raises OutOfFds (nothing left open) when there are no fds for them."""
+    first_free = 3 + len(spec.pass_fds)
+    opened: list[int] = []
+    try:
+        fds = [_above(fd, first_free) for fd in spec.pass_fds]
+        opened.extend(fds)
+        read_end, write_end = os.pipe()
+        opened.extend((read_end, write_end))
+        report = _above(write_end, first_free)
+        os.close(write_end)
+    except OSError as exc:
+        for fd in opened:
+            try:
+                os.close(fd)
+            except OSError:
+                continue
+        if out_of_fds(exc):
+            raise OutOfFds(f"cannot start {spec.argv[0]}: the supervisor is out of file descriptors ({exc.strerror})") from None
+        raise
+    return read_end, report, fds
 
 
 def _read_all(fd: int) -> bytes:

@@ -32,6 +32,7 @@ from .history import History, Record
 from .identity import Identity, identify
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .libc import release_free_memory
+from .listener_guard import ListenerGuard
 from .listeners import Listener, bind
 from .notify import SystemdNotifier
 from .probes import (
@@ -114,6 +115,7 @@ class Supervisor:
     control: ControlServer | None = None
     systemd: SystemdNotifier | None = None
     credentials: Credentials | None = None
+    child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
     next_number: int = 1
     stopping: bool = False
     forced: bool = False
@@ -130,6 +132,7 @@ class Supervisor:
     probe: Probe = field(init=False)
     commands: CommandRunner = field(init=False)
     workers: list[Worker] = field(init=False)
+    guard: ListenerGuard = field(init=False)
     _identities: dict[Release, Identity] = field(init=False, default_factory=dict)  # for one upgrade
     _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
@@ -140,9 +143,10 @@ class Supervisor:
     _lenient_logged: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd)
+        self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd, self.child_fd_limit)
         self.probe = self._build_probe(self.settings, self.listeners)
         self.events.subscribe(self.tally.on_event)
+        self.guard = ListenerGuard(self.events, self._all_listeners, lambda: [gen.number for gen in self.generations])
         self.workers = [
             Worker("liveness", self.settings.health_interval, self._check_liveness),
             Worker("reaper", _REAPER_INTERVAL, self._sweep),
@@ -176,6 +180,7 @@ class Supervisor:
                 self._group = group
                 group.start_soon(self.reaper.run)
                 group.start_soon(self._receive_signals)
+                group.start_soon(self.guard.watch_hangups, _REAPER_INTERVAL)
                 for worker in self.workers:
                     group.start_soon(worker.run)
                 if self.control is not None:
@@ -544,13 +549,14 @@ class Supervisor:
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
-        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials)
+        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit)
         generation = Generation(number, plan.release, plan.listeners, launcher, identity=self._identities.get(plan.release))
         self.generations.append(generation)
         return generation
 
     def spawn(self, generation: Generation, index: int) -> Instance:
         """Start instance `index` of `generation` and watch its exit; raises SpawnError if it cannot start."""
+        self.guard.check()  # a socket an earlier child shut down would fail this instance's readiness
         instance = generation.spawn(index)
         release = generation.release
         self.events.emit("spawned", f"{self._label(instance)} started: {release.describe()}", gen=generation.number,
@@ -741,6 +747,7 @@ class Supervisor:
     async def _sweep(self) -> None:
         """The reaper worker: reap zombies, keep process trees current, clear leftovers and stale socket files."""
         self.reaper.reap()
+        self.guard.check()  # listening, and with the backlog it had? (a hangup is seen at once by watch_hangups)
         for generation in self.generations:
             generation.refresh()
         self._adopt_orphans()
@@ -783,7 +790,11 @@ class Supervisor:
         known = set(self.reaper.children)
         for generation in self.generations:
             known.update(generation.members)
-        for process in children(psutil.Process()):
+        try:
+            ours = children(psutil.Process())
+        except OSError:  # out of fds: /proc cannot be read now; the next sweep looks again
+            return
+        for process in ours:
             if process.pid in known:
                 continue
             try:

@@ -5,8 +5,6 @@ Counting is plain Python so it costs nothing at start-up; prometheus_client is i
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -14,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..events import Event
+from ..listener_guard import accept_queue
 from ..probes import Probe, ProbeSpec, Result, Subject
 
 if TYPE_CHECKING:
@@ -21,9 +20,6 @@ if TYPE_CHECKING:
 
 _PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_TCP_INFO_SIZE = 104
-_TCPI_UNACKED = 24  # for a listening socket: connections waiting in the accept queue
-_TCPI_SACKED = 28  # for a listening socket: the accept queue's limit (the backlog)
 
 
 @dataclass
@@ -58,6 +54,7 @@ class Tally:
     upgrades: Counter[str] = field(default_factory=Counter)
     rollbacks: Counter[str] = field(default_factory=Counter)
     restarts: int = 0
+    revivals: Counter[str] = field(default_factory=Counter)  # listener name → times it was made to listen again
     phases: dict[str, Histogram] = field(default_factory=dict)
     probes: dict[str, Histogram] = field(default_factory=dict)
 
@@ -72,6 +69,8 @@ class Tally:
             self.upgrades["refused"] += 1
         elif event.kind == "restarting":
             self.restarts += 1
+        elif event.kind == "listener-revived":
+            self.revivals[event.fields.get("name", "")] += 1
         elif event.kind == "retired" and "elapsed" in event.fields:
             self.phases.setdefault("drain", Histogram(_PHASE_BUCKETS)).observe(event.fields["elapsed"])
 
@@ -104,15 +103,6 @@ class TimedProbe:
         return result
 
 
-def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
-    """(waiting, limit) of a TCP listening socket's accept queue, from TCP_INFO; None where unsupported."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-        return struct.unpack_from("=I", info, _TCPI_UNACKED)[0], struct.unpack_from("=I", info, _TCPI_SACKED)[0]
-    except (OSError, AttributeError, struct.error):
-        return None
-
-
 def render(supervisor: Supervisor) -> bytes:
     """The Prometheus text exposition of the supervisor's state and tally."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -138,12 +128,17 @@ def render(supervisor: Supervisor) -> bytes:
     restarts = CounterMetricFamily("supervise_restarts", "Restarts of a generation that died")
     restarts.add_metric([], tally.restarts)
     families.append(restarts)
+    revivals = CounterMetricFamily("supervise_listener_revivals", "Times a held listener that a child shut down "
+                                   "(or whose backlog a child shrank) was made to listen again", labels=["listener"])
+    for name, count in tally.revivals.items():
+        revivals.add_metric([name], count)
+    families.append(revivals)
     families.append(_histograms("supervise_upgrade_phase_seconds", "Duration of each upgrade phase", "phase", tally.phases,
                                 HistogramMetricFamily))
     families.append(_histograms("supervise_probe_seconds", "Duration of one probe attempt", "kind", tally.probes,
                                 HistogramMetricFamily))
     families.extend(_process_families(supervisor, GaugeMetricFamily, CounterMetricFamily))
-    families.append(_queue_family(supervisor, GaugeMetricFamily))
+    families.extend(_queue_families(supervisor, GaugeMetricFamily))
     families.append(_release_family(supervisor, GaugeMetricFamily))
     uptime = GaugeMetricFamily("supervise_uptime_seconds", "Seconds since the supervisor started")
     uptime.add_metric([], time.monotonic() - supervisor.started_at)
@@ -197,10 +192,14 @@ def _release_family(supervisor: Supervisor, gauge: Any) -> Any:
     return info
 
 
-def _queue_family(supervisor: Supervisor, gauge: Any) -> Any:
+def _queue_families(supervisor: Supervisor, gauge: Any) -> list[Any]:
+    labels = ["listener", "address"]
     queue = gauge("supervise_listener_accept_queue", "Connections waiting to be accepted on each TCP listener",
-                  labels=["listener", "address"])
+                  labels=labels)
+    backlog = gauge("supervise_listener_backlog", "Accept queue limit (listen backlog) of each TCP listener",
+                    labels=labels)
     for listener in supervisor.listeners:
         if listener.kind == "tcp" and (depth := accept_queue(listener.sock)) is not None:
             queue.add_metric([listener.name, listener.address], depth[0])
-    return queue
+            backlog.add_metric([listener.name, listener.address], depth[1])
+    return [queue, backlog]

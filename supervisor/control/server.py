@@ -7,11 +7,13 @@ small and starts fast. The connection waits in the socket's backlog meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,10 @@ import anyio
 
 from ..errors import UserError
 from ..events import LEVELS, Event
+from ..spawn import out_of_fds
 from ..units import parse_signal
 from . import views
+from .admission import Admission
 from .metrics import render
 
 if TYPE_CHECKING:
@@ -34,6 +38,7 @@ _UCRED = struct.Struct("3i")
 _MAX_BODY = 64 * 1024
 _STREAM_BUFFER = 1000
 NDJSON = "application/x-ndjson"
+_FULL_PAUSE = 0.1  # accept() failed and no idle connection could be closed: try again after this long
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -56,6 +61,9 @@ class ControlServer:
     path: Path
     sock: socket.socket | None = None
     inode: tuple[int, int] | None = field(default=None, repr=False)
+    admission: Admission = field(default_factory=Admission)
+    _said_at: float = field(default=-1.0, repr=False)
+    _unsaid: int = field(default=0, repr=False)
 
     def bind(self) -> None:
         """Create the socket, mode 0600 from the start (umask), refusing to steal a live supervisor's socket."""
@@ -107,12 +115,51 @@ class ControlServer:
         ])
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
-        await web.SockSite(runner, self.sock).start()
         try:
-            await anyio.sleep_forever()
+            await self._accept(runner.server)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 await runner.cleanup()
+
+    async def _accept(self, protocol: Callable[[], asyncio.Protocol]) -> None:
+        """Accept connections for aiohttp ourselves, so that idle ones make way when fds run low (admission.py)."""
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while True:
+            await anyio.wait_socket_readable(self.sock)
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:  # EMFILE/ENFILE, or a transient ENOBUFS/ENOMEM: never fatal to the supervisor
+                if not (out_of_fds(exc) and self._shed(max(1, len(self.admission.opened) // 2), "no fd left to "
+                                                       "accept a new one")):
+                    await anyio.sleep(_FULL_PAUSE)  # the client waits in the backlog meanwhile
+                continue
+            try:
+                transport, _ = await loop.connect_accepted_socket(protocol, conn)
+            except OSError:  # the client is gone already
+                conn.close()
+                continue
+            if closed := self.admission.admit(transport, conn.fileno()):
+                self._said(closed, f"fds are running low (a new one got fd {conn.fileno()}, within the reserve kept "
+                                   "for upgrades)")
+
+    def _shed(self, count: int, why: str) -> int:
+        closed = self.admission.shed(count)
+        if closed:
+            self._said(closed, why)
+        return closed
+
+    def _said(self, closed: int, why: str) -> None:
+        """Say that connections were closed: at most once a second, with how many since it was last said."""
+        self._unsaid += closed
+        now = time.monotonic()
+        if now - self._said_at >= 1.0:
+            self.supervisor.events.emit("control-shed", f"closed {self._unsaid} idle control connection(s): {why}",
+                                        level="warning", closed=self._unsaid, open=len(self.admission.opened))
+            self._said_at, self._unsaid = now, 0
 
     def close(self) -> None:
         """Remove the socket file (if it is still ours) and close the socket."""
@@ -131,7 +178,7 @@ class ControlServer:
     def _guard(self) -> Callable[..., Any]:
         from aiohttp import web
 
-        supervisor = self.supervisor
+        supervisor, admission = self.supervisor, self.admission
 
         @web.middleware
         async def guard(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
@@ -143,7 +190,8 @@ class ControlServer:
             if (request.content_length or 0) > _MAX_BODY:  # no handler reads a body: reject it before anything runs
                 return _error(413, f"request body too large (limit {_MAX_BODY} bytes)")
             try:
-                return await handler(request)
+                with admission.request(request.transport):
+                    return await handler(request)
             except web.HTTPException as exc:
                 return _error(exc.status, exc.reason)
             except UserError as exc:

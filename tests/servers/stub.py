@@ -60,6 +60,7 @@ class Stub:
     started: float = field(default_factory=time.monotonic)
     grandchildren: list[int] = field(default_factory=list)
     first_ready_at: float | None = None  # monotonic; when /readyz first answered 200 (--sick-after counts from it)
+    listener_closed: bool = False  # --close-listener-after has closed our fd of the listening socket
     stop_accepting_at: float | None = None  # monotonic; set by SIGTERM/SIGINT
     drain_signal: str = ""
     accepting_stopped: threading.Event = field(default_factory=threading.Event)
@@ -96,6 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="send READY=1 S s after accepting starts (implies --notify)")
     parser.add_argument("--drain-delay", type=float, default=0.0, metavar="S",
                         help="on SIGTERM keep accepting S s before draining")
+    parser.add_argument("--shutdown-listener-after", type=float, metavar="S",
+                        help="shutdown(SHUT_RDWR) the listening socket S s after accepting starts (once), then go on "
+                             "accepting whenever it listens again")
+    parser.add_argument("--close-listener-after", type=float, metavar="S",
+                        help="close our fd of the listening socket S s after being ready (first /readyz 200 or "
+                             "READY=1) and accept nothing more, while staying up and answering READY")
+    parser.add_argument("--listen-backlog", type=int, metavar="N", help="listen(N) on the inherited socket at start")
     return parser.parse_args(argv)
 
 
@@ -192,6 +200,13 @@ def install_signal_handlers(stub: Stub) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN if stub.options.ignore_term else drain)
 
 
+def notify_ready(stub: Stub) -> None:
+    """READY=1; it also counts as being ready for --close-listener-after."""
+    sd_notify("READY=1")
+    if stub.first_ready_at is None:
+        stub.first_ready_at = time.monotonic()
+
+
 def start_timers(stub: Stub) -> None:
     """--crash-after and the delayed READY=1 of --notify run on their own daemon threads."""
     options = stub.options
@@ -201,7 +216,7 @@ def start_timers(stub: Stub) -> None:
         timer.daemon = True
         timer.start()
     if options.notify or options.notify_delay is not None:
-        timer = threading.Timer(options.notify_delay or 0.0, sd_notify, ("READY=1",))
+        timer = threading.Timer(options.notify_delay or 0.0, notify_ready, (stub,))
         timer.daemon = True
         timer.start()
 
@@ -215,11 +230,33 @@ def accept_until_drain(stub: Stub) -> None:
     stub.listener.setblocking(False)
     poller = select.poll()
     poller.register(stub.listener, select.POLLIN)
+    shutdown_at = None if stub.options.shutdown_listener_after is None else (
+        time.monotonic() + stub.options.shutdown_listener_after)
     while stub.stop_accepting_at is None or time.monotonic() < stub.stop_accepting_at:
-        if poller.poll(POLL_SECONDS * 1000):
+        if shutdown_at is not None and time.monotonic() >= shutdown_at:
+            shutdown_at = None
+            try:
+                stub.listener.shutdown(socket.SHUT_RDWR)  # the fault under test: it stops the socket for everyone
+                stub.log(f"shut down the listening socket at {time.time():.6f}")
+            except OSError as exc:  # ENOTCONN: an earlier instance already did, and nobody revived it
+                stub.log(f"cannot shut down the listening socket: {exc}")
+        if close_listener_due(stub):
+            poller.unregister(stub.listener)
+            stub.listener.close()
+            stub.listener_closed = True
+            stub.log("closed its listening socket: accepting nothing more")
+        if stub.listener_closed:
+            time.sleep(POLL_SECONDS)
+        elif poller.poll(POLL_SECONDS * 1000):
             accept_pending(stub)
     stub.listener.close()  # close, never shutdown(): the next generation accepts on the same socket
     stub.accepting_stopped.set()
+
+
+def close_listener_due(stub: Stub) -> bool:
+    """Whether --close-listener-after says to close our listening fd now."""
+    after, ready_at = stub.options.close_listener_after, stub.first_ready_at
+    return not stub.listener_closed and after is not None and ready_at is not None and time.monotonic() >= ready_at + after
 
 
 def accept_pending(stub: Stub) -> None:
@@ -228,6 +265,9 @@ def accept_pending(stub: Stub) -> None:
         try:
             conn, _ = stub.listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
+            return
+        except OSError:  # EINVAL: the socket no longer listens (shut down); poll says so until it listens again
+            time.sleep(POLL_SECONDS)
             return
         thread = threading.Thread(target=serve_connection, args=(stub, conn), daemon=True)
         with stub.lock:
@@ -427,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.exit_at_start is not None:
         return int(options.exit_at_start)
     listener, where = open_listener(options)
+    if options.listen_backlog is not None:
+        listener.listen(options.listen_backlog)  # the fault under test: the backlog is the socket's, not ours
     stub = Stub(options, listener, where, generation=env_int("SUPERVISE_GENERATION") or 0)
     stub.grandchildren = spawn_grandchildren(options.grandchildren, listener)
     install_signal_handlers(stub)
