@@ -1,0 +1,180 @@
+"""Fast layer: the pure pieces an upgrade is computed from — strategy, drain counts, strikes and the parsers of
+what an operator types. No processes, no sockets: each test takes microseconds."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+
+from supervisor.errors import UserError
+from supervisor.listeners import parse_listen
+from supervisor.probes import Result, Verdict, parse_probe
+from supervisor.rollout import Strikes
+from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
+from supervisor.units import parse_duration, parse_signal
+
+
+@pytest.mark.parametrize(("text", "amount", "of_ten"), [("2", Amount(2), 2), ("25%", Amount(25, True), 3),
+                                                        ("1%", Amount(1, True), 1), ("100%", Amount(100, True), 10)])
+def test_amounts_are_counts_or_percentages_rounded_up(text: str, amount: Amount, of_ten: int) -> None:
+    assert parse_amount(text, "--batch") == amount
+    assert amount.of(10) == of_ten
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "0%", "101%", "x", "2.5", ""])
+def test_bad_amounts_are_refused(text: str) -> None:
+    with pytest.raises(UserError, match="invalid --batch"):
+        parse_amount(text, "--batch")
+
+
+def test_surge_starts_everything_in_one_batch() -> None:
+    strategy = build_strategy(None, None, None, 100)
+    assert strategy.batches(5) == [5]
+    assert strategy.required(5) == 5
+
+
+def test_rolling_batches_respect_max_surge_and_success_percent() -> None:
+    strategy = build_strategy("rolling", "50%", "2", "60%")
+    assert strategy.step(10) == 2
+    assert strategy.batches(5) == [2, 2, 1]
+    assert strategy.required(2) == 2
+    assert strategy.required(5) == 3
+    assert build_strategy("rolling", None, None, 100).batches(3) == [1, 1, 1]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("blue-green", None, None, 100), "--strategy"),
+    (("surge", "2", None, 100), "apply to --strategy rolling"),
+    (("rolling", None, None, 0), "--success-percent"),
+    (("rolling", None, None, "lots"), "--success-percent"),
+    (("rolling", None, "0", 100), "room above --processes"),
+])
+def test_strategy_errors_name_the_option(args: tuple, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build_strategy(*args)
+
+
+@pytest.mark.parametrize(("batch", "new_ready", "old_current", "processes", "drained"), [
+    (2, 2, 4, 4, 2),  # a full old generation: one old per new
+    (2, 2, 3, 4, 1),  # an old one short: fill first, drain only what is above N
+    (2, 2, 2, 4, 0),  # old generation two short: nothing drained
+    (2, 4, 4, 4, 2),  # never more than the batch
+])
+def test_drain_count_never_leaves_fewer_than_processes_ready(batch: int, new_ready: int, old_current: int,
+                                                             processes: int, drained: int) -> None:
+    assert drain_count(batch, new_ready, old_current, processes) == drained
+    assert new_ready + old_current - drained >= min(processes, new_ready + old_current)
+
+
+@dataclass
+class _Owner:
+    index: int
+
+
+@dataclass
+class _Generation:
+    """What Strikes reads of a generation: who owns a pid, and how many instances there are."""
+
+    pids: dict[int, int]
+    instances: list[int] = field(default_factory=lambda: [0, 1])
+
+    def owner(self, pid: int | None) -> _Owner | None:
+        return _Owner(self.pids[pid]) if pid in self.pids else None
+
+
+def _result(verdict: Verdict, pid: int | None) -> Result:
+    return Result(verdict, "503" if verdict is Verdict.NOT_READY else "ok", pid=pid)
+
+
+def test_strikes_count_each_instance_apart() -> None:
+    strikes = Strikes(_Generation({100: 0, 101: 1}), threshold=3)  # type: ignore[arg-type]
+    verdicts = [(Verdict.NOT_READY, 100), (Verdict.READY, 101), (Verdict.NOT_READY, 100), (Verdict.READY, 101)]
+    assert [strikes.record(_result(v, pid)) for v, pid in verdicts] == [None] * 4
+    failure = strikes.record(_result(Verdict.NOT_READY, 100))
+    assert failure == "instance 0: 3 consecutive failures (last: 503)"
+
+
+def test_strikes_reset_on_success_and_ignore_inconclusive() -> None:
+    strikes = Strikes(_Generation({100: 0}, instances=[0]), threshold=2)  # type: ignore[arg-type]
+    assert strikes.record(_result(Verdict.NOT_READY, 100)) is None
+    assert strikes.record(_result(Verdict.INCONCLUSIVE, None)) is None
+    assert strikes.record(_result(Verdict.READY, 100)) is None
+    assert strikes.record(_result(Verdict.NOT_READY, 100)) is None
+    assert strikes.record(_result(Verdict.NOT_READY, 100)) == "2 consecutive failures (last: 503)"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0),
+                                               ("1.5", 1.5), (".5s", 0.5), (" 3 s ", 3.0)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5 sec", "-1s", "1e3", "inf", "nan", "s"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(UserError, match="invalid --watch"):
+        parse_duration(text, "--watch")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("TERM", signal.SIGTERM), ("sigusr1", signal.SIGUSR1),
+                                                ("15", signal.SIGTERM), ("SIGQUIT", signal.SIGQUIT)])
+def test_signals(text: str, expected: signal.Signals) -> None:
+    assert parse_signal(text) is expected
+
+
+@pytest.mark.parametrize("text", ["TERMINATE", "999", "", "SIG"])
+def test_bad_signals_are_refused(text: str) -> None:
+    with pytest.raises(UserError, match="unknown signal"):
+        parse_signal(text)
+
+
+@pytest.mark.parametrize(("text", "kind", "host", "port", "name", "shown"), [
+    ("8080", "tcp", None, 8080, "listen0", ":8080"),
+    (":8080", "tcp", None, 8080, "listen0", ":8080"),
+    ("127.0.0.1:80", "tcp", "127.0.0.1", 80, "listen0", "127.0.0.1:80"),
+    ("[::1]:9000", "tcp", "::1", 9000, "listen0", "[::1]:9000"),
+    ("udp://:53", "udp", None, 53, "listen0", "udp://:53"),
+    ("web=tcp://localhost:8000", "tcp", "localhost", 8000, "web", "localhost:8000"),
+])
+def test_listen_addresses(text: str, kind: str, host: str | None, port: int, name: str, shown: str) -> None:
+    spec = parse_listen(text, 0)
+    assert (spec.kind, spec.host, spec.port, spec.name, str(spec)) == (kind, host, port, name, shown)
+
+
+def test_unix_listeners_keep_their_path() -> None:
+    spec = parse_listen("api=unix:/run/app.sock", 1)
+    assert (spec.kind, spec.path, spec.name, spec.explicit_name) == ("unix", "/run/app.sock", "api", True)
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "no address"), ("host:http", "is not a number"),
+                                               ("1.2.3.4:70000", "out of range"), ("unix:", "needs a path"),
+                                               ("a:b:c", "expected HOST:PORT")])
+def test_bad_listen_addresses_say_why(text: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_listen(text, 0)
+
+
+@pytest.mark.parametrize(("text", "kind", "host", "port", "path"), [
+    ("http", "http", None, None, "/readyz"),
+    ("http:/healthz", "http", None, None, "/healthz"),
+    ("http://127.0.0.1:9000/up", "http", "127.0.0.1", 9000, "/up"),
+    ("tcp://[::1]:81", "tcp", "::1", 81, "/readyz"),
+    ("notify", "notify", None, None, "/readyz"),
+])
+def test_probes(text: str, kind: str, host: str | None, port: int | None, path: str) -> None:
+    spec = parse_probe(text)
+    assert (spec.kind, spec.host, spec.port, spec.path) == (kind, host, port, path)
+
+
+def test_exec_and_delay_probes() -> None:
+    assert parse_probe("exec: /bin/check --quick").command == "/bin/check --quick"
+    assert parse_probe("delay:250ms").seconds == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("text", "message"), [("exec:", "needs a command"), ("https://x:1/", "https probes"),
+                                               ("http://x:0/", "out of range"), ("tcp://x:1/p", "takes no path"),
+                                               ("grpc", "unknown probe kind 'grpc'")])
+def test_bad_probes_say_why(text: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_probe(text)
