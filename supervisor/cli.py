@@ -9,10 +9,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, schema
 from .config import Settings, from_command_line
 from .errors import UserError
-from .units import parse_duration
 
 _EPILOG = """
 \b
@@ -44,21 +43,25 @@ Examples:
 """
 
 
-class Duration(click.ParamType):
-    """`250ms`, `5s`, `2m`, `1h` or bare seconds."""
+class Checked(click.ParamType):
+    """A flag's value checked by its entry in the schema: the same type and range as the config file's key."""
 
-    name = "DURATION"
+    def __init__(self, key: str, metavar: str) -> None:
+        self.key, self.name = key, metavar
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
-            return parse_duration(value)
-        except UserError as exc:
+            return schema.SETTINGS[self.key].parse(value)
+        except schema.Invalid as exc:
             self.fail(str(exc), param, ctx)
 
 
-DURATION = Duration()
+def _duration(key: str) -> Checked:
+    return Checked(key, "DURATION")
+
+
+def _integer(key: str) -> Checked:
+    return Checked(key, "INTEGER")
 
 
 @click.command(
@@ -74,42 +77,42 @@ DURATION = Duration()
 @click.option("--ready", metavar="SPEC", help="Readiness and health probe: http[://HOST:PORT][/PATH], tcp[://HOST:PORT], "
               "notify (READY=1), exec:COMMAND, delay:DURATION. Default: http /readyz on the first TCP listener, where "
               "a 404 counts as 'no readiness endpoint, serving'; without a TCP listener, delay:1s.")
-@click.option("--ready-timeout", type=DURATION, default="60s", show_default=True, help="How long a new generation may take to become ready.")
-@click.option("--probe-timeout", type=DURATION, default="2s", show_default=True, help="Timeout of one probe attempt.")
-@click.option("--watch", type=DURATION, default="5s", show_default=True,
+@click.option("--ready-timeout", type=_duration("ready_timeout"), default="60s", show_default=True, help="How long a new generation may take to become ready.")
+@click.option("--probe-timeout", type=_duration("probe_timeout"), default="2s", show_default=True, help="Timeout of one probe attempt.")
+@click.option("--watch", type=_duration("watch"), default="5s", show_default=True,
               help="After ready, how long old and new serve side by side while the new one is health-checked.")
-@click.option("--health-interval", type=DURATION, default="1s", show_default=True,
+@click.option("--health-interval", type=_duration("health_interval"), default="1s", show_default=True,
               help="Time between health checks (and the slowest readiness poll; polls start at 10ms).")
-@click.option("--health-threshold", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--health-threshold", type=_integer("health_threshold"), default=3, show_default=True,
               help="Consecutive failed health checks that roll an upgrade back.")
 @click.option("--drain-signal", default="TERM", show_default=True, metavar="SIGNAL", help="Signal that asks a generation to finish and exit.")
-@click.option("--drain-timeout", type=DURATION, default="30s", show_default=True,
+@click.option("--drain-timeout", type=_duration("drain_timeout"), default="30s", show_default=True,
               help="How long a draining generation may take before its whole process tree is killed.")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--max-restarts", type=_integer("max_restarts"), default=5, show_default=True,
               help="Restarts of a dying instance allowed within --restart-window (counted per instance); one more "
                    "failure exits non-zero when no instance is serving (else it retries every 30s).")
-@click.option("--restart-window", type=DURATION, default="60s", show_default=True, help="The window --max-restarts counts in.")
-@click.option("-n", "--processes", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--restart-window", type=_duration("restart_window"), default="60s", show_default=True, help="The window --max-restarts counts in.")
+@click.option("-n", "--processes", type=_integer("processes"), default=1, show_default=True,
               help="Instances of COMMAND per generation, all on the same sockets, each with its own NOTIFY_SOCKET "
                    "and SUPERVISE_INSTANCE=0..N-1; a dead one is replaced alone. Change live: supervise ctl scale N.")
-@click.option("--strategy", type=click.Choice(["surge", "rolling"]), default="surge", show_default=True,
+@click.option("--strategy", type=click.Choice(schema.choices("strategy")), default="surge", show_default=True,
               help="How an upgrade replaces the instances: surge starts all N new ones at once (fastest, up to 2N "
                    "processes for a moment); rolling replaces them --batch at a time. Neither drains an old instance "
                    "before a new one is ready, so never fewer than N are ready.")
 @click.option("--batch", metavar="COUNT|PERCENT", help="With rolling: new instances per batch, like 1 or 25% of N (default 1).")
 @click.option("--max-surge", metavar="COUNT|PERCENT",
               help="With rolling: processes allowed above N during the upgrade (default: the batch size); caps the batch.")
-@click.option("--success-percent", type=click.IntRange(min=1, max=100), default=100, show_default=True,
+@click.option("--success-percent", type=_integer("success_percent"), default=100, show_default=True,
               help="Share of a batch that must become ready; below it the upgrade stops and every batch already "
                    "replaced is rolled back, old instances first ready, then new ones drained.")
 @click.option("--upgrade-on-change", "upgrade_on_change", multiple=True, metavar="PATH",
               help="Upgrade when this file or symlink changes (a replaced binary, a flipped `current` link); repeatable.")
-@click.option("--change-settle", type=DURATION, default="1s", show_default=True,
+@click.option("--change-settle", type=_duration("change_settle"), default="1s", show_default=True,
               help="With --upgrade-on-change: how long the paths must stay unchanged before the upgrade starts.")
 @click.option("--pre-upgrade", metavar="CMD", help="Shell command run before an upgrade; non-zero refuses the upgrade.")
 @click.option("--post-upgrade", metavar="CMD", help="Shell command run after a new generation is promoted.")
 @click.option("--on-rollback", metavar="CMD", help="Shell command run after an upgrade is rolled back (reason in $SUPERVISE_REASON).")
-@click.option("--hook-timeout", type=DURATION, default="60s", show_default=True, help="Time limit of each hook command.")
+@click.option("--hook-timeout", type=_duration("hook_timeout"), default="60s", show_default=True, help="Time limit of each hook command.")
 @click.option("--chdir", metavar="DIR", help="Working directory of the children, resolved again on every upgrade "
               "(default: the current directory as the shell names it, symlinks kept).")
 @click.option("--user", metavar="USER", help="Run the children as this user (name or uid); the supervisor stays root "
@@ -119,18 +122,19 @@ DURATION = Duration()
 @click.option("--version-file", metavar="PATH", help="A file the deploy writes (a version, a git revision): its first line "
               "is the release's identity and name, re-read on every upgrade; relative to the working directory. Without "
               "it, a release is told by the content of what runs and a metadata digest of its directory.")
-@click.option("--backlog", type=click.IntRange(min=1), default=4096, show_default=True, help="Listen backlog of TCP and unix listeners.")
+@click.option("--backlog", type=_integer("backlog"), default=4096, show_default=True, help="Listen backlog of TCP and unix listeners.")
 @click.option("--no-nodelay", is_flag=True, help="Do not set TCP_NODELAY on TCP listeners (accepted connections inherit it).")
 @click.option("--unix-mode", metavar="OCTAL", help="File mode of unix socket files we create (default: from the umask).")
-@click.option("--name", metavar="NAME", help="Name of this service in logs and of its control socket (default: the command's name).")
+@click.option("--name", metavar="NAME", help="Name of this service in logs, of its control socket and state file: 1-64 of A-Z a-z 0-9 . _ - "
+              "(default: the app and the first listener's port, like app-8080).")
 @click.option("--control", type=click.Path(path_type=Path), metavar="PATH",
               help="Control socket path (default: $XDG_RUNTIME_DIR/supervise/NAME.sock, /run/supervise as root).")
 @click.option("--state-dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Where rollout history and last-known-good/bad releases persist (default: beside the control socket).")
 @click.option("--pidfile", type=click.Path(path_type=Path), metavar="PATH", help="Write the supervisor's pid here.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log lines on stderr: text for people, json for machines.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-@click.option("--loop", type=click.Choice(["auto", "uvloop", "asyncio"]), default="auto", show_default=True,
+@click.option("--log-format", type=click.Choice(schema.choices("log_format")), default="text", show_default=True, help="Log lines on stderr: text for people, json for machines.")
+@click.option("--log-level", type=click.Choice(schema.choices("log_level")), default="info", show_default=True)
+@click.option("--loop", type=click.Choice(schema.choices("loop")), default="auto", show_default=True,
               help="Event loop: uvloop when installed (auto), or plain asyncio.")
 @click.version_option(__version__, "-V", "--version", prog_name="supervise")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")

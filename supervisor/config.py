@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import schema
 from .errors import UserError
 from .listeners import ListenSpec, parse_listen
+from .names import default_name
 from .probes import ProbeSpec, parse_probe
 from .strategy import Strategy, build_strategy
-from .units import parse_duration, parse_signal
+from .units import parse_signal
 
 
 def default_runtime_dir() -> Path:
@@ -95,17 +98,11 @@ class Settings:
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
 _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
           "change_settle")
-_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "restart_window", "hook_timeout",
+_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "restart_window",
               "change_settle")
-_COUNTS = {"health_threshold": 1, "max_restarts": 0, "backlog": 1, "processes": 1}
-_TEXTS = ("ready", "drain_signal", "name", "chdir", "user", "group", "unix_mode", "pre_upgrade", "post_upgrade",
-          "on_rollback", "log_format", "log_level", "loop", "version_file")
+_COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
 _PATHS = ("control", "state_dir", "pidfile")
-_FILE_TABLES = {"hooks": {"pre_upgrade": "pre_upgrade", "post_upgrade": "post_upgrade", "on_rollback": "on_rollback",
-                          "timeout": "hook_timeout"}}
-_STRATEGY = ("strategy", "batch", "max_surge", "success_percent")
-FILE_KEYS = frozenset((*_DURATIONS, *_COUNTS, *_TEXTS, *_PATHS, *_STRATEGY, "listen", "command", "env", "nodelay", "hooks",
-                       "upgrade_on_change"))
+_FILE_LIMIT = 1 << 20  # bytes: a config file is a page of settings, not a data set
 
 
 @dataclass(frozen=True)
@@ -118,107 +115,73 @@ class Sources:
 
 
 def read_file(path: Path) -> dict[str, Any]:
-    """A TOML config file as option values (the same names as the flags, with underscores)."""
+    """A TOML config file as option values (the same names as the flags, with underscores), each checked
+    against the schema; any fault is one UserError line naming the file (and the key)."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(_read_text(path))
+        return schema.file_options(data)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config {path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"config {path}: invalid TOML: nested too deeply") from None
+    except schema.Invalid as exc:
+        raise UserError(f"config {path}: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise UserError(f"config {path}: invalid TOML: a number too long to read") from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file of at most _FILE_LIMIT bytes of UTF-8 (never blocks on a FIFO)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"invalid config {path}: {exc}") from None
-    unknown = sorted(set(data) - FILE_KEYS)
-    if unknown:
-        raise UserError(f"invalid config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(FILE_KEYS))})")
-    options: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _FILE_TABLES:
-            table = _expect(path, key, value, dict)
-            for name, item in table.items():
-                if name not in _FILE_TABLES[key]:
-                    raise UserError(f"invalid config {path}: unknown key {key}.{name}")
-                options[_FILE_TABLES[key][name]] = item
-        elif key == "nodelay":
-            options["no_nodelay"] = not _expect(path, key, value, bool)
-        elif key == "env":
-            options["env"] = [f"{name}={item}" for name, item in _expect(path, key, value, dict).items()]
-        elif key in ("listen", "command", "upgrade_on_change"):
-            options[key] = [value] if key != "command" and isinstance(value, str) else _expect(path, key, value, list)
-        else:
-            options[key] = value
-    return options
-
-
-def _expect(path: Path, key: str, value: Any, kind: type) -> Any:
-    if not isinstance(value, kind):
-        raise UserError(f"invalid config {path}: {key} must be a {kind.__name__}, not {type(value).__name__}")
-    return value
-
-
-def _duration(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UserError(f"invalid {key}: {value!r} is not a duration")
-    return float(value) if not isinstance(value, str) else parse_duration(value, key.replace("_", "-"))
-
-
-def _count(key: str, value: Any) -> int:
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"cannot read config {path}: not a regular file")
+        try:
+            raw = handle.read(_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    if len(raw) > _FILE_LIMIT:
+        raise UserError(f"config {path}: larger than {_FILE_LIMIT // 1024} KiB")
     try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"invalid {key}: {value!r} is not a whole number") from None
-    if number < _COUNTS[key]:
-        raise UserError(f"invalid {key}: {number} is below {_COUNTS[key]}")
-    return number
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    key, sep, value = str(text).partition("=")
-    if not sep or not key:
-        raise UserError(f"invalid env {text!r}: expected KEY=VALUE")
-    return key, value
-
-
-def _octal(text: Any) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(str(text), 8)
-    except ValueError:
-        raise UserError(f"invalid unix-mode {text!r}: expected an octal mode like 660") from None
-
-
-def _text(options: Mapping[str, Any], key: str) -> str | None:
-    return None if options.get(key) is None else str(options[key])
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
 
 
 def build(options: Mapping[str, Any], sources: Sources | None = None) -> Settings:
     """Validated Settings from option values (flags, file or both); raises UserError with one clear line."""
-    command = tuple(str(arg) for arg in options.get("command") or ())
+    values = schema.command_line_options(options)
+    command = values.get("command") or ()
     if not command:
         raise UserError("no command given: usage: supervise [OPTIONS] -- COMMAND [ARG...] (or command = [...] in --config)")
-    text = {key: (str(options[key]) if options.get(key) is not None else None) for key in _TEXTS}
+    listen = tuple(parse_listen(item, index) for index, item in enumerate(values.get("listen") or ()))
+    text = {key: values.get(key) or None for key in ("ready", "chdir", "user", "group", "version_file", "unix_mode",
+                                                     "pre_upgrade", "post_upgrade", "on_rollback")}
     return Settings(
         command=command,
-        listen=tuple(parse_listen(str(item), index) for index, item in enumerate(options.get("listen") or ())),
+        listen=listen,
         ready=parse_probe(text["ready"]) if text["ready"] else None,
-        **{key: _duration(key, options[key]) for key in _DURATIONS if key != "hook_timeout"},
-        **{key: _count(key, options[key]) for key in _COUNTS},
-        drain_signal=parse_signal(text["drain_signal"]),
-        name=text["name"] or os.path.basename(command[0]) or "supervise",
-        **{key: Path(options[key]) if options.get(key) else None for key in _PATHS},
-        nodelay=not options.get("no_nodelay"),
-        unix_mode=_octal(text["unix_mode"]),
+        **{key: values[key] for key in (*_DURATIONS, *_COUNTS)},
+        drain_signal=parse_signal(values.get("drain_signal") or "TERM"),
+        name=values.get("name") or default_name(command, listen),
+        **{key: Path(values[key]) if values.get(key) else None for key in _PATHS},
+        nodelay=not values.get("no_nodelay"),
+        unix_mode=int(text["unix_mode"], 8) if text["unix_mode"] else None,
         chdir=text["chdir"],
         user=text["user"],
         group=text["group"],
-        env=tuple(_env_pair(item) for item in options.get("env") or ()),
+        env=values.get("env") or (),
         version_file=text["version_file"],
-        upgrade_on_change=tuple(os.path.abspath(str(item)) for item in options.get("upgrade_on_change") or ()),
-        hooks=Hooks(text["pre_upgrade"], text["post_upgrade"], text["on_rollback"],
-                    _duration("hook_timeout", options["hook_timeout"])),
-        log_format=text["log_format"] or "text",
-        log_level=text["log_level"] or "info",
-        loop=text["loop"] or "auto",
-        strategy=build_strategy(_text(options, "strategy"), _text(options, "batch"), _text(options, "max_surge"),
-                                options.get("success_percent", 100)),
+        upgrade_on_change=tuple(os.path.abspath(item) for item in values.get("upgrade_on_change") or ()),
+        hooks=Hooks(text["pre_upgrade"], text["post_upgrade"], text["on_rollback"], values["hook_timeout"]),
+        log_format=values.get("log_format") or "text",
+        log_level=values.get("log_level") or "info",
+        loop=values.get("loop") or "auto",
+        strategy=build_strategy(values.get("strategy"), values.get("batch"), values.get("max_surge"),
+                                values.get("success_percent", 100)),
         sources=sources,
     )
 

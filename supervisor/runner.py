@@ -105,6 +105,9 @@ def run(settings: Settings) -> int:
                                 child_fd_limit=fd_limit.pair if fd_limit else None)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
+        events.emit("starting", f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
+                    f"{settings.control_path}, state {settings.state_path}", name=settings.name,
+                    control=str(settings.control_path), state=str(settings.state_path))
         for listener in listeners:
             how = "adopted from systemd" if listener.adopted else "listening"
             events.emit("listening", f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "

@@ -55,6 +55,7 @@ from .rollout import (
     Strikes,
     health_check,
 )
+from .schema import MAX_PROCESSES
 from .spawn import SpawnError
 from .triggers import ChangeTrigger
 from .workers import Worker
@@ -67,7 +68,6 @@ _FIRST_BACKOFF = 0.1
 _REAPER_INTERVAL = 1.0
 _RELEASE_AT_FAULT = ("exec-failed", "exited", "not-ready", "unhealthy")  # rollback kinds that mark a release bad
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-MAX_PROCESSES = 1024
 
 
 class Fatal(Exception):

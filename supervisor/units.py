@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 
@@ -16,7 +17,10 @@ def parse_duration(text: str, what: str = "duration") -> float:
     match = _DURATION.match(str(text))
     if not match:
         raise UserError(f"invalid {what} {text!r}: expected a number with an optional unit, like 250ms, 5s, 2m")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise UserError(f"invalid {what} {str(text)[:40]!r}: too large")
+    return seconds
 
 
 def parse_signal(text: str) -> signal.Signals:

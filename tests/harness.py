@@ -95,6 +95,7 @@ class Supervise:
     wrapper: list[str] = field(default_factory=list)  # argv prefix, e.g. a shell that sets up inherited fds
     pass_fds: tuple[int, ...] = ()
     private_dir: str | None = None
+    own_control: bool = True  # False: the control socket and state are left to --name in $XDG_RUNTIME_DIR/supervise
     process: subprocess.Popen[bytes] = field(init=False)
     events: list[dict[str, Any]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -103,7 +104,7 @@ class Supervise:
 
     def start(self) -> Supervise:
         options = list(self.args)
-        if "--control" not in options:  # a private control socket and state, so tests never meet each other
+        if "--control" not in options and self.own_control:  # a private control socket and state: tests never meet
             self.private_dir = tempfile.mkdtemp(prefix="supervise-test-")
             options[:0] = ["--control", os.path.join(self.private_dir, "control.sock")]
         argv = [*self.wrapper, *supervise_command(), "--log-format", "json", "--log-level", "debug", *options]

@@ -487,7 +487,8 @@ def test_history_and_known_releases_survive_a_restart(tmp_path: Path, services: 
     assert first.supervise.wait_exit(15) == 0
 
     version.write_text("2\n")
-    second = services(*options, flags=("--tag", "v2"), control=tmp_path / "ctl2.sock")
+    # The same service again: same command, same port, so the same default name and state file.
+    second = services(*options, flags=("--tag", "v2"), control=tmp_path / "ctl2.sock", port=first.port)
     status = second.status()
     results = [record["result"] for record in status["history"]]
     assert results[-2:] == ["promoted", "rolled-back"], status["history"]

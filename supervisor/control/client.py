@@ -28,6 +28,7 @@ from urllib.parse import quote, urlencode
 import click
 
 from ..errors import UserError
+from ..names import check_name
 
 CONNECT_TIMEOUT = 5.0  # a live supervisor accepts at once; a wedged one must not hang a deploy script
 ANSWER_TIMEOUT = 30.0  # longest wait for a non-streamed answer
@@ -181,6 +182,7 @@ def find_socket(name: str | None, control: Path | None) -> Path:
     if os.geteuid() == 0 and SYSTEM_RUNTIME_DIR not in directories:
         directories.append(SYSTEM_RUNTIME_DIR)  # a root login shell with XDG_RUNTIME_DIR set, a system unit without
     if name is not None:
+        check_name(name)  # a single safe file name: `--name ../x` must not reach outside the runtime dir
         return next((path for directory in directories if (path := directory / f"{name}.sock").exists()),
                     directories[0] / f"{name}.sock")
     found = sorted(path for directory in directories for path in directory.glob("*.sock"))
