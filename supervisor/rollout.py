@@ -10,6 +10,7 @@ serving as if nothing had happened.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -159,7 +160,8 @@ class Rollout:
     plan: Plan | None = None
     state: str = IDLE
     new: Generation | None = None
-    began: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic  # what the phases are timed with (the fast tests: virtual time)
+    began: float = field(init=False)
     timings: dict[str, float] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)  # sizes of the batches started so far
     replaced: int = 0  # living old instances drained because a new one took their place
@@ -167,6 +169,9 @@ class Rollout:
     identity: Identity | None = None  # the new release's, once it is resolved
     _abort: anyio.Event = field(default_factory=anyio.Event)
     _abort_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.began = self.clock()
 
     @property
     def settings(self) -> Settings:
@@ -178,11 +183,11 @@ class Rollout:
         generation = self.new or self.old
         self.host.events.emit("transition", f"upgrade: {previous} → {state}", level="debug",
                               gen=generation.number if generation else None, previous=previous, state=state,
-                              elapsed=round(time.monotonic() - self.began, 6))
+                              elapsed=round(self.clock() - self.began, 6))
 
     def _mark(self, phase: str, again: bool = True) -> None:
         if again or phase not in self.timings:
-            self.timings[phase] = round(time.monotonic() - self.began, 6)
+            self.timings[phase] = round(self.clock() - self.began, 6)
 
     def _outcome(self, result: str, reason: str = "", kind: str = "") -> Outcome:
         return Outcome(result, reason, self.new.number if self.new else None, self.old.number if self.old else None,
