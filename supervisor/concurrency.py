@@ -23,8 +23,9 @@ async def first_completed(*functions: Callable[[], Awaitable[Any]]) -> tuple[int
             for index, function in enumerate(functions):
                 group.start_soon(run, index, function)
     except BaseExceptionGroup as errors:
-        if len(errors.exceptions) == 1:
-            raise errors.exceptions[0] from None  # callers expect the error itself, not a group of one
+        sole = _sole(errors)
+        if sole is not None:
+            raise sole from None  # callers expect the error itself, not a group of one
         raise
     return winner[0]
 
@@ -36,4 +37,18 @@ async def gather(*functions: Callable[[], Coroutine[Any, Any, Any]]) -> None:
             for function in functions:
                 group.start_soon(function)
     except BaseExceptionGroup as errors:
-        raise errors.exceptions[0] from None  # callers handle the error itself (Fatal), never a group of them
+        first = errors.exceptions[0]
+        if isinstance(first, BaseExceptionGroup):
+            first = _sole(first) or first  # an inner task group's error of one
+        raise first from None
+
+
+def _sole(errors: BaseExceptionGroup) -> BaseException | None:
+    """The one error a group holds, through groups of one nested by inner task groups (a probe's EMFILE inside
+    wait_all_ready inside first_completed); None when the group holds several."""
+    while len(errors.exceptions) == 1:
+        inner = errors.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        errors = inner
+    return None

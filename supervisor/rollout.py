@@ -334,6 +334,7 @@ class Rollout:
             self._enter(DRAINING)
             with anyio.CancelScope(shield=True):  # an abort waits for the drain: the instance is already told to stop
                 await self.host.retire_instances(self.old, victims)
+            await anyio.sleep(0)  # a checkpoint: an abort that came during the drain lands here, before a next batch
 
     async def _promote_and_drain(self) -> Outcome:
         settings, events = self.settings, self.host.events

@@ -239,8 +239,6 @@ async def test_operator_abort_during_a_batch_drain_waits_for_it_then_restores() 
     assert_capacity_kept(fleet)
 
 
-@pytest.mark.xfail(strict=True, reason="found by this layer: an abort that lands during a batch's shielded drain is "
-                   "noticed only at the next checkpoint, after the next batch was spawned (and is then drained)")
 async def test_nothing_is_started_after_an_operator_abort() -> None:
     async with FakeFleet(settings(2, "rolling"), Script(lives={(1, 0): Life(drain=3.0)})) as fleet:
         _, aborted = await abort_in(fleet, DRAINING)
@@ -320,9 +318,6 @@ async def test_out_of_fds_in_a_probe_rolls_back_as_resources() -> None:
     assert serving(fleet) == (1, [0])
 
 
-@pytest.mark.xfail(strict=True, raises=ExceptionGroup, reason="found by this layer: a cohort's probe tasks raise "
-                   "EMFILE inside wait_all_ready's task group, which first_completed unwraps only one level of; the "
-                   "group escapes Rollout.run (the supervisor then contains it as an internal error, not resources)")
 async def test_out_of_fds_in_a_cohort_probe_rolls_back_as_resources() -> None:
     outcome, _ = await upgrade(settings(2), Script(lives={(2, 0): Life(probe_error=EMFILE)}))
     assert (outcome.result, outcome.kind) == (ROLLED_BACK, "resources")
