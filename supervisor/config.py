@@ -202,6 +202,12 @@ def reread(current: Settings) -> Settings:
     return dataclasses.replace(fresh, **{key: getattr(current, key) for key in _FIXED})
 
 
+def invalid(exc: UserError) -> str:
+    """Why an upgrade is refused for its settings: "invalid config /etc/app.toml: …" when the file is named."""
+    message = str(exc)
+    return f"invalid {message}" if message.startswith("config ") else f"invalid config: {message}"
+
+
 def _layered(sources: Sources) -> dict[str, Any]:
     from_file = {key: value for key, value in read_file(sources.path).items() if key not in sources.explicit}
     return {**sources.options, **from_file}

@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 
 from .commands import CommandRunner
 from .concurrency import gather
-from .config import Settings, reread
+from .config import Settings, invalid, reread
 from .control.metrics import Tally, TimedProbe
 from .credentials import Credentials
 from .errors import UserError
@@ -488,13 +488,13 @@ class Supervisor:
             settings = reread(self.settings)
             listeners = self._listeners_for(settings)
         except UserError as exc:
-            raise UserError(f"invalid config: {exc}") from None
+            raise UserError(invalid(exc)) from None
         try:
             check_templates(settings.command, [listener.name for listener in listeners])
             probe = self._build_probe(settings, listeners)
         except UserError as exc:
             self._close_unused(listeners)
-            raise UserError(f"invalid config: {exc}") from None
+            raise UserError(invalid(exc)) from None
         if release is None:
             try:
                 release = next_release(settings, self.release)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .. import __version__
-from ..config import reread
+from ..config import invalid, reread
 from ..errors import UserError
 from ..generation import Generation
 from ..identity import Identity
@@ -94,7 +94,7 @@ async def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     try:
         settings = reread(supervisor.settings)
     except UserError as exc:
-        return {"error": f"invalid config: {exc}", "steps": [f"refuse: invalid config: {exc}"]}
+        return {"error": invalid(exc), "steps": [f"refuse: {invalid(exc)}"]}
     try:
         release = next_release(settings, supervisor.release)
     except (SpawnError, UserError) as exc:
