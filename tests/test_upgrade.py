@@ -340,7 +340,9 @@ def test_open_fds_are_stable_across_upgrades(release: Release, port: int, runnin
     for number in range(2, 12):
         assert sup.upgrade()["event"] == "promoted"
         sup.wait_for("retired", where=lambda event, n=number: event["gen"] == n)
-    assert settled_fds(sup.pid) == before
+    # Not "==": under load a probe connection or a pidfd may still be open through the whole first reading
+    # (seen: 17 before, 16 after); a leak adds at least one fd per upgrade, ten here.
+    assert settled_fds(sup.pid) <= before
 
 
 def settled_fds(pid: int) -> int:
