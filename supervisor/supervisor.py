@@ -10,7 +10,6 @@ import os
 import signal
 import time
 import traceback
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,6 +44,7 @@ from .probes import (
 from .proctree import children, descendants
 from .readiness import wait_all_ready
 from .reaper import Reaper
+from .restart_budget import RestartBudget
 from .release import Release, check_templates, next_release
 from .rollout import (
     PROMOTED,
@@ -63,8 +63,6 @@ from .workers import Worker
 if TYPE_CHECKING:
     from .control.server import ControlServer
 
-_MAX_BACKOFF = 30.0
-_FIRST_BACKOFF = 0.1
 _REAPER_INTERVAL = 1.0
 _RELEASE_AT_FAULT = ("exec-failed", "exited", "not-ready", "unhealthy")  # rollback kinds that mark a release bad
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -125,7 +123,7 @@ class Supervisor:
     previous_release: Release | None = None
     scaled: int | None = None  # `ctl scale N`: wins over --processes (and the config file) until the supervisor exits
     busy: str | None = None  # the operation running now: upgrade, repair
-    failures: dict[int, deque[float]] = field(default_factory=dict)  # instance index → when it failed, in the window
+    budget: RestartBudget = field(default_factory=RestartBudget)
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     tally: Tally = field(default_factory=Tally)
@@ -455,28 +453,20 @@ class Supervisor:
             await replan.wait()
 
     def _count_failure(self, index: int, reason: str) -> float:
-        """Count one failure of instance `index` in the window and say what happens next; the backoff delay, or
-        Fatal. Each index counts on its own, as a single child would: instances that die together (a dependency
-        went away) each get their restarts, rather than N of them using up one budget at once."""
-        now = time.monotonic()
-        failures = self.failures.setdefault(index, deque())
-        failures.append(now)
-        while failures and now - failures[0] > self.settings.restart_window:
-            failures.popleft()
-        count, window = len(failures), self.settings.restart_window
+        """Count one failure of instance `index` and say what happens next; the backoff delay, or Fatal."""
         serving = len(self.serving.ready()) if self.serving else 0
-        if count > self.settings.max_restarts and not serving:
-            raise Fatal(f"giving up: {count} failures within {window:g}s (last: {reason})")
-        if count > self.settings.max_restarts:
-            self.events.emit("restarting", f"{reason}; retrying in {_MAX_BACKOFF:g}s: {count} failures within "
-                             f"{window:g}s is past --max-restarts {self.settings.max_restarts}, but {serving} "
-                             "instance(s) keep serving", level="warning", delay=_MAX_BACKOFF, reason=reason,
-                             crash_loop=True)
-            return _MAX_BACKOFF
-        delay = min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (count - 1))
-        self.events.emit("restarting", f"{reason}; restarting in {delay:g}s (failure {count} of at most "
-                         f"{self.settings.max_restarts} within {window:g}s)", level="warning", delay=delay, reason=reason)
-        return delay
+        window, most = self.settings.restart_window, self.settings.max_restarts
+        decision = self.budget.fail(index, most, window, serving)
+        if decision.give_up:
+            raise Fatal(f"giving up: {decision.count} failures within {window:g}s (last: {reason})")
+        if decision.crash_loop:
+            self.events.emit("restarting", f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
+                             f"within {window:g}s is past --max-restarts {most}, but {serving} instance(s) keep "
+                             "serving", level="warning", delay=decision.delay, reason=reason, crash_loop=True)
+        else:
+            self.events.emit("restarting", f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
+                             f"at most {most} within {window:g}s)", level="warning", delay=decision.delay, reason=reason)
+        return decision.delay
 
     # -- the rollout's host interface -------------------------------------------------------------------------
 
