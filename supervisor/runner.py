@@ -18,6 +18,7 @@ from .errors import UserError
 from .events import Events
 from .fdlimit import raise_fd_limit
 from .history import History
+from .release_book import ReleaseBook
 from .listeners import Listener, inherited_from_systemd, open_listeners
 from .notify import SystemdNotifier
 from .release import check_templates, logical_cwd, resolve
@@ -100,7 +101,7 @@ def run(settings: Settings) -> int:
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release, runtime_dir="",
-                                history=History.load(settings.state_path, events),
+                                book=ReleaseBook(History.load(settings.state_path, events), events),
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
                                 child_fd_limit=fd_limit.pair if fd_limit else None)
         supervisor.control = ControlServer(supervisor, settings.control_path)

@@ -27,8 +27,7 @@ from .credentials import Credentials
 from .errors import UserError
 from .events import Events
 from .generation import Generation
-from .history import History, Record
-from .identity import Identity, identify
+from .identity import Identity
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .libc import release_free_memory
 from .listener_guard import ListenerGuard
@@ -44,6 +43,7 @@ from .probes import (
 from .proctree import children, descendants
 from .readiness import wait_all_ready
 from .reaper import Reaper
+from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
 from .release import Release, check_templates, next_release
 from .rollout import (
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from .control.server import ControlServer
 
 _REAPER_INTERVAL = 1.0
-_RELEASE_AT_FAULT = ("exec-failed", "exited", "not-ready", "unhealthy")  # rollback kinds that mark a release bad
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
 
@@ -105,11 +104,11 @@ class Supervisor:
     events: Events
     release: Release
     runtime_dir: str
+    book: ReleaseBook
     reaper: Reaper = field(default_factory=Reaper)
     generations: list[Generation] = field(default_factory=list)
     serving: Generation | None = None
     rollout: Rollout | None = None
-    history: History = field(default_factory=History)
     control: ControlServer | None = None
     systemd: SystemdNotifier | None = None
     credentials: Credentials | None = None
@@ -120,7 +119,6 @@ class Supervisor:
     exit_code: int = 0
     pending: list[Ticket] = field(default_factory=list)
     tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
-    previous_release: Release | None = None
     scaled: int | None = None  # `ctl scale N`: wins over --processes (and the config file) until the supervisor exits
     busy: str | None = None  # the operation running now: upgrade, repair
     budget: RestartBudget = field(default_factory=RestartBudget)
@@ -131,7 +129,6 @@ class Supervisor:
     commands: CommandRunner = field(init=False)
     workers: list[Worker] = field(init=False)
     guard: ListenerGuard = field(init=False)
-    _identities: dict[Release, Identity] = field(init=False, default_factory=dict)  # for one upgrade
     _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
     _replan: anyio.Event = field(init=False)  # set by a scale or upgrade request: a retry's backoff ends early
@@ -290,9 +287,9 @@ class Supervisor:
             ticket = Ticket("ctl rollback")
             self.tickets.append(ticket)
             return ticket
-        if self.previous_release is None:
+        if self.book.previous is None:
             return None
-        return self.request_upgrade("ctl rollback", force=True, release=self.previous_release)
+        return self.request_upgrade("ctl rollback", force=True, release=self.book.previous)
 
     async def _upgrade(self) -> Outcome:
         tickets, self.pending, self._wakeup = self.pending, [], anyio.Event()
@@ -301,21 +298,22 @@ class Supervisor:
         release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
         self.rollout = Rollout(self, self.serving, trigger, force=any(ticket.force for ticket in tickets), release=release)
         outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
-        self.history.begin(trigger, self.serving.number if self.serving else None, self.next_number)
+        self.book.history.begin(trigger, self.serving.number if self.serving else None, self.next_number)
         try:
             outcome = await self.rollout.run()
-            await self._record(outcome)
+            await self.book.record(outcome, self.serving.release if self.serving else None,
+                                   self.serving.identity if self.serving else None)
         except Fatal:
             raise  # restoring old instances failed past --max-restarts: our own manager must act
         except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
             outcome = await self._contain(self.rollout, exc)
         finally:
-            self.history.finish()
+            self.book.history.finish()
             self.rollout = None
             for ticket in self.tickets:
                 ticket.settle(outcome)
             self.tickets = []
-            self._identities.clear()
+            self.book.forget()
         return outcome
 
     async def _contain(self, rollout: Rollout, exc: Exception) -> Outcome:
@@ -333,29 +331,8 @@ class Supervisor:
             await self.retire(new, graceful=True)
         return Outcome(ROLLED_BACK, f"internal error: {exc}", *numbers, kind="internal", trigger=rollout.trigger)
 
-    async def _record(self, outcome: Outcome) -> None:
-        """Keep the rollout in the history; a release that failed by its own fault becomes known bad — unless it
-        cannot be told apart from the serving or last known good release (the log and the verdict say so)."""
-        if outcome.identity is None and outcome.release is not None:
-            outcome.identity = await self.identify(outcome.release)
-        identity = outcome.identity
-        bad = None
-        if identity is not None and outcome.result == ROLLED_BACK and outcome.kind in _RELEASE_AT_FAULT:
-            serving = self.serving.identity if self.serving else None
-            if self.serving is not None and serving is None:
-                serving = await self.identify(self.serving.release)
-            bad, outcome.blame = self.history.blame(identity, serving)
-            self.events.emit("release-known-bad" if bad else "release-not-blamed", outcome.blame,
-                             level="warning" if bad else "info", gen=outcome.new_gen, release=identity.as_dict())
-        self.history.add(Record(outcome.result, outcome.reason, outcome.trigger, outcome.new_gen, outcome.old_gen,
-                                outcome.started_at, outcome.timings, identity.as_dict() if identity else None,
-                                outcome.blame), bad)
-
     async def identify(self, release: Release, fresh: bool = False) -> Identity:
-        """The release's identity (identity.py), computed off the event loop; kept for the rest of the upgrade."""
-        if fresh or release not in self._identities:
-            self._identities[release] = await anyio.to_thread.run_sync(identify, release)
-        return self._identities[release]
+        return await self.book.identify(release, fresh)
 
     async def _bring_up(self, release: Release, first: bool = False) -> Generation:
         """Start a generation of `release` and wait until all its instances are ready (each retried with backoff);
@@ -473,7 +450,7 @@ class Supervisor:
     def prepare(self, release: Release | None) -> Plan:
         """What the next upgrade deploys: the config file read again (if any), listeners it adds bound, the
         command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given."""
-        self._identities.clear()  # a deploy may have rewritten the files of an identical-looking release
+        self.book.forget()
         try:
             settings = reread(self.settings)
             listeners = self._listeners_for(settings)
@@ -529,18 +506,13 @@ class Supervisor:
                 listener.close()
 
     def refusal(self, release: Release, identity: Identity, force: bool) -> str | None:
-        """Why an upgrade to `release` must not run, or None: it is known bad (unless forced)."""
-        if force or not self.history.is_known_bad(identity):
-            return None
-        return (f"release {identity.name} ({release.describe()}) is known bad: it was rolled back before, and nothing "
-                f"it is told by has changed since ({identity.covers}); deploy a fixed release, or force it "
-                "(supervise ctl upgrade --force)")
+        return self.book.refusal(release, identity, force)
 
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
         launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit)
-        generation = Generation(number, plan.release, plan.listeners, launcher, identity=self._identities.get(plan.release))
+        generation = Generation(number, plan.release, plan.listeners, launcher, identity=self.book.known(plan.release))
         self.generations.append(generation)
         return generation
 
@@ -573,15 +545,12 @@ class Supervisor:
     def promote(self, generation: Generation, plan: Plan | None = None) -> None:
         """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies); the
         settings it was deployed with become the supervisor's."""
-        if self.serving is not None and self.serving.release != generation.release:
-            self.previous_release = self.serving.release
+        self.book.promoted(self.serving.release if self.serving else None, generation.identity, generation.release)
         if plan is not None:
             self.settings, self.probe, self.release = plan.settings, plan.probe, plan.release
             self.listeners = list(plan.listeners)
         self.serving = generation
         generation.serve()
-        if generation.identity is not None:
-            self.history.good(generation.identity)
 
     async def changed_in_place(self, generation: Generation) -> str | None:
         """Whether the files of a generation's release were rewritten since it was promoted — then starting it

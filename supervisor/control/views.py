@@ -42,10 +42,10 @@ def status(supervisor: Supervisor) -> dict[str, Any]:
             "state": rollout.state, "trigger": rollout.trigger, "elapsed": round(time.monotonic() - rollout.began, 3),
             "new_gen": rollout.new.number if rollout.new else None, "old_gen": rollout.old.number if rollout.old else None,
             "batches": list(rollout.batches), "replaced": rollout.replaced},
-        "history": supervisor.history.as_dict()["records"],
-        "last_known_good": supervisor.history.last_known_good,
-        "last_known_bad": supervisor.history.last_known_bad,
-        "state_error": supervisor.history.save_error,
+        "history": supervisor.book.history.as_dict()["records"],
+        "last_known_good": supervisor.book.history.last_known_good,
+        "last_known_bad": supervisor.book.history.last_known_bad,
+        "state_error": supervisor.book.history.save_error,
         "workers": [worker.info() for worker in supervisor.workers],
     }
 
@@ -143,7 +143,7 @@ async def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     if hooks.post_upgrade:
         steps.append(f"run post-upgrade hook: {hooks.post_upgrade}")
     return {"command": list(release.argv), "executable": release.executable, "cwd": release.cwd,
-            "fingerprint": identity.digest, "release": identity.as_dict(), "known_bad": supervisor.history.is_known_bad(identity),
+            "fingerprint": identity.digest, "release": identity.as_dict(), "known_bad": supervisor.book.history.is_known_bad(identity),
             "probe": probe_text, "processes": processes,
             "strategy": strategy.describe(processes), "batches": batches,
             "timeouts": {"ready": settings.ready_timeout, "probe": settings.probe_timeout, "watch": settings.watch,
