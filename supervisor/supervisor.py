@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import psutil
@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from .commands import CommandRunner
 from .concurrency import gather
 from .config import Settings, invalid, reread
-from .control.metrics import Tally, TimedProbe
+from .tally import Tally, TimedProbe
 from .credentials import Credentials
 from .errors import UserError
 from .events import Events
@@ -60,11 +60,16 @@ from .spawn import SpawnError
 from .triggers import ChangeTrigger
 from .workers import Worker
 
-if TYPE_CHECKING:
-    from .control.server import ControlServer
-
 _REAPER_INTERVAL = 1.0
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+
+
+class Service(Protocol):
+    """What runs beside the operations for the supervisor's whole life (the control server): the supervisor
+    starts and closes it, and knows nothing else of it — control/ imports the supervisor, never the reverse."""
+
+    async def serve(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class Fatal(Exception):
@@ -109,7 +114,7 @@ class Supervisor:
     generations: list[Generation] = field(default_factory=list)
     serving: Generation | None = None
     rollout: Rollout | None = None
-    control: ControlServer | None = None
+    control: Service | None = None
     systemd: SystemdNotifier | None = None
     credentials: Credentials | None = None
     child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
