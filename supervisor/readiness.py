@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import anyio
 
 from .concurrency import first_completed, gather
+from .generation import Generation
 from .instance import Instance
 from .probes import Probe, Result, Verdict, nothing_yet
+from .spawn import SpawnError
 
 _FIRST_POLL = 0.01
 _FIRST_RETRY = 0.001
@@ -168,3 +171,46 @@ async def wait_all_ready(probe: Probe, instances: Sequence[Instance], timeout: f
     for instance in cohort.pending:
         failures[instance] = _not_ready(probe, timeout, last.get(instance), last.get(None))
     return failures
+
+
+class Starter(Protocol):
+    """What starting a cohort needs from the owner of the generations (the fleet, or the fast layer's fake)."""
+
+    def spawn(self, generation: Generation, index: int) -> Instance: ...
+    def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None: ...
+    async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
+
+
+@dataclass
+class Started:
+    """How a cohort went: the instances proved ready, and each failed index with its instance (None: it could not
+    even be started) and why."""
+
+    ready: list[Instance]
+    failed: list[tuple[int, Instance | None, Failed]]
+
+
+async def start_cohort(host: Starter, generation: Generation, indexes: Sequence[int], probe: Probe, timeout: float,
+                       interval: float, strict: bool, spawned: Callable[[], None] = lambda: None) -> Started:
+    """Start an instance of `generation` at each index, wait until each is ready, has exited or is out of time,
+    and retire the failed ones — the one way instances start, for a rollout's batch and for the restart path.
+
+    A spawn error is raised at once when `strict` (a batch: the release cannot run, nothing waits for the rest);
+    otherwise it is that index's failure and the others go on. `spawned` is called once all were started."""
+    started: list[Instance] = []
+    failed: list[tuple[int, Instance | None, Failed]] = []
+    for index in indexes:
+        try:
+            started.append(host.spawn(generation, index))
+        except SpawnError as exc:
+            if strict:
+                raise
+            failed.append((index, None, Failed(str(exc), exc.kind)))
+    spawned()
+    failures = await wait_all_ready(probe, started, timeout, interval,
+                                    lambda instance, result: host.announce_ready(generation, instance, result, probe))
+    # Only the failed: one that was ready and has died since is the casualty of a rollout, or a failing instance
+    # for the restart path to count, never quietly forgotten.
+    await host.retire_instances(generation, list(failures))
+    failed.extend((instance.index, instance, failure) for instance, failure in failures.items())
+    return Started([instance for instance in started if instance.ready], failed)

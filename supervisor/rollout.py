@@ -27,7 +27,7 @@ from .identity import Identity
 from .instance import Instance
 from .listeners import Listener
 from .probes import Probe, Result, Verdict
-from .readiness import Failed, wait_all_ready
+from .readiness import Failed, start_cohort
 from .release import Release
 from .spawn import SpawnError, out_of_fds
 from .strategy import drain_count
@@ -53,7 +53,7 @@ class Plan:
 
 
 class Host(Protocol):
-    """What the rollout needs from the supervisor that owns the generations."""
+    """What the rollout needs from the fleet that owns the generations (fleet.py; the fast layer fakes it)."""
 
     settings: Settings
     events: Events
@@ -288,21 +288,21 @@ class Rollout:
         assert plan is not None and new is not None
         self.batches.append(size)
         self._enter(SPAWNING)
-        started: list[Instance] = []
+
+        def spawned() -> None:
+            self._mark("spawned", again=False)
+            self._enter(WAITING_READY)
+
         try:
-            for index in new.free_indexes(size):
-                started.append(self.host.spawn(new, index))
+            started = await start_cohort(self.host, new, new.free_indexes(size), plan.probe, settings.ready_timeout,
+                                         settings.health_interval, strict=True, spawned=spawned)
         except SpawnError as exc:
             raise Failed(f"exec failed: {exc}" if exc.kind == "exec-failed" else str(exc), exc.kind) from None
-        self._mark("spawned", again=False)
-        self._enter(WAITING_READY)
-        failed = await wait_all_ready(plan.probe, started, settings.ready_timeout, settings.health_interval,
-                                      lambda instance, result: self.host.announce_ready(new, instance, result, plan.probe))
-        ready = [instance for instance in started if instance.ready]
-        await self.host.retire_instances(new, [instance for instance in started if instance not in ready])
+        ready = started.ready
         needed = settings.strategy.required(size)
         if len(ready) < needed:
-            instance, failure = next(iter(failed.items()), (None, Failed("an instance died before it was ready", "exited")))
+            _, instance, failure = next(iter(started.failed),
+                                        (0, None, Failed("an instance died before it was ready", "exited")))
             first = Failed((self._name(instance) if instance else "") + failure.reason, failure.kind)
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
             raise Failed(first.reason + counts, first.kind)

@@ -100,7 +100,7 @@ def run(settings: Settings) -> int:
     supervisor: Supervisor | None = None
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
-        supervisor = Supervisor(settings, listeners, events, release, runtime_dir="",
+        supervisor = Supervisor(settings, listeners, events, release,
                                 book=ReleaseBook(History.load(settings.state_path, events), events),
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
                                 child_fd_limit=fd_limit.pair if fd_limit else None)
@@ -116,7 +116,7 @@ def run(settings: Settings) -> int:
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
         runtime_dir = RuntimeDir.create(parent, shared=credentials is not None)
-        supervisor.runtime_dir = str(runtime_dir.path)
+        supervisor.fleet.runtime_dir = str(runtime_dir.path)
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:

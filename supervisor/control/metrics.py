@@ -27,7 +27,7 @@ def render(supervisor: Supervisor) -> bytes:
     serving.add_metric([], supervisor.serving.number if supervisor.serving else 0)
     families.append(serving)
     alive = GaugeMetricFamily("supervise_generations", "Generations alive, by state", labels=["state"])
-    for state, count in Counter(generation.state for generation in supervisor.generations).items():
+    for state, count in Counter(generation.state for generation in supervisor.fleet.generations).items():
         alive.add_metric([state], count)
     families.append(alive)
     upgrades = CounterMetricFamily("supervise_upgrades", "Upgrades by outcome", labels=["outcome"])
@@ -80,7 +80,7 @@ def _process_families(supervisor: Supervisor, gauge: Any, counter: Any) -> list[
     ready = gauge("supervise_instances_ready", "Instances proved ready and not draining, by generation", labels=["gen"])
     wanted = gauge("supervise_instances_wanted", "Instances the serving generation should have (--processes, ctl scale)")
     wanted.add_metric([], supervisor.processes)
-    for generation in supervisor.generations:
+    for generation in supervisor.fleet.generations:
         ready.add_metric([str(generation.number)], len(generation.ready()))
         for instance in generation.instances:
             for process in instance.living():
@@ -111,7 +111,7 @@ def _queue_families(supervisor: Supervisor, gauge: Any) -> list[Any]:
                   labels=labels)
     backlog = gauge("supervise_listener_backlog", "Accept queue limit (listen backlog) of each TCP listener",
                     labels=labels)
-    for listener in supervisor.listeners:
+    for listener in supervisor.fleet.listeners:
         if listener.kind == "tcp" and (depth := accept_queue(listener.sock)) is not None:
             queue.add_metric([listener.name, listener.address], depth[0])
             backlog.add_metric([listener.name, listener.address], depth[1])

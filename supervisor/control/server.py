@@ -32,7 +32,8 @@ from .metrics import render
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ..supervisor import Supervisor, Ticket
+    from ..supervisor import Supervisor
+    from ..ticket import Ticket
 
 _UCRED = struct.Struct("3i")
 _MAX_BODY = 64 * 1024
@@ -226,7 +227,7 @@ class ControlServer:
     async def _signal(self, request: web.Request) -> web.StreamResponse:
         signum = parse_signal(request.match_info["name"])
         target = self.supervisor.serving
-        if not self.supervisor.forward(signum) or target is None:
+        if not self.supervisor.fleet.forward(signum) or target is None:
             return _error(409, "no generation is serving")
         return _json({"signal": signum.name, "gen": target.number, "pids": target.pids()})
 
@@ -240,7 +241,7 @@ class ControlServer:
         message = supervisor.request_scale(int(text))
         if request.query.get("wait", "1") in ("0", "false", "no"):
             return _json({"accepted": True, "message": message}, status=202)
-        settings = supervisor.settings
+        settings = supervisor.fleet.settings
         limit = settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0  # an upgrade may be running too
         with anyio.move_on_after(limit):
             while supervisor.busy or supervisor.needs_repair or supervisor.upgrade_pending:

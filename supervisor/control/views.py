@@ -26,18 +26,18 @@ def status(supervisor: Supervisor) -> dict[str, Any]:
     """Everything `supervise ctl status` shows, as JSON-ready data."""
     rollout = supervisor.rollout
     return {
-        "supervisor": {"pid": os.getpid(), "name": supervisor.settings.name, "version": __version__,
+        "supervisor": {"pid": os.getpid(), "name": supervisor.fleet.settings.name, "version": __version__,
                        "uptime": round(time.monotonic() - supervisor.started_at, 3), "started_at": supervisor.started_wall,
                        "state": "stopping" if supervisor.stopping else (rollout.state if rollout else "idle"),
-                       "control": str(supervisor.settings.control_path), "restarts": supervisor.tally.restarts,
+                       "control": str(supervisor.fleet.settings.control_path), "restarts": supervisor.tally.restarts,
                        "orphans_reaped": supervisor.reaper.orphans_reaped, "processes": supervisor.processes,
-                       "strategy": supervisor.settings.strategy.describe(supervisor.processes),
-                       "ready_instances": sum(len(generation.ready()) for generation in supervisor.generations),
+                       "strategy": supervisor.fleet.settings.strategy.describe(supervisor.processes),
+                       "ready_instances": sum(len(generation.ready()) for generation in supervisor.fleet.generations),
                        "operation": supervisor.busy,
                        "release": _identity(supervisor.serving.identity) if supervisor.serving else None},
         "listeners": [{"name": listener.name, "address": listener.address, "kind": listener.kind,
-                       "adopted": listener.adopted, "fd": 3 + index} for index, listener in enumerate(supervisor.listeners)],
-        "generations": [_generation_status(supervisor, generation) for generation in supervisor.generations],
+                       "adopted": listener.adopted, "fd": 3 + index} for index, listener in enumerate(supervisor.fleet.listeners)],
+        "generations": [_generation_status(supervisor, generation) for generation in supervisor.fleet.generations],
         "rollout": None if rollout is None else {
             "state": rollout.state, "trigger": rollout.trigger, "elapsed": round(time.monotonic() - rollout.began, 3),
             "new_gen": rollout.new.number if rollout.new else None, "old_gen": rollout.old.number if rollout.old else None,
@@ -90,29 +90,29 @@ def _instance_status(instance: Instance) -> dict[str, Any]:
 
 async def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     """What an upgrade would do now, step by step, without doing any of it (ctl upgrade --dry-run)."""
-    number, old = supervisor.next_number, supervisor.serving
+    number, old = supervisor.fleet.next_number, supervisor.serving
     try:
-        settings = reread(supervisor.settings)
+        settings = reread(supervisor.fleet.settings)
     except UserError as exc:
         return {"error": invalid(exc), "steps": [f"refuse: {invalid(exc)}"]}
     try:
-        release = next_release(settings, supervisor.release)
+        release = next_release(settings, supervisor.fleet.release)
     except (SpawnError, UserError) as exc:
         return {"error": str(exc), "steps": [f"roll back at once: exec failed: {exc}"]}
-    identity = await supervisor.identify(release, fresh=True)
-    refusal = supervisor.refusal(release, identity, force)
+    identity = await supervisor.fleet.identify(release, fresh=True)
+    refusal = supervisor.fleet.refusal(release, identity, force)
     hooks = settings.hooks
     steps = [f"refuse: {refusal}"] if refusal else []
     if hooks.pre_upgrade:
         steps.append(f"run pre-upgrade hook (up to {hooks.timeout:g}s), refuse the upgrade if it fails: {hooks.pre_upgrade}")
-    held = {listener.spec for listener in supervisor.listeners}
+    held = {listener.spec for listener in supervisor.fleet.listeners}
     steps.extend(f"bind new listener {spec.name} on {spec}" for spec in settings.listen if spec not in held)
     steps.extend(f"stop passing listener {listener.name} ({listener.address}); close it once unused"
-                 for listener in supervisor.listeners if listener.spec is not None and listener.spec not in settings.listen)
-    processes = supervisor.scaled or settings.processes
+                 for listener in supervisor.fleet.listeners if listener.spec is not None and listener.spec not in settings.listen)
+    processes = supervisor.fleet.scaled or settings.processes
     strategy = settings.strategy
-    probe_text = settings.ready.text if settings.ready else supervisor.probe.spec.text
-    changed = await supervisor.changed_in_place(old) if old is not None and strategy.step(processes) < processes else None
+    probe_text = settings.ready.text if settings.ready else supervisor.fleet.probe.spec.text
+    changed = await supervisor.fleet.changed_in_place(old) if old is not None and strategy.step(processes) < processes else None
     if changed:
         steps.append(f"{changed}: batches could not be rolled back to it, so all instances start at once (surge)")
         strategy = Strategy(success_percent=strategy.success_percent)

@@ -1,0 +1,373 @@
+"""The fleet: everything supervise holds and runs — the listeners, the generations, which one serves and their
+numbering. It is the rollout's Host: it prepares an upgrade's plan, creates, spawns, promotes and retires
+generations, and keeps their process trees whole (orphans adopted, leftovers cleared). It decides nothing about
+when: the supervisor's operations loop and the rollout sequence it (tableflip: fds.go owns what is held).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+import psutil
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .commands import CommandRunner
+from .concurrency import gather
+from .config import Settings, invalid, reread
+from .credentials import Credentials
+from .errors import UserError
+from .events import Events
+from .generation import Generation
+from .identity import Identity
+from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
+from .listener_guard import ListenerGuard
+from .listeners import Listener, bind
+from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Result, build_probe
+from .proctree import children, descendants
+from .reaper import Reaper
+from .release import Release, check_templates, next_release
+from .release_book import ReleaseBook
+from .rollout import Plan
+from .spawn import SpawnError
+from .tally import Tally, TimedProbe
+
+SWEEP_INTERVAL = 1.0  # how often the fleet is swept (zombies, orphans, held sockets)
+
+
+@dataclass(eq=False)
+class Fleet:
+    """What one supervisor holds and runs. `wake` tells the operations loop that an instance exited."""
+
+    settings: Settings
+    listeners: list[Listener]
+    events: Events
+    release: Release
+    book: ReleaseBook
+    reaper: Reaper
+    tally: Tally
+    wake: Callable[[], None]
+    refill: Callable[[Generation, Sequence[int]], Awaitable[None]]  # start indexes, retried as restarts are
+    credentials: Credentials | None = None
+    child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
+    runtime_dir: str = ""
+    generations: list[Generation] = field(default_factory=list)
+    serving: Generation | None = None
+    next_number: int = 1
+    scaled: int | None = None  # `ctl scale N`: wins over --processes (and the config file) until the supervisor exits
+    stopping: bool = False  # every exit from here on is expected
+    probe: Probe = field(init=False)
+    commands: CommandRunner = field(init=False)
+    guard: ListenerGuard = field(init=False)
+    _spawned: MemoryObjectSendStream[tuple[Generation, Instance]] = field(init=False)
+    _to_watch: MemoryObjectReceiveStream[tuple[Generation, Instance]] = field(init=False)
+    _lenient_logged: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd, self.child_fd_limit)
+        self.probe = self.build_probe(self.settings, self.listeners)
+        self.guard = ListenerGuard(self.events, self.all_listeners, lambda: [gen.number for gen in self.generations])
+        self._spawned, self._to_watch = anyio.create_memory_object_stream[tuple[Generation, Instance]](float("inf"))
+
+    @property
+    def processes(self) -> int:
+        """How many instances the serving generation should have."""
+        return self.scaled or self.settings.processes
+
+    def build_probe(self, settings: Settings, listeners: Sequence[Listener]) -> Probe:
+        tcp = [listener for listener in listeners if listener.kind == "tcp"]
+        return TimedProbe(build_probe(
+            settings.ready or (DEFAULT_PROBE if tcp else NO_LISTENER_PROBE),
+            tcp[0].probe_address() if tcp else None,
+            {port for listener in tcp if (port := listener.tcp_port) is not None},
+            settings.probe_timeout,
+            self.commands,
+            self._lenient_probe_used,
+        ), self.tally)
+
+    def label(self, instance: Instance) -> str:
+        """`generation 3`, or `generation 3 instance 1` when there are several."""
+        several = self.processes > 1 or instance.index > 0
+        return f"generation {instance.number}" + (f" instance {instance.index}" if several else "")
+
+    async def run(self) -> None:
+        """For the supervisor's life: watch every spawned instance's exit (the watchers belong to the fleet) and
+        the held sockets' hangups."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
+            async for generation, instance in self._to_watch:
+                group.start_soon(self._report_exit, generation, instance)
+
+    async def _report_exit(self, generation: Generation, instance: Instance) -> None:
+        status = await instance.exit.wait()
+        expected = not generation.exited(instance, status) or self.stopping
+        self.events.emit("exited", f"{self.label(instance)} {status.describe()}" + ("" if expected else " unexpectedly"),
+                         level="info" if expected else "warning", gen=generation.number, pids=(instance.leader,),
+                         instance=instance.index, code=status.code, signal=status.signal, expected=expected)
+        self.wake()
+
+    # -- the rollout's host interface -------------------------------------------------------------------------
+
+    def prepare(self, release: Release | None) -> Plan:
+        """What the next upgrade deploys: the config file read again (if any), listeners it adds bound, the
+        command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given."""
+        self.book.forget()
+        try:
+            settings = reread(self.settings)
+            listeners = self._listeners_for(settings)
+        except UserError as exc:
+            raise UserError(invalid(exc)) from None
+        try:
+            check_templates(settings.command, [listener.name for listener in listeners])
+            probe = self.build_probe(settings, listeners)
+        except UserError as exc:
+            self._close_unused(listeners)
+            raise UserError(invalid(exc)) from None
+        if release is None:
+            try:
+                release = next_release(settings, self.release)
+            except SpawnError:
+                self._close_unused(listeners)
+                raise
+        return Plan(settings, probe, release, listeners, self.scaled or settings.processes)
+
+    def _listeners_for(self, settings: Settings) -> tuple[Listener, ...]:
+        """The listeners `settings` asks for: the ones we hold are reused, new ones bound now."""
+        held = {listener.spec: listener for listener in self.all_listeners() if listener.spec is not None}
+        chosen = []
+        try:
+            for spec in settings.listen:
+                chosen.append(held.get(spec) or bind(spec, settings.backlog, settings.nodelay, settings.unix_mode))
+        except UserError:
+            for listener in chosen:
+                if listener not in held.values():
+                    listener.close()
+            raise
+        chosen.extend(listener for listener in self.listeners if listener.spec is None)  # adopted, never in a file
+        return tuple(chosen)
+
+    def all_listeners(self) -> list[Listener]:
+        found = list(self.listeners)
+        for generation in self.generations:
+            found.extend(listener for listener in generation.listeners if listener not in found)
+        return found
+
+    def discard(self, plan: Plan) -> None:
+        """An upgrade that was not promoted: close listeners it bound that nothing uses."""
+        self._close_unused(plan.listeners)
+
+    def _close_unused(self, candidates: Sequence[Listener]) -> None:
+        in_use = set(self.listeners)
+        for generation in self.generations:
+            in_use.update(generation.listeners)
+        for listener in candidates:
+            if listener not in in_use and listener.sock.fileno() != -1:
+                self.events.emit("listener-closed", f"closed listener {listener.name} ({listener.address}): no "
+                                 "generation uses it any more", name=listener.name, address=listener.address)
+                listener.close()
+
+    async def identify(self, release: Release, fresh: bool = False) -> Identity:
+        return await self.book.identify(release, fresh)
+
+    def refusal(self, release: Release, identity: Identity, force: bool) -> str | None:
+        return self.book.refusal(release, identity, force)
+
+    def create(self, plan: Plan) -> Generation:
+        """The next generation, as `plan` says; its instances are started one by one with spawn()."""
+        number, self.next_number = self.next_number, self.next_number + 1
+        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit)
+        generation = Generation(number, plan.release, plan.listeners, launcher, identity=self.book.known(plan.release))
+        self.generations.append(generation)
+        return generation
+
+    def spawn(self, generation: Generation, index: int) -> Instance:
+        """Start instance `index` of `generation` and watch its exit; raises SpawnError if it cannot start."""
+        self.guard.check()  # a socket an earlier child shut down would fail this instance's readiness
+        instance = generation.spawn(index)
+        release = generation.release
+        self.events.emit("spawned", f"{self.label(instance)} started: {release.describe()}", gen=generation.number,
+                         pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
+                         cwd=release.cwd, release=generation.identity.name if generation.identity else None)
+        self._spawned.send_nowait((generation, instance))
+        return instance
+
+    def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None:
+        """An instance proved ready: record it (when READY=1 arrived, if that proved it) and say so. In the serving
+        generation (a replacement, a restored or added instance) it serves at once."""
+        elapsed = instance.mark_ready(result.detail, probe.spec.kind == "notify")
+        generation.mark_ready()
+        if generation.state == SERVING:
+            instance.state = SERVING
+        self.events.emit("ready", f"{self.label(instance)} ready after {elapsed:.3f}s ({result.detail})",
+                         gen=generation.number, pids=instance.pids(), instance=instance.index, elapsed=round(elapsed, 6),
+                         probe=result.detail)
+
+    async def restore(self, generation: Generation, count: int) -> None:
+        """Start `count` more instances of an old generation (a rollback putting back what a batch replaced)."""
+        await self.refill(generation, generation.free_indexes(count))
+
+    def promote(self, generation: Generation, plan: Plan | None = None) -> None:
+        """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies); the
+        settings it was deployed with become the supervisor's."""
+        self.book.promoted(self.serving.release if self.serving else None, generation.identity, generation.release)
+        if plan is not None:
+            self.settings, self.probe, self.release = plan.settings, plan.probe, plan.release
+            self.listeners = list(plan.listeners)
+        self.serving = generation
+        generation.serve()
+
+    async def changed_in_place(self, generation: Generation) -> str | None:
+        """Whether the files of a generation's release were rewritten since it was promoted — then starting it
+        again would run something else — and how, for the log."""
+        if generation.identity is None:
+            return None
+        now = await self.identify(generation.release, fresh=True)
+        if now.same_code(generation.identity):
+            return None
+        return (f"the files of generation {generation.number} ({generation.release.describe()}) changed in place "
+                f"since it started (identity {generation.identity.name} → {now.name})")
+
+    async def retire(self, generation: Generation, graceful: bool) -> list[int]:
+        """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
+        began = time.monotonic()
+        self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
+        if graceful and generation.living():
+            self.events.emit("draining", f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
+                             f"to {self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
+        killed: list[int] = []
+
+        async def stop(instance: Instance) -> None:
+            killed.extend(await self._stop(instance, graceful))
+
+        await gather(*(partial(stop, instance) for instance in list(generation.instances)))
+        elapsed = time.monotonic() - began
+        if killed and graceful:
+            self.events.emit("drain-timeout", f"generation {generation.number} still running after "
+                             f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
+                             level="warning", gen=generation.number, pids=sorted(killed))
+        generation.close()
+        if generation in self.generations:
+            self.generations.remove(generation)
+        if self.serving is generation:
+            self.serving = None
+        self._close_unused(generation.listeners)
+        self.events.emit("retired", f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
+                         elapsed=round(elapsed, 6), killed=sorted(killed))
+        return killed
+
+    async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None:
+        """Drain some instances of a generation (the others keep serving), each killed after --drain-timeout."""
+        self.adopt_orphans()
+
+        async def retire_one(instance: Instance) -> None:
+            began = time.monotonic()
+            if instance.living():
+                self.events.emit("draining", f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
+                                 f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
+                                 pids=instance.pids(fresh=True))
+            killed = await self._stop(instance, graceful=True)
+            if killed:
+                self.events.emit("drain-timeout", f"{self.label(instance)} still running after "
+                                 f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
+                                 level="warning", gen=instance.number, instance=instance.index, pids=killed)
+            generation.forget(instance)
+            self.events.emit("instance-retired", f"{self.label(instance)} gone after {time.monotonic() - began:.3f}s",
+                             gen=instance.number, instance=instance.index, elapsed=round(time.monotonic() - began, 6))
+
+        await gather(*(partial(retire_one, instance) for instance in instances))
+
+    async def _stop(self, instance: Instance, graceful: bool) -> list[int]:
+        """Drain one instance's tree, or kill it now; the pids that had to be killed."""
+        if graceful and instance.living():
+            return await instance.drain(self.settings.drain_signal, self.settings.drain_timeout)
+        instance.state = DRAINING
+        killed = instance.kill()
+        await instance.wait_gone(5.0)
+        return killed
+
+    # -- what the operations and workers ask of it ------------------------------------------------------------
+
+    def forward(self, signum: signal.Signals) -> bool:
+        """Pass a signal on to the serving generation's process group."""
+        target = self.serving
+        if target is None or not target.alive:
+            self.events.emit("signal-dropped", f"{signum.name} not forwarded: no generation is serving", level="warning")
+            return False
+        target.signal_group(signum)
+        leaders = [instance.leader for instance in target.instances if instance.alive]
+        self.events.emit("signal-forwarded", f"forwarded {signum.name} to generation {target.number}", gen=target.number,
+                         pids=leaders, signal=signum.name)
+        return True
+
+    async def sweep(self) -> None:
+        """The reaper worker: reap zombies, keep process trees current, clear leftovers and stale socket files."""
+        self.reaper.reap()
+        self.guard.check()  # listening, and with the backlog it had? (a hangup is seen at once by watch_hangups)
+        for generation in self.generations:
+            generation.refresh()
+        self.adopt_orphans()
+        live = {notify_name(generation.number, instance.seq) for generation in self.generations
+                for instance in generation.instances}
+        for entry in os.scandir(self.runtime_dir):
+            if entry.name.endswith(".notify") and entry.name not in live:
+                os.unlink(entry.path)
+
+    def kill_descendants(self) -> None:
+        """Last sweep at exit: every generation is gone, so any process still below us is a leftover."""
+        for process in descendants(psutil.Process()):
+            try:
+                process.kill()
+            except psutil.Error:
+                continue
+            self.events.emit("leftover-killed", f"killed pid {process.pid}: still running after every generation was stopped",
+                             level="warning", pids=(process.pid,))
+        self.reaper.reap()
+
+    def adopt_orphans(self) -> None:
+        """Processes re-parented to us (we are their subreaper) go back to the generation their environment names.
+
+        One whose generation is already finished must not outlive it: it is killed here.
+        """
+        known = set(self.reaper.children)
+        for generation in self.generations:
+            known.update(generation.members)
+        try:
+            ours = children(psutil.Process())
+        except OSError:  # out of fds: /proc cannot be read now; the next sweep looks again
+            return
+        for process in ours:
+            if process.pid in known:
+                continue
+            try:
+                environ = process.environ()
+            except psutil.Error:
+                continue
+            number, index = environ.get("SUPERVISE_GENERATION", ""), environ.get("SUPERVISE_INSTANCE", "0")
+            owner = next((instance for generation in self.generations if str(generation.number) == number
+                          for instance in sorted(generation.instances, key=lambda item: item.alive)
+                          if str(instance.index) == index), None)  # a dead instance's first: its orphans outlived it
+            if owner is not None:
+                owner.remember(process.pid)
+                owner.refresh()
+            elif number.isdigit() and int(number) < self.next_number:
+                self._kill_leftover(process, int(number))
+
+    def _kill_leftover(self, process: psutil.Process, number: int) -> None:
+        try:
+            for member in [*process.children(recursive=True), process]:
+                member.kill()
+        except psutil.Error:
+            return
+        self.events.emit("leftover-killed", f"killed pid {process.pid}: left over from finished generation {number}",
+                         level="warning", gen=number, pids=(process.pid,))
+
+    def _lenient_probe_used(self, number: int) -> None:
+        if not self._lenient_logged:
+            self._lenient_logged = True
+            self.events.emit("probe-lenient", f"generation {number} answers 404 on {self.probe.spec.path}: no readiness "
+                             "endpoint, so an answer from it counts as ready (pass --ready to be strict)", gen=number)
