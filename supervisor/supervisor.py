@@ -105,18 +105,6 @@ class Supervisor:
             if interval:
                 self.workers.append(Worker("watchdog", interval, self.systemd.ping))
 
-    @property
-    def stopping(self) -> bool:
-        return self.fleet.stopping
-
-    @property
-    def serving(self) -> Generation | None:
-        return self.fleet.serving
-
-    @property
-    def processes(self) -> int:
-        return self.fleet.processes
-
     # -- running ----------------------------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -178,13 +166,13 @@ class Supervisor:
     def upgrade_first(self) -> bool:
         """An upgrade is pending while some instance of the serving generation is ready: it goes before a repair
         (it replaces every instance anyway, and it may be the fix for one that keeps failing)."""
-        return self.upgrade_pending and self.serving is not None and bool(self.serving.ready())
+        return self.upgrade_pending and self.fleet.serving is not None and bool(self.fleet.serving.ready())
 
     @property
     def needs_repair(self) -> bool:
         """The serving generation has a dead or sick instance, or not the number of instances asked for."""
-        serving = self.serving
-        return serving is None or bool(serving.failing()) or len(serving.current()) != self.processes
+        serving = self.fleet.serving
+        return serving is None or bool(serving.failing()) or len(serving.current()) != self.fleet.processes
 
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
@@ -196,7 +184,7 @@ class Supervisor:
 
     def request_upgrade(self, trigger: str, force: bool = False, release: Release | None = None) -> Ticket | None:
         """Ask for an upgrade. Requests during an upgrade coalesce into one more; none are taken once stopping."""
-        if self.stopping:
+        if self.fleet.stopping:
             self.events.emit("upgrade-ignored", f"upgrade request ({trigger}) ignored: stopping", level="warning")
             return None
         ticket = Ticket(trigger, force, release, coalesced=self.upgrade_pending)
@@ -214,12 +202,12 @@ class Supervisor:
         or right after an upgrade in progress (which deploys the number it started with)."""
         if not 1 <= processes <= MAX_PROCESSES:
             raise UserError(f"cannot scale to {processes}: the number of instances must be from 1 to {MAX_PROCESSES}")
-        if self.stopping:
+        if self.fleet.stopping:
             raise UserError("cannot scale: the supervisor is stopping")
-        previous, self.fleet.scaled = self.processes, processes
+        previous, self.fleet.scaled = self.fleet.processes, processes
         when = " after the upgrade in progress" if self.rollout is not None else ""
         self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
-                         gen=self.serving.number if self.serving else None, previous=previous, processes=processes)
+                         gen=self.fleet.serving.number if self.fleet.serving else None, previous=previous, processes=processes)
         self._wakeup.set()
         self._replan_now()
         return f"scaling from {previous} to {processes} instances{when}"
@@ -244,13 +232,14 @@ class Supervisor:
         self.tickets = tickets
         trigger = ", ".join(dict.fromkeys(ticket.trigger for ticket in tickets))
         release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
-        self.rollout = Rollout(self.fleet, self.serving, trigger, force=any(ticket.force for ticket in tickets), release=release)
+        old = self.fleet.serving
+        self.rollout = Rollout(self.fleet, old, trigger, force=any(ticket.force for ticket in tickets), release=release)
         outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
-        self.book.history.begin(trigger, self.serving.number if self.serving else None, self.fleet.next_number)
+        self.book.history.begin(trigger, old.number if old else None, self.fleet.next_number)
         try:
             outcome = await self.rollout.run()
-            await self.book.record(outcome, self.serving.release if self.serving else None,
-                                   self.serving.identity if self.serving else None)
+            serving = self.fleet.serving  # after the rollout: the new generation, or still the old one
+            await self.book.record(outcome, serving.release if serving else None, serving.identity if serving else None)
         except Fatal:
             raise  # restoring old instances failed past --max-restarts: our own manager must act
         except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
@@ -271,7 +260,7 @@ class Supervisor:
                          traceback="".join(traceback.format_exception(exc)))
         new, old = rollout.new, rollout.old
         numbers = (new.number if new else None, old.number if old else None)
-        if new is not None and new is self.serving:  # already promoted: it stays; the old one must still go
+        if new is not None and new is self.fleet.serving:  # already promoted: it stays; the old one must still go
             if old is not None and old in self.fleet.generations:
                 await self.fleet.retire(old, graceful=True)
             return Outcome(PROMOTED, f"internal error after promotion: {exc}", *numbers, trigger=rollout.trigger)
@@ -284,8 +273,8 @@ class Supervisor:
         it becomes the serving generation."""
         fleet = self.fleet
         await self.book.identify(release)  # before it starts: a deploy racing its start must not be taken for it
-        generation = fleet.create(Plan(fleet.settings, fleet.probe, release, tuple(fleet.listeners), self.processes))
-        await self._fill(generation, generation.free_indexes(self.processes), first=first)
+        generation = fleet.create(Plan(fleet.settings, fleet.probe, release, tuple(fleet.listeners), self.fleet.processes))
+        await self._fill(generation, generation.free_indexes(self.fleet.processes), first=first)
         fleet.promote(generation)
         self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
         return generation
@@ -297,7 +286,7 @@ class Supervisor:
         its indexes to a pending upgrade while other instances serve: the upgrade replaces them all."""
         pending = list(indexes)
         while True:
-            pending = [index for index in pending if generation is not self.serving or index < self.processes]
+            pending = [index for index in pending if generation is not self.fleet.serving or index < self.fleet.processes]
             if repair and pending and self.upgrade_first:
                 self.events.emit("repair-deferred", f"generation {generation.number}: not starting instance(s) "
                                  f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
@@ -320,13 +309,13 @@ class Supervisor:
         """Bring the serving generation back to N healthy instances: each dead or sick one replaced alone (after
         the backoff; then it is drained, or what is left of its tree cleared away), missing ones started, extra ones
         (after `ctl scale` down) drained."""
-        generation = self.serving
+        generation = self.fleet.serving
         if generation is None:
             await self._bring_up(self.fleet.release)
             return
         current = sorted(generation.current(), key=lambda instance: (not instance.alive, instance.index))
-        keep, extra = current[:self.processes], current[self.processes:]
-        missing = generation.free_indexes(self.processes - len(keep)) if len(keep) < self.processes else []
+        keep, extra = current[:self.fleet.processes], current[self.fleet.processes:]
+        missing = generation.free_indexes(self.fleet.processes - len(keep)) if len(keep) < self.fleet.processes else []
         jobs = [partial(self._replace, generation, instance) for instance in keep if instance in generation.failing()]
         if extra:
             jobs.append(partial(self.fleet.retire_instances, generation, extra))
@@ -335,7 +324,7 @@ class Supervisor:
         await gather(*jobs)
         ready = len(generation.ready())
         self.events.emit("serving", f"generation {generation.number} serving"
-                         + (f" with {ready} instances" if ready != 1 or self.processes != 1 else ""),
+                         + (f" with {ready} instances" if ready != 1 or self.fleet.processes != 1 else ""),
                          gen=generation.number, pids=generation.pids(), processes=ready)
 
     async def _replace(self, generation: Generation, failing: Instance) -> None:
@@ -363,7 +352,7 @@ class Supervisor:
 
     def _count_failure(self, index: int, reason: str) -> float:
         """Count one failure of instance `index` and say what happens next; the backoff delay, or Fatal."""
-        serving = len(self.serving.ready()) if self.serving else 0
+        serving = len(self.fleet.serving.ready()) if self.fleet.serving else 0
         window, most = self.fleet.settings.restart_window, self.fleet.settings.max_restarts
         decision = self.budget.fail(index, most, window, serving)
         if decision.give_up:
@@ -381,7 +370,7 @@ class Supervisor:
 
     def stop(self, reason: str) -> None:
         """Graceful stop: abort any upgrade, drain every generation, exit 0."""
-        if self.stopping:
+        if self.fleet.stopping:
             return
         self.fleet.stopping = True
         self.events.emit("stopping", f"stopping ({reason}): draining every generation", reason=reason)
@@ -422,7 +411,7 @@ class Supervisor:
     def _on_signal(self, signum: signal.Signals) -> None:
         if signum == signal.SIGHUP:
             self.request_upgrade("SIGHUP")
-        elif signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
+        elif signum == signal.SIGQUIT or (signum == signal.SIGINT and self.fleet.stopping):
             self.force(signum.name if signum == signal.SIGQUIT else "second SIGINT")
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self.stop(signum.name)
@@ -433,8 +422,8 @@ class Supervisor:
         """The liveness worker: health-check the serving generation when nothing else is going on. After
         --health-threshold failures in a row of one instance, that instance is replaced beside its siblings; a
         generation of one is replaced through the zero-downtime upgrade path (with its watch window)."""
-        target = self.serving
-        if target is None or self.busy or self.upgrade_pending or self.stopping or not target.ready():
+        target = self.fleet.serving
+        if target is None or self.busy or self.upgrade_pending or self.fleet.stopping or not target.ready():
             self._strikes = None
             return
         if self._strikes is None or self._strikes.generation is not target:
@@ -442,13 +431,13 @@ class Supervisor:
         result = await health_check(self.fleet.probe, target)
         failure = self._strikes.record(result)
         owner = target.owner(result.pid)
-        if failure and self.serving is target and owner is not None and len(target.current()) > 1:
+        if failure and self.fleet.serving is target and owner is not None and len(target.current()) > 1:
             owner.sick = failure  # replaced beside its siblings by the repair operation, never killed first
             self.events.emit("unhealthy", f"{self.fleet.label(owner)} failed its health checks ({failure}): replacing it",
                              level="warning", gen=target.number, instance=owner.index, pids=(owner.leader,),
                              reason=failure)
             self._wakeup.set()
-        elif failure and self.serving is target:
+        elif failure and self.fleet.serving is target:
             self._strikes = None
             self.events.emit("unhealthy", f"generation {target.number} failed its health checks ({failure}): "
                              "replacing it", level="warning", gen=target.number, reason=failure)

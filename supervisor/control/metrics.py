@@ -24,7 +24,7 @@ def render(supervisor: Supervisor) -> bytes:
     tally = supervisor.tally
     families: list[Any] = []
     serving = GaugeMetricFamily("supervise_generation", "Number of the serving generation (0: none)")
-    serving.add_metric([], supervisor.serving.number if supervisor.serving else 0)
+    serving.add_metric([], supervisor.fleet.serving.number if supervisor.fleet.serving else 0)
     families.append(serving)
     alive = GaugeMetricFamily("supervise_generations", "Generations alive, by state", labels=["state"])
     for state, count in Counter(generation.state for generation in supervisor.fleet.generations).items():
@@ -79,7 +79,7 @@ def _process_families(supervisor: Supervisor, gauge: Any, counter: Any) -> list[
     cpu = counter("supervise_child_cpu_seconds", "CPU time of each process of each instance", labels=labels)
     ready = gauge("supervise_instances_ready", "Instances proved ready and not draining, by generation", labels=["gen"])
     wanted = gauge("supervise_instances_wanted", "Instances the serving generation should have (--processes, ctl scale)")
-    wanted.add_metric([], supervisor.processes)
+    wanted.add_metric([], supervisor.fleet.processes)
     for generation in supervisor.fleet.generations:
         ready.add_metric([str(generation.number)], len(generation.ready()))
         for instance in generation.instances:
@@ -99,7 +99,7 @@ def _release_family(supervisor: Supervisor, gauge: Any) -> Any:
     """The serving release as labels (always 1), the Prometheus way to join a version onto other series."""
     info = gauge("supervise_release_info", "The serving release: its version (--version-file) and digest",
                  labels=["version", "digest", "gen"])
-    serving = supervisor.serving
+    serving = supervisor.fleet.serving
     if serving is not None and serving.identity is not None:
         info.add_metric([serving.identity.version or "", serving.identity.digest, str(serving.number)], 1)
     return info

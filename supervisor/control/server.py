@@ -226,7 +226,7 @@ class ControlServer:
 
     async def _signal(self, request: web.Request) -> web.StreamResponse:
         signum = parse_signal(request.match_info["name"])
-        target = self.supervisor.serving
+        target = self.supervisor.fleet.serving
         if not self.supervisor.fleet.forward(signum) or target is None:
             return _error(409, "no generation is serving")
         return _json({"signal": signum.name, "gen": target.number, "pids": target.pids()})
@@ -236,7 +236,7 @@ class ControlServer:
         if not text.isdigit():
             raise UserError(f"invalid count {text!r}: expected a whole number of instances")
         supervisor = self.supervisor
-        if supervisor.stopping:
+        if supervisor.fleet.stopping:
             return _error(409, "not accepted: the supervisor is stopping")
         message = supervisor.request_scale(int(text))
         if request.query.get("wait", "1") in ("0", "false", "no"):
@@ -246,10 +246,10 @@ class ControlServer:
         with anyio.move_on_after(limit):
             while supervisor.busy or supervisor.needs_repair or supervisor.upgrade_pending:
                 await anyio.sleep(0.05)
-        serving = supervisor.serving
+        serving = supervisor.fleet.serving
         ready = len(serving.ready()) if serving else 0
-        return _json({"message": message, "processes": supervisor.processes, "ready": ready,
-                      "done": ready == supervisor.processes and not supervisor.busy,
+        return _json({"message": message, "processes": supervisor.fleet.processes, "ready": ready,
+                      "done": ready == supervisor.fleet.processes and not supervisor.busy,
                       "gen": serving.number if serving else None, "pids": serving.pids() if serving else []})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:

@@ -28,13 +28,13 @@ def status(supervisor: Supervisor) -> dict[str, Any]:
     return {
         "supervisor": {"pid": os.getpid(), "name": supervisor.fleet.settings.name, "version": __version__,
                        "uptime": round(time.monotonic() - supervisor.started_at, 3), "started_at": supervisor.started_wall,
-                       "state": "stopping" if supervisor.stopping else (rollout.state if rollout else "idle"),
+                       "state": "stopping" if supervisor.fleet.stopping else (rollout.state if rollout else "idle"),
                        "control": str(supervisor.fleet.settings.control_path), "restarts": supervisor.tally.restarts,
-                       "orphans_reaped": supervisor.reaper.orphans_reaped, "processes": supervisor.processes,
-                       "strategy": supervisor.fleet.settings.strategy.describe(supervisor.processes),
+                       "orphans_reaped": supervisor.reaper.orphans_reaped, "processes": supervisor.fleet.processes,
+                       "strategy": supervisor.fleet.settings.strategy.describe(supervisor.fleet.processes),
                        "ready_instances": sum(len(generation.ready()) for generation in supervisor.fleet.generations),
                        "operation": supervisor.busy,
-                       "release": _identity(supervisor.serving.identity) if supervisor.serving else None},
+                       "release": _identity(supervisor.fleet.serving.identity) if supervisor.fleet.serving else None},
         "listeners": [{"name": listener.name, "address": listener.address, "kind": listener.kind,
                        "adopted": listener.adopted, "fd": 3 + index} for index, listener in enumerate(supervisor.fleet.listeners)],
         "generations": [_generation_status(supervisor, generation) for generation in supervisor.fleet.generations],
@@ -53,7 +53,7 @@ def _generation_status(supervisor: Supervisor, generation: Generation) -> dict[s
     instances = [_instance_status(instance) for instance in sorted(generation.instances, key=lambda item: item.index)]
     ready_after = generation.ready_at - generation.started_at if generation.ready_at else None
     watchdog = generation.last_watchdog
-    return {"number": generation.number, "state": generation.state, "serving": generation is supervisor.serving,
+    return {"number": generation.number, "state": generation.state, "serving": generation is supervisor.fleet.serving,
             "pid": generation.leader, "pids": generation.pids(), "age": round(time.monotonic() - generation.started_at, 3),
             "rss": sum(item["rss"] for item in instances),
             "cpu_percent": round(sum(item["cpu_percent"] for item in instances), 1),
@@ -90,7 +90,7 @@ def _instance_status(instance: Instance) -> dict[str, Any]:
 
 async def plan(supervisor: Supervisor, force: bool) -> dict[str, Any]:
     """What an upgrade would do now, step by step, without doing any of it (ctl upgrade --dry-run)."""
-    number, old = supervisor.fleet.next_number, supervisor.serving
+    number, old = supervisor.fleet.next_number, supervisor.fleet.serving
     try:
         settings = reread(supervisor.fleet.settings)
     except UserError as exc:
