@@ -18,9 +18,8 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
@@ -29,10 +28,10 @@ import click
 
 from ..errors import UserError
 from ..names import check_name
+from .render import describe_event, pid_list, plan_lines, status_lines, verdict_line
 
 CONNECT_TIMEOUT = 5.0  # a live supervisor accepts at once; a wedged one must not hang a deploy script
 ANSWER_TIMEOUT = 30.0  # longest wait for a non-streamed answer
-HISTORY_SHOWN = 5  # rollouts listed by `status`
 PROG = "supervise ctl"
 
 EXIT_FAILED = 1
@@ -205,228 +204,6 @@ class Target:
         return Endpoint(find_socket(self.name, self.control))
 
 
-# -- formatting ---------------------------------------------------------------------------------------------
-
-
-def human_duration(seconds: float | None) -> str:
-    """3s, 2m10s, 1h02m, 2d03h; 350ms and 1.5s below ten seconds; '-' when unknown."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 10 and seconds != int(seconds):
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-
-
-def clock(timestamp: str | float | None) -> str:
-    """HH:MM:SS in local time, from an ISO-8601 string (the events' `ts`) or epoch seconds."""
-    if timestamp is None:
-        return "--:--:--"
-    try:
-        when = (datetime.fromtimestamp(timestamp) if isinstance(timestamp, (int, float))
-                else datetime.fromisoformat(timestamp).astimezone())
-    except (ValueError, OverflowError, OSError):
-        return str(timestamp)
-    return when.strftime("%H:%M:%S")
-
-
-def describe_event(event: dict[str, Any]) -> str:
-    """One readable line: `HH:MM:SS gen N message`, with the level when it is not plain info."""
-    parts = [clock(event.get("ts"))]
-    if event.get("gen") is not None:
-        parts.append(f"gen {event['gen']}")
-    level = event.get("level", "info")
-    if level != "info":
-        parts.append(f"{str(level).upper()}:")
-    parts.append(str(event.get("msg") or event.get("event", "")))
-    return " ".join(parts)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart."""
-    widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
-
-
-def _pids(pids: Any) -> str:
-    return ",".join(map(str, pids)) if pids else "-"
-
-
-def _mib(size: Any) -> str:
-    return f"{size / (1 << 20):.1f}" if isinstance(size, (int, float)) else "-"
-
-
-def _percent(value: Any) -> str:
-    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
-
-
-def _yes_no(value: Any) -> str:
-    return "-" if value is None else "yes" if value else "no"
-
-
-def _total(timings: Any) -> float | None:
-    """A rollout's duration: its last phase's time since it began."""
-    values = [value for value in (timings or {}).values() if isinstance(value, (int, float))]
-    return max(values) if values else None
-
-
-def _release(identity: Any) -> str:
-    """A release as status shows it: its name (version, else digest), the command, and what its identity covers."""
-    if not isinstance(identity, dict):
-        return "-"
-    argv = identity.get("argv")
-    command = " ".join(map(str, argv)) if isinstance(argv, list) and argv else str(identity.get("executable", "?"))
-    covers = f"  ({identity['covers']})" if identity.get("covers") else ""
-    return f"{identity.get('version') or identity.get('digest', '?')}  {command}{covers}"
-
-
-def status_lines(status: dict[str, Any]) -> list[str]:
-    """The readable form of GET /status; a part holding something unexpected is said, the others still shown."""
-    return [line for title, render in _STATUS_PARTS for line in _part(title, render, status)]
-
-
-_UNEXPECTED = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)
-
-
-def _part(title: str, render: Callable[[dict[str, Any]], list[str]], status: dict[str, Any]) -> list[str]:
-    """One part of the status, rendered defensively: the answer may come from another version of the supervisor,
-    or from a state file written by one, and a display must never end in a traceback."""
-    try:
-        return render(status)
-    except _UNEXPECTED as exc:
-        return ["", f"{title}: cannot be shown (unexpected data in the answer: {type(exc).__name__}: {exc}); "
-                    "see `supervise ctl status --json`"]
-
-
-def _process_lines(status: dict[str, Any]) -> list[str]:
-    generations = status.get("generations") or []
-    lines = ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
-                        [_generation_row(generation) for generation in generations])]
-    if any(len(generation.get("instances") or []) > 1 for generation in generations):
-        lines += ["", *table(["GEN", "#", "STATE", "PID", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
-                             [_instance_row(generation, instance) for generation in generations
-                              for instance in generation.get("instances") or []])]
-    return lines
-
-
-def _header_lines(status: dict[str, Any]) -> list[str]:
-    supervisor = status.get("supervisor") or {}
-    lines = [
-        f"supervisor  pid {supervisor.get('pid', '?')}  name {supervisor.get('name', '?')}  "
-        f"up {human_duration(supervisor.get('uptime'))}  state {supervisor.get('state', '?')}",
-    ]
-    if (supervisor.get("processes") or 1) > 1:
-        lines.append(f"instances   {supervisor.get('ready_instances', '?')} ready of {supervisor.get('processes')} wanted; "
-                     f"upgrades: {supervisor.get('strategy', '?')}")
-    for listener in status.get("listeners") or []:
-        lines.append(f"listening   {listener.get('name', '?')} {listener.get('address', '?')}")
-    if supervisor.get("release"):
-        lines.append(f"release     {_release(supervisor['release'])}")
-    return lines
-
-
-def _generation_row(generation: dict[str, Any]) -> list[str]:
-    return [str(generation.get("number", "?")), str(generation.get("state", "?")), _pids(generation.get("pids")),
-            *_process_cells(generation)]
-
-
-def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[str]:
-    return [str(generation.get("number", "?")), str(instance.get("index", "?")), str(instance.get("state", "?")),
-            str(instance.get("pid", "?")), *_process_cells(instance)]
-
-
-def _process_cells(item: dict[str, Any]) -> list[str]:
-    """Age, memory, CPU, readiness and status: the columns a generation row and an instance row share."""
-    return [human_duration(item.get("age")), _mib(item.get("rss")), _percent(item.get("cpu_percent")),
-            _yes_no(item.get("ready")), str(item.get("status") or "-")]
-
-
-def _rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
-    if not rollout:
-        return []
-    batches = rollout.get("batches") or []
-    progress = f", batch {len(batches)}, {rollout.get('replaced', 0)} old instance(s) replaced" if len(batches) > 1 else ""
-    return ["", f"rollout     {rollout.get('state', '?')}: generation {rollout.get('new_gen', '?')} "
-                f"replacing {rollout.get('old_gen') or 'none'}, for {human_duration(rollout.get('elapsed'))}{progress}"]
-
-
-def _history_lines(status: dict[str, Any]) -> list[str]:
-    records = (status.get("history") or [])[-HISTORY_SHOWN:]
-    lines = []
-    if records:
-        rows = [[clock(record.get("started_at")), str(record.get("result", "?")),
-                 f"{record.get('old_gen') or '-'}->{record.get('new_gen') or '-'}",
-                 human_duration(_total(record.get("timings"))), str(record.get("reason") or "-")]
-                for record in reversed(records)]
-        lines += ["", *table(["WHEN", "RESULT", "GENS", "TOOK", "REASON"], rows)]
-    return lines
-
-
-def _release_lines(status: dict[str, Any]) -> list[str]:
-    lines = ["", f"last known good  {_release(status.get('last_known_good'))}",
-             f"last known bad   {_release(status.get('last_known_bad'))}"]
-    if status.get("state_error"):
-        lines.append(f"WARNING: {status['state_error']}")
-    return lines
-
-
-def _worker_lines(workers: list[dict[str, Any]]) -> list[str]:
-    if not workers:
-        return []
-    rows = [[str(worker.get("name", "?")), human_duration(worker.get("interval")), str(worker.get("runs", 0)),
-             clock(worker.get("last_run")) if worker.get("last_run") else "never", str(worker.get("last_error") or "-")]
-            for worker in workers]
-    return ["", *table(["WORKER", "EVERY", "RUNS", "LAST RUN", "LAST ERROR"], rows)]
-
-
-_STATUS_PARTS: tuple[tuple[str, Callable[[dict[str, Any]], list[str]]], ...] = (
-    ("supervisor", _header_lines),
-    ("generations", _process_lines),
-    ("rollout", lambda status: _rollout_lines(status.get("rollout"))),
-    ("history", _history_lines),
-    ("releases", _release_lines),
-    ("workers", lambda status: _worker_lines(status.get("workers") or [])),
-)
-
-
-def plan_lines(plan: dict[str, Any]) -> list[str]:
-    """The readable form of an upgrade plan (POST /upgrade?dry_run=1)."""
-    timeouts = ", ".join(f"{key} {_seconds(value)}" for key, value in (plan.get("timeouts") or {}).items())
-    hooks = ", ".join(f"{key}: {value}" for key, value in (plan.get("hooks") or {}).items() if value) or "none"
-    lines = ["upgrade plan (dry run: nothing was started)"]
-    if plan.get("error"):
-        return [*lines, f"  the release cannot be started: {plan['error']}", "steps:", *_numbered(plan.get("steps"))]
-    lines += [
-        f"  command      {' '.join(plan.get('command') or [])}",
-        f"  executable   {plan.get('executable', '?')}",
-        f"  cwd          {plan.get('cwd', '?')}",
-        f"  release      {_release(plan.get('release'))}" + ("  (KNOWN BAD)" if plan.get("known_bad") else ""),
-        f"  probe        {plan.get('probe', '?')}",
-        f"  timeouts     {timeouts or '-'}",
-        f"  hooks        {hooks}",
-        f"  instances    {plan.get('processes', 1)}, {plan.get('strategy', 'surge')}",
-        "steps:",
-        *_numbered(plan.get("steps")),
-    ]
-    return lines
-
-
-def _numbered(steps: list[str] | None) -> list[str]:
-    return [f"  {number}. {step}" for number, step in enumerate(steps or [], start=1)]
-
-
-def _seconds(value: Any) -> str:
-    return human_duration(value) if isinstance(value, (int, float)) else str(value)
-
-
 # -- verbs --------------------------------------------------------------------------------------------------
 
 
@@ -442,16 +219,6 @@ def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse, accep
         if event.get("level") != "debug":
             click.echo(describe_event(event))
     raise CtlError("the supervisor ended the stream without a verdict (is it stopping?)")
-
-
-def verdict_line(verdict: dict[str, Any]) -> str:
-    """`promoted generation N in 2.1s`, `rolled back: REASON`, `refused: REASON`."""
-    result = verdict.get("result")
-    if result == "promoted":
-        took = _total(verdict.get("timings"))
-        return f"promoted generation {verdict.get('new_gen', '?')}" + (f" in {human_duration(took)}" if took else "")
-    label = "rolled back" if result == "rolled-back" else str(result)
-    return f"{label}: {verdict.get('reason') or 'no reason given'}"
 
 
 class CtlGroup(click.Group):
@@ -572,7 +339,7 @@ def send_signal(target: Target, sig: str) -> int:
     """Send SIG (USR1, SIGUSR1 or a number) to the serving generation's process group."""
     endpoint = target.endpoint()
     answer = endpoint.json(endpoint.request("POST", "/signal/" + quote(sig, safe="")))
-    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {_pids(answer.get('pids'))})")
+    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {pid_list(answer.get('pids'))})")
     return 0
 
 
@@ -592,7 +359,7 @@ def scale(target: Target, count: int, no_wait: bool) -> int:
     if no_wait:
         return 0
     click.echo(f"generation {answer.get('gen', '?')}: {answer.get('ready', '?')} of {answer.get('processes', count)} "
-               f"instances ready (pids {_pids(answer.get('pids'))})")
+               f"instances ready (pids {pid_list(answer.get('pids'))})")
     return 0 if answer.get("done") else EXIT_FAILED
 
 
