@@ -2,6 +2,8 @@
 
 Its process tree is remembered (psutil objects carry their create time, so a reused pid is never signalled)
 so that draining and killing reach grandchildren too — even one that left the process group with setsid().
+Where /proc is not our PID namespace's (see proctree) no tree is known: only the leader, which we spawned, is
+signalled and waited for (its exit comes from the reaper), with its process group.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .credentials import Credentials
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
-from .proctree import descendants
+from .proctree import descendants, proc_is_ours
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
 from .spawn import OutOfFds, ProcessSpec, SpawnError, child_environment, out_of_fds, spawn
@@ -121,8 +123,8 @@ class Instance:
         return self.exit.status
 
     def remember(self, pid: int) -> None:
-        """Add a process (by pid) to this instance's tree, if it still exists."""
-        if pid not in self.members:
+        """Add a process (by pid) to this instance's tree, if it still exists (and /proc can name it)."""
+        if pid not in self.members and proc_is_ours():
             try:
                 self.members[pid] = psutil.Process(pid)
             except psutil.Error:
@@ -149,6 +151,10 @@ class Instance:
             except psutil.Error:
                 continue
         return found
+
+    def running(self) -> bool:
+        """Whether any process of it still runs: a member, or the leader where no tree is known."""
+        return bool(self.living()) or (self.alive and not proc_is_ours())
 
     def pids(self, fresh: bool = False) -> list[int]:
         """Pids of the living members; `fresh` rescans the tree first."""
@@ -206,6 +212,9 @@ class Instance:
         self.refresh()
         victims = self.living()
         killed = {process.pid for process in victims}
+        if not proc_is_ours() and self.alive:
+            killed.add(self.leader)
+            os.kill(self.leader, signal.SIGKILL)  # our own child, not reaped yet: the pid cannot have been reused
         for _ in range(3):
             self.signal_group(signal.SIGKILL)
             for process in victims:
@@ -235,7 +244,7 @@ class Instance:
             except (OSError, psutil.Error):
                 continue
         await self.wait_gone(timeout)
-        if not self.living():
+        if not self.running():
             return []
         killed = self.kill()
         await self.wait_gone(5.0)
@@ -245,7 +254,7 @@ class Instance:
         """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
         last_refresh = time.monotonic()
         with anyio.move_on_after(timeout):
-            while self.living():
+            while self.running():
                 await anyio.sleep(_DRAIN_POLL)
                 if time.monotonic() - last_refresh > _TREE_REFRESH:
                     self.refresh()

@@ -608,7 +608,7 @@ class Supervisor:
         """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
         began = time.monotonic()
         self._adopt_orphans()  # a process whose parent died since the last scan is still this generation's
-        if graceful and generation.living():
+        if graceful and generation.running():
             self.events.emit("draining", f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
                              f"to {self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
         killed: list[int] = []
@@ -638,7 +638,7 @@ class Supervisor:
 
         async def retire_one(instance: Instance) -> None:
             began = time.monotonic()
-            if instance.living():
+            if instance.running():
                 self.events.emit("draining", f"draining {self._label(instance)} ({self.settings.drain_signal.name}, up to "
                                  f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
                                  pids=instance.pids(fresh=True))
@@ -655,7 +655,7 @@ class Supervisor:
 
     async def _stop(self, instance: Instance, graceful: bool) -> list[int]:
         """Drain one instance's tree, or kill it now; the pids that had to be killed."""
-        if graceful and instance.living():
+        if graceful and instance.running():
             return await instance.drain(self.settings.drain_signal, self.settings.drain_timeout)
         instance.state = DRAINING
         killed = instance.kill()
