@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 import psutil
 
+from .cgroups import GenerationCgroup
 from .credentials import Credentials
 from .events import Events
 from .listeners import Listener
@@ -41,6 +42,8 @@ class Launcher:
     events: Events
     credentials: Credentials | None = None
     fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE for children: the supervisor's own as it started
+    cgroup: GenerationCgroup | None = None  # the generation's cgroup, which each of its children enters itself
+    marker: Mapping[str, str] = field(default_factory=dict)  # tells a later supervisor whose leftover a process is
 
 
 @dataclass(eq=False)
@@ -90,7 +93,7 @@ class Instance:
                                                          if credentials and isinstance(exc, PermissionError) else "")) from None
         try:
             extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path),
-                     "SUPERVISE_INSTANCE": str(index)}
+                     **launcher.marker, "SUPERVISE_INSTANCE": str(index)}
             env = child_environment(os.environ, extra, len(listeners), names)
             spec = ProcessSpec(
                 release.executable,
@@ -101,6 +104,7 @@ class Instance:
                 set_listen_pid=bool(listeners),
                 credentials=credentials,
                 fd_limit=launcher.fd_limit,
+                cgroup_procs=launcher.cgroup.procs_fd if launcher.cgroup else None,
             )
             pid = spawn(spec)
         except BaseException:

@@ -20,6 +20,7 @@ import anyio
 import psutil
 from anyio.abc import TaskGroup
 
+from .cgroups import Cgroups
 from .commands import CommandRunner
 from .concurrency import gather
 from .config import Settings, reread
@@ -33,6 +34,7 @@ from .identity import Identity, identify
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .libc import release_free_memory
 from .listener_guard import ListenerGuard
+from .leftovers import marker
 from .listeners import Listener, bind
 from .notify import SystemdNotifier
 from .probes import (
@@ -116,6 +118,7 @@ class Supervisor:
     systemd: SystemdNotifier | None = None
     credentials: Credentials | None = None
     child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
+    cgroups: Cgroups | None = None  # a cgroup per generation, where cgroup v2 can be used
     next_number: int = 1
     stopping: bool = False
     forced: bool = False
@@ -549,7 +552,8 @@ class Supervisor:
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
-        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit)
+        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit,
+                            self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
         generation = Generation(number, plan.release, plan.listeners, launcher, identity=self._identities.get(plan.release))
         self.generations.append(generation)
         return generation
@@ -623,6 +627,8 @@ class Supervisor:
                              f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
                              level="warning", gen=generation.number, pids=sorted(killed))
         generation.close()
+        if self.cgroups is not None:
+            await self.cgroups.retire(generation.number)  # escaped grandchildren included
         if generation in self.generations:
             self.generations.remove(generation)
         if self.serving is generation:
