@@ -15,6 +15,8 @@ import socket
 import struct
 from collections.abc import Iterable
 
+from .proctree import proc_is_ours
+
 _NETLINK_INET_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
@@ -110,5 +112,5 @@ def owner(inode: int, pids: Iterable[int]) -> int | None:
 
 
 def available() -> bool:
-    """Whether this system can attribute connections at all (Linux /proc)."""
-    return os.path.isdir("/proc/self/fd") and os.path.exists("/proc/net/tcp")
+    """Whether this system can attribute connections at all (Linux /proc, numbering pids as we do)."""
+    return proc_is_ours() and os.path.isdir("/proc/self/fd") and os.path.exists("/proc/net/tcp")

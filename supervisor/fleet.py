@@ -17,6 +17,7 @@ import anyio
 import psutil
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .cgroups import Cgroups
 from .commands import CommandRunner
 from .concurrency import gather
 from .config import Settings, invalid, reread
@@ -26,6 +27,7 @@ from .events import Events
 from .generation import Generation
 from .identity import Identity
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
+from .leftovers import marker
 from .listener_guard import ListenerGuard
 from .listeners import Listener, bind
 from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Result, build_probe
@@ -55,6 +57,7 @@ class Fleet:
     refill: Callable[[Generation, Sequence[int]], Awaitable[None]]  # start indexes, retried as restarts are
     credentials: Credentials | None = None
     child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
+    cgroups: Cgroups | None = None  # a cgroup per generation, where cgroup v2 can be used
     runtime_dir: str = ""
     generations: list[Generation] = field(default_factory=list)
     serving: Generation | None = None
@@ -180,7 +183,8 @@ class Fleet:
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
-        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit)
+        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit,
+                            self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
         generation = Generation(number, plan.release, plan.listeners, launcher, identity=self.book.known(plan.release))
         self.generations.append(generation)
         return generation
@@ -236,7 +240,7 @@ class Fleet:
         """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
         began = time.monotonic()
         self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
-        if graceful and generation.living():
+        if graceful and generation.running():
             self.events.emit("draining", f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
                              f"to {self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
         killed: list[int] = []
@@ -251,6 +255,8 @@ class Fleet:
                              f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
                              level="warning", gen=generation.number, pids=sorted(killed))
         generation.close()
+        if self.cgroups is not None:
+            await self.cgroups.retire(generation.number)  # escaped grandchildren included
         if generation in self.generations:
             self.generations.remove(generation)
         if self.serving is generation:
@@ -266,7 +272,7 @@ class Fleet:
 
         async def retire_one(instance: Instance) -> None:
             began = time.monotonic()
-            if instance.living():
+            if instance.running():
                 self.events.emit("draining", f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
                                  f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
                                  pids=instance.pids(fresh=True))
@@ -283,7 +289,7 @@ class Fleet:
 
     async def _stop(self, instance: Instance, graceful: bool) -> list[int]:
         """Drain one instance's tree, or kill it now; the pids that had to be killed."""
-        if graceful and instance.living():
+        if graceful and instance.running():
             return await instance.drain(self.settings.drain_signal, self.settings.drain_timeout)
         instance.state = DRAINING
         killed = instance.kill()

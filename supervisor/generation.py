@@ -149,6 +149,9 @@ class Generation:
         for instance in self.instances:
             instance.refresh()
 
+    def running(self) -> bool:
+        return any(instance.running() for instance in self.instances)
+
     def living(self) -> list[psutil.Process]:
         return [process for instance in self.instances for process in instance.living()]
 

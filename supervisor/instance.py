@@ -2,6 +2,8 @@
 
 Its process tree is remembered (psutil objects carry their create time, so a reused pid is never signalled)
 so that draining and killing reach grandchildren too — even one that left the process group with setsid().
+Where /proc is not our PID namespace's (see proctree) no tree is known: only the leader, which we spawned, is
+signalled and waited for (its exit comes from the reaper), with its process group.
 """
 
 from __future__ import annotations
@@ -9,17 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 import psutil
 
+from .cgroups import GenerationCgroup
 from .credentials import Credentials
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
-from .proctree import descendants
+from .proctree import descendants, proc_is_ours
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
 from .spawn import OutOfFds, ProcessSpec, SpawnError, child_environment, out_of_fds, spawn
@@ -39,6 +42,8 @@ class Launcher:
     events: Events
     credentials: Credentials | None = None
     fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE for children: the supervisor's own as it started
+    cgroup: GenerationCgroup | None = None  # the generation's cgroup, which each of its children enters itself
+    marker: Mapping[str, str] = field(default_factory=dict)  # tells a later supervisor whose leftover a process is
 
 
 @dataclass(eq=False)
@@ -88,7 +93,7 @@ class Instance:
                                                          if credentials and isinstance(exc, PermissionError) else "")) from None
         try:
             extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path),
-                     "SUPERVISE_INSTANCE": str(index)}
+                     **launcher.marker, "SUPERVISE_INSTANCE": str(index)}
             env = child_environment(os.environ, extra, len(listeners), names)
             spec = ProcessSpec(
                 release.executable,
@@ -99,6 +104,7 @@ class Instance:
                 set_listen_pid=bool(listeners),
                 credentials=credentials,
                 fd_limit=launcher.fd_limit,
+                cgroup_procs=launcher.cgroup.procs_fd if launcher.cgroup else None,
             )
             pid = spawn(spec)
         except BaseException:
@@ -121,8 +127,8 @@ class Instance:
         return self.exit.status
 
     def remember(self, pid: int) -> None:
-        """Add a process (by pid) to this instance's tree, if it still exists."""
-        if pid not in self.members:
+        """Add a process (by pid) to this instance's tree, if it still exists (and /proc can name it)."""
+        if pid not in self.members and proc_is_ours():
             try:
                 self.members[pid] = psutil.Process(pid)
             except psutil.Error:
@@ -149,6 +155,10 @@ class Instance:
             except psutil.Error:
                 continue
         return found
+
+    def running(self) -> bool:
+        """Whether any process of it still runs: a member, or the leader where no tree is known."""
+        return bool(self.living()) or (self.alive and not proc_is_ours())
 
     def pids(self, fresh: bool = False) -> list[int]:
         """Pids of the living members; `fresh` rescans the tree first."""
@@ -206,6 +216,9 @@ class Instance:
         self.refresh()
         victims = self.living()
         killed = {process.pid for process in victims}
+        if not proc_is_ours() and self.alive:
+            killed.add(self.leader)
+            os.kill(self.leader, signal.SIGKILL)  # our own child, not reaped yet: the pid cannot have been reused
         for _ in range(3):
             self.signal_group(signal.SIGKILL)
             for process in victims:
@@ -235,7 +248,7 @@ class Instance:
             except (OSError, psutil.Error):
                 continue
         await self.wait_gone(timeout)
-        if not self.living():
+        if not self.running():
             return []
         killed = self.kill()
         await self.wait_gone(5.0)
@@ -245,7 +258,7 @@ class Instance:
         """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
         last_refresh = time.monotonic()
         with anyio.move_on_after(timeout):
-            while self.living():
+            while self.running():
                 await anyio.sleep(_DRAIN_POLL)
                 if time.monotonic() - last_refresh > _TREE_REFRESH:
                     self.refresh()

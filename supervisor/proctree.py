@@ -3,13 +3,29 @@
 psutil's children(recursive=True) reads /proc/*/stat for every process on the host: with thousands of
 processes that is tens of milliseconds of blocked event loop, on every probe and every sweep. Linux lists each
 thread's children in /proc/PID/task/TID/children, so walking only our subtree costs what the subtree costs.
+
+A process is ours only if its parent chain reaches us. In a PID namespace without its own /proc (`unshare --pid`
+without --mount-proc) the pid numbers in /proc are another namespace's: /proc/2 is not our pid 2, and /proc/1's
+children are the host's processes. There nothing is read from /proc: the caller trusts only the direct children
+it spawned itself (by pid, in our own namespace) and no tree is walked.
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import psutil
+
+
+@cache
+def proc_is_ours() -> bool:
+    """Whether /proc numbers processes as our PID namespace does (it names us by our own pid). Fixed for the
+    life of the process, hence computed once."""
+    try:
+        return int(os.readlink("/proc/self")) == os.getpid()
+    except (OSError, ValueError):
+        return False
 
 
 def child_pids(pid: int) -> list[int] | None:
@@ -33,7 +49,9 @@ def child_pids(pid: int) -> list[int] | None:
 
 
 def descendants(process: psutil.Process) -> list[psutil.Process]:
-    """Every living descendant of `process` (children first)."""
+    """Every living descendant of `process` (children first); none when /proc is not our namespace's."""
+    if not proc_is_ours():
+        return []
     pending, found = [process.pid], []
     while pending:
         pids = child_pids(pending.pop())
@@ -52,7 +70,9 @@ def descendants(process: psutil.Process) -> list[psutil.Process]:
 
 
 def children(process: psutil.Process) -> list[psutil.Process]:
-    """Direct children of `process`."""
+    """Direct children of `process`; none when /proc is not our namespace's."""
+    if not proc_is_ours():
+        return []
     pids = child_pids(process.pid)
     if pids is None:
         try:

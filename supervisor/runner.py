@@ -10,7 +10,8 @@ from pathlib import Path
 
 import anyio
 
-from . import libc
+from . import leftovers, libc
+from .cgroups import Cgroups
 from .config import Settings
 from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
@@ -94,16 +95,18 @@ def run(settings: Settings) -> int:
     _check_writable(settings.control_path, "control socket")
     _check_directories(settings)
     parent = runtime_parent()
+    leftovers.remove(settings.name, settings.listen, {os.getuid(), *([credentials.uid] if credentials else [])}, events)
     listeners: list[Listener] = open_listeners(
         settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
     runtime_dir: RuntimeDir | None = None
     supervisor: Supervisor | None = None
+    cgroups = Cgroups.setup(settings.name, events)
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         supervisor = Supervisor(settings, listeners, events, release,
                                 book=ReleaseBook(History.load(settings.state_path, events), events),
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
-                                child_fd_limit=fd_limit.pair if fd_limit else None)
+                                child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups)
         supervisor.control = ControlServer(supervisor, settings.control_path)
         supervisor.control.bind()
         events.emit("starting", f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
@@ -122,6 +125,8 @@ def run(settings: Settings) -> int:
     finally:
         if supervisor is not None and supervisor.control is not None:
             supervisor.control.close()
+        if cgroups is not None:
+            cgroups.close()
         for listener in listeners:
             listener.close()
         if settings.pidfile:

@@ -37,6 +37,7 @@ class ProcessSpec:
     parent_death_signal: int | None = signal.SIGKILL
     credentials: Credentials | None = None
     fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE to set in the child (the supervisor's raised its own)
+    cgroup_procs: int | None = None  # an open cgroup.procs the child writes itself into before anything else
 
 
 class SpawnError(Exception):
@@ -55,6 +56,12 @@ class OutOfFds(SpawnError):
 def out_of_fds(exc: BaseException) -> bool:
     """Whether an error is the process (EMFILE) or the system (ENFILE) running out of file descriptors."""
     return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+class NotContained(SpawnError):
+    """The child could not enter its generation's cgroup: no fault of the release."""
+
+    kind = "resources"
 
 
 class ExecutableNotFound(SpawnError):
@@ -103,6 +110,10 @@ def _exec_child(
     """Runs in the forked child: system calls only, then exec. Never returns into the parent's code."""
     stage = "start"
     try:
+        if spec.cgroup_procs is not None:
+            stage = "cgroup"
+            os.write(spec.cgroup_procs, b"0")  # "0" is the writer: inside before it can fork anything
+            stage = "start"
         signal.set_wakeup_fd(-1)  # the parent's event loop must never hear about the child's signals
         for signum in reset:
             signal.signal(signum, signal.SIG_DFL)
@@ -147,6 +158,8 @@ def _describe_failure(spec: ProcessSpec, data: bytes) -> str:
         reason += " (not a binary and no #! line)"
     if stage == "chdir":
         return f"cannot start {spec.argv[0]}: cannot change directory to {spec.cwd}: {reason}"
+    if stage == "cgroup":
+        return f"cannot start {spec.argv[0]}: cannot enter the generation's cgroup: {reason}"
     if stage == "setuid" and spec.credentials is not None:
         return f"cannot start {spec.argv[0]}: cannot become user {spec.credentials.name}: {reason}"
     return f"cannot execute {spec.argv[0]}: {reason}"
@@ -179,7 +192,8 @@ def spawn(spec: ProcessSpec) -> int:
         os.close(read_end)
     if data:
         os.waitpid(pid, 0)  # it has already called _exit; collect it here so nobody sees a stray exit
-        raise SpawnError(_describe_failure(spec, data))
+        error = NotContained if data.startswith(b"cgroup:") else SpawnError
+        raise error(_describe_failure(spec, data))
     return pid
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import anyio
 
+from .cgroups import Cgroups
 from .concurrency import gather
 from .config import Settings
 from .credentials import Credentials
@@ -69,6 +70,7 @@ class Supervisor:
     systemd: SystemdNotifier | None = None
     credentials: InitVar[Credentials | None] = None
     child_fd_limit: InitVar[tuple[int, int] | None] = None  # RLIMIT_NOFILE we were started with, for children
+    cgroups: InitVar[Cgroups | None] = None  # a cgroup per generation, where cgroup v2 can be used
     reaper: Reaper = field(default_factory=Reaper)
     rollout: Rollout | None = None
     control: Service | None = None
@@ -90,10 +92,11 @@ class Supervisor:
     _drain: anyio.CancelScope | None = field(init=False, default=None)
 
     def __post_init__(self, settings: Settings, listeners: list[Listener], release: Release,
-                      credentials: Credentials | None, child_fd_limit: tuple[int, int] | None) -> None:
+                      credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
+                      cgroups: Cgroups | None) -> None:
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
                            wake=lambda: self._wakeup.set(), refill=self._fill, credentials=credentials,
-                           child_fd_limit=child_fd_limit)
+                           child_fd_limit=child_fd_limit, cgroups=cgroups)
         self.events.subscribe(self.tally.on_event)
         self.workers = [
             Worker("liveness", settings.health_interval, self._check_liveness),

@@ -25,3 +25,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.chmod(directory, 0o711)  # as /run is: children running as another user (--user) reach their notify socket
     os.environ["XDG_RUNTIME_DIR"] = directory
     config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+    config.add_cleanup(_remove_abandoned_cgroups)
+
+
+def _remove_abandoned_cgroups() -> None:
+    """Tests that SIGKILL a supervisor leave its (empty) cgroup directory for the next one of that name: remove
+    those whose supervisor is gone and that hold no process, so the suite leaves nothing in the machine's cgroups."""
+    from supervisor import cgroups
+
+    base = cgroups.own_cgroup()
+    if base is None or not cgroups.usable(base):
+        return
+    for entry in base.iterdir():
+        if entry.name.startswith("supervise.") and not cgroups.populated(entry) and cgroups.is_dead_home(entry):
+            cgroups.remove_tree(entry)

@@ -53,3 +53,35 @@ def test_supervise_as_pid1_reaps_orphans_and_stops_on_sigterm(tmp_path) -> None:
         assert sup.wait_for("stopped")["exit_code"] == 0
     finally:
         sup.stop()
+
+
+# Namespace A (own /proc) holds a decoy at pid 2 and, in namespace B without its own /proc, the supervisor: what
+# B's supervisor reads in /proc is A's numbering, where "pid 2" is the decoy and PID 1's children are A's processes.
+# The decoy's exit status tells whether it lived until the shell ended it (SIGTERM: 143) or was killed before.
+_FOREIGN_PROC = ('sleep 1000 & decoy=$!; unshare --pid --fork "$@"; code=$?; '
+                 'kill $decoy; wait $decoy; echo "decoy-status $?" >&2; exit $code')
+
+
+@pytest.mark.timeout(60)
+def test_a_pid_namespace_without_its_own_proc_touches_no_process_it_did_not_spawn() -> None:
+    port = free_port()
+    sup = Supervise(["-l", f"127.0.0.1:{port}", "--watch", "0", "--", PYTHON, STUB],
+                    wrapper=[UNSHARE, "--pid", "--fork", "--mount-proc", "sh", "-c", _FOREIGN_PROC, "sh"]).start()
+    try:
+        sup.wait_for("serving")
+        inner = next(process for process in psutil.Process(sup.pid).children(recursive=True)
+                     if process.cmdline()[:3] == [PYTHON, "-m", "supervisor"])
+        mark = sup.mark()
+        inner.send_signal(signal.SIGHUP)
+        assert sup.wait_for("promoted", after=mark)["gen"] == 2
+        assert http_get(port)[0] == 200
+        began = time.monotonic()
+        inner.send_signal(signal.SIGTERM)
+        assert sup.wait_exit(40) == 0
+        took = time.monotonic() - began
+        print(f"stop under a foreign /proc took {took:.3f}s")
+        assert "decoy-status 143" in sup.lines, "a process the supervisor did not spawn was killed:\n" + "\n".join(sup.lines[-30:])
+        assert not sup.of_kind("leftover-killed"), "nothing outside our own children may be taken for ours"
+        assert took < 10, f"stop took {took:.1f}s: it waited for processes that are not its own"
+    finally:
+        sup.stop()
