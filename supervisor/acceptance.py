@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from . import attribution
 from .instance import Instance
 from .listeners import Listener
-from .probes import ProbeSpec, Result, Subject, Target, TcpProbe, Verdict
+from .probe_spec import ProbeSpec
+from .probes import Result, Subject, Target, TcpProbe, Verdict
 from .readiness import Failed, wait_all_ready
 
 _SPEC = ProbeSpec("tcp", "tcp (accepted by the instance itself)")

@@ -21,7 +21,7 @@ from . import schema
 from .errors import UserError
 from .listeners import ListenSpec, parse_listen
 from .names import default_name
-from .probes import ProbeSpec, parse_probe
+from .probe_spec import ProbeSpec, parse_probe
 from .strategy import Strategy, build_strategy
 from .units import parse_signal
 

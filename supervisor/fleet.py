@@ -30,7 +30,8 @@ from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .leftovers import marker
 from .listener_guard import ListenerGuard
 from .listeners import Listener, bind
-from .probes import DEFAULT_PROBE, NO_LISTENER_PROBE, Probe, Result, build_probe
+from .probe_spec import DEFAULT_PROBE, NO_LISTENER_PROBE
+from .probes import Probe, Result, build_probe
 from .proctree import children, descendants
 from .reaper import Reaper
 from .release import Release, check_templates, next_release

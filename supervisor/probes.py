@@ -20,11 +20,9 @@ import anyio
 
 from . import attribution
 from .errors import UserError
-from .units import parse_duration
+from .probe_spec import ProbeSpec
 
-_URL = re.compile(r"^(?P<scheme>https?|tcp)://(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]*))(?::(?P<port>\d+))?(?P<path>/.*)?$")
 _HTTP_STATUS = re.compile(rb"^HTTP/\d(?:\.\d)? (\d{3})")
-KINDS = ("http", "tcp", "notify", "exec", "delay")
 
 
 class Verdict(enum.Enum):
@@ -45,54 +43,6 @@ class Result:
     @property
     def ready(self) -> bool:
         return self.verdict is Verdict.READY
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """A parsed --ready value. `strict` is False only for the default probe (a 404 then means "no endpoint")."""
-
-    kind: str
-    text: str
-    host: str | None = None
-    port: int | None = None
-    path: str = "/readyz"
-    command: str | None = None
-    seconds: float = 0.0
-    strict: bool = True
-
-
-DEFAULT_PROBE = ProbeSpec("http", "http (default: /readyz on the first TCP listener)", strict=False)
-NO_LISTENER_PROBE = ProbeSpec("delay", "delay:1s (default without a TCP listener)", seconds=1.0)
-
-
-def parse_probe(text: str) -> ProbeSpec:
-    """Parse `http[://HOST:PORT][/PATH]`, `tcp[://HOST:PORT]`, `notify`, `exec:COMMAND`, `delay:DURATION`."""
-    value = text.strip()
-    if value in ("http", "tcp", "notify"):
-        return ProbeSpec(value, value)
-    if value.startswith("exec:"):
-        command = value[5:].strip()
-        if not command:
-            raise UserError(f"invalid --ready {text!r}: exec: needs a command, like exec:/usr/local/bin/check")
-        return ProbeSpec("exec", value, command=command)
-    if value.startswith("delay:"):
-        return ProbeSpec("delay", value, seconds=parse_duration(value[6:], "--ready delay"))
-    if value.startswith(("http:/", "http/")) and not value.startswith("http://"):
-        return ProbeSpec("http", value, path="/" + value.split("/", 1)[1].lstrip("/"))
-    match = _URL.match(value)
-    if match:
-        if match.group("scheme") == "https":
-            raise UserError(f"invalid --ready {text!r}: https probes are not supported; probe the plain listener")
-        host = match.group("v6") or match.group("host") or None
-        port = int(match.group("port")) if match.group("port") else None
-        if port is not None and not 0 < port < 65536:
-            raise UserError(f"invalid --ready {text!r}: port {port} is out of range")
-        kind = match.group("scheme")
-        if kind == "tcp" and match.group("path"):
-            raise UserError(f"invalid --ready {text!r}: a tcp probe takes no path")
-        return ProbeSpec(kind, value, host=host, port=port, path=match.group("path") or "/readyz")
-    kind = value.split(":", 1)[0]
-    raise UserError(f"invalid --ready {text!r}: unknown probe kind {kind!r} (use one of: {', '.join(KINDS)})")
 
 
 _NOTHING_YET = {

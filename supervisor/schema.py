@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from .errors import UserError
 from .listeners import parse_listen
 from .names import check_name
-from .probes import parse_probe
+from .probe_spec import parse_probe
 from .strategy import STRATEGIES, parse_amount
 from .units import parse_duration, parse_signal
 

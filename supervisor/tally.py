@@ -10,7 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .events import Event
-from .probes import Probe, ProbeSpec, Result, Subject
+from .probe_spec import ProbeSpec
+from .probes import Probe, Result, Subject
 
 _PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -23,7 +23,8 @@ from supervisor.events import Event, Events
 from supervisor.generation import Generation
 from supervisor.identity import Identity
 from supervisor.instance import DRAINING, EXITED, Instance, Launcher
-from supervisor.probes import ProbeSpec, Result, Verdict
+from supervisor.probe_spec import ProbeSpec
+from supervisor.probes import Result, Verdict
 from supervisor.readiness import Cohort, wait_all_ready
 from supervisor.reaper import ChildExit, ExitStatus, Reaper
 from supervisor.release import Release

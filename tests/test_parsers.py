@@ -10,7 +10,8 @@ import pytest
 
 from supervisor.errors import UserError
 from supervisor.listeners import parse_listen
-from supervisor.probes import Result, Verdict, parse_probe
+from supervisor.probe_spec import parse_probe
+from supervisor.probes import Result, Verdict
 from supervisor.rollout import Strikes
 from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
 from supervisor.units import parse_duration, parse_signal

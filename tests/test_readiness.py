@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor.probes import HttpProbe, Result, Target, Verdict, parse_probe
+from supervisor.probe_spec import parse_probe
+from supervisor.probes import HttpProbe, Result, Target, Verdict
 from supervisor.readiness import Failed, wait_ready
 from supervisor.reaper import ChildExit
 
