@@ -82,6 +82,7 @@ class Ticket:
     force: bool = False
     release: Release | None = None
     coalesced: bool = False
+    goal: str = PROMOTED  # the result that does what was asked (a rollback in a watch window asks for ROLLED_BACK)
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: Outcome | None = None
 
@@ -93,8 +94,8 @@ class Ticket:
     def verdict(self) -> dict[str, Any]:
         """The last line of a streamed upgrade: how it ended."""
         outcome = self.outcome or Outcome("aborted", "no verdict")
-        return {"event": "verdict", "result": outcome.result, "reason": outcome.reason, "new_gen": outcome.new_gen,
-                "old_gen": outcome.old_gen, "timings": outcome.timings, "blame": outcome.blame,
+        return {"event": "verdict", "result": outcome.result, "ok": outcome.result == self.goal, "reason": outcome.reason,
+                "new_gen": outcome.new_gen, "old_gen": outcome.old_gen, "timings": outcome.timings, "blame": outcome.blame,
                 "release": outcome.identity.as_dict() if outcome.identity else None}
 
 
@@ -289,7 +290,7 @@ class Supervisor:
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
         if self.rollout is not None and self.rollout.abort("rolled back by operator"):
-            ticket = Ticket("ctl rollback")
+            ticket = Ticket("ctl rollback", goal=ROLLED_BACK)
             self.tickets.append(ticket)
             return ticket
         if self.previous_release is None:
