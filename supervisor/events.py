@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .logsink import LogSink
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -56,6 +59,7 @@ class Events:
     log_level: str = "info"
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     subscribers: list[Subscriber] = field(default_factory=list)
+    sink: LogSink | None = None  # when set, log lines go there instead of `stream`: it never blocks (logsink.py)
 
     def emit(
         self, kind: str, message: str, *, level: str = "info", gen: int | None = None, pids: tuple[int, ...] | list[int] = (),
@@ -74,19 +78,31 @@ class Events:
         self.subscribers.append(subscriber)
         return lambda: self.subscribers.remove(subscriber) if subscriber in self.subscribers else None
 
-    def _write(self, event: Event) -> None:
+    def dropped_line(self, count: int) -> str:
+        """The log line that says `count` lines could not be written (the log's reader stalled)."""
+        lines = "log line" if count == 1 else "log lines"
+        return self.format(Event("log-dropped", f"dropped {count} {lines}: the log's reader was not keeping up",
+                                 level="warning", fields={"dropped": count}))
+
+    def format(self, event: Event) -> str:
+        """The event as one log line, in the configured format."""
         if self.log_format == "json":
-            line = json.dumps(event.as_dict(), default=str)
-        else:
-            stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
-            where = f"gen {event.gen}" if event.gen is not None else ""
-            if event.instance is not None:
-                where += f" #{event.instance}"
-            if event.pids:
-                where += (" " if where else "") + "pid " + ",".join(map(str, event.pids))
-            tag = f"[{where}] " if where else ""
-            level = "" if event.level == "info" else event.level.upper() + ": "
-            line = f"{stamp} supervise: {level}{tag}{event.message}"
+            return json.dumps(event.as_dict(), default=str)
+        stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
+        where = f"gen {event.gen}" if event.gen is not None else ""
+        if event.instance is not None:
+            where += f" #{event.instance}"
+        if event.pids:
+            where += (" " if where else "") + "pid " + ",".join(map(str, event.pids))
+        tag = f"[{where}] " if where else ""
+        level = "" if event.level == "info" else event.level.upper() + ": "
+        return f"{stamp} supervise: {level}{tag}{event.message}"
+
+    def _write(self, event: Event) -> None:
+        line = self.format(event)
+        if self.sink is not None:
+            self.sink.write_line(line)
+            return
         try:
             self.stream.write(line + "\n")
             self.stream.flush()

@@ -21,6 +21,7 @@ from .fdlimit import raise_fd_limit
 from .history import History
 from .release_book import ReleaseBook
 from .listeners import Listener, inherited_from_systemd, open_listeners
+from .logsink import stderr_sink
 from .notify import SystemdNotifier
 from .release import check_templates, logical_cwd, resolve
 from .rundir import RuntimeDir, own_directory, runtime_parent
@@ -77,8 +78,17 @@ def _remove_pidfile(path: Path) -> None:
 
 
 def run(settings: Settings) -> int:
-    """Run the supervisor to completion and return its exit code."""
+    """Run the supervisor to completion and return its exit code; its log never blocks it (logsink.py)."""
     events = Events(settings.log_format, settings.log_level)
+    with stderr_sink(events.dropped_line) as sink:
+        events.sink = sink
+        try:
+            return _run(settings, events)
+        finally:
+            events.sink = None  # the sink's descriptor is closed next: nothing may write to it any more
+
+
+def _run(settings: Settings, events: Events) -> int:
     fd_limit = raise_fd_limit()
     if fd_limit is not None:
         events.emit("fd-limit-raised", f"open-files limit raised from {fd_limit.soft} to {fd_limit.hard} (children "

@@ -223,7 +223,7 @@ class Supervisor:
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
         if self.rollout is not None and self.rollout.abort("rolled back by operator"):
-            ticket = Ticket("ctl rollback")
+            ticket = Ticket("ctl rollback", goal=ROLLED_BACK)
             self.tickets.append(ticket)
             return ticket
         if self.book.previous is None:

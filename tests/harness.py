@@ -117,17 +117,21 @@ class Supervise:
     def _read(self) -> None:
         assert self.process.stderr is not None
         for raw in self.process.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._changed:
-                self.lines.append(line)
-                try:  # a child's own output may precede our JSON on the same line (shared stderr)
-                    event = json.loads(line[line.index('{"ts"'):]) if '{"ts"' in line else None
-                except ValueError:
-                    event = None
-                if isinstance(event, dict) and "event" in event:
-                    self.events.append(event)
-                self._changed.notify_all()
+            self._take(raw)
         with self._changed:
+            self._changed.notify_all()
+
+    def _take(self, raw: bytes) -> None:
+        """One line of the supervisor's stderr: kept, and parsed if it is one of our JSON events."""
+        line = raw.decode(errors="replace").rstrip("\n")
+        with self._changed:
+            self.lines.append(line)
+            try:  # a child's own output may precede our JSON on the same line (shared stderr)
+                event = json.loads(line[line.index('{"ts"'):]) if '{"ts"' in line else None
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                self.events.append(event)
             self._changed.notify_all()
 
     @property

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import PYTHON, Supervise, free_port, http_get, supervise_command, write_release
+from as_nobody import NobodyPython
+from harness import Supervise, free_port, http_get, supervise_command, write_release
 
 CTL = [*supervise_command(), "ctl"]
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 BAD_RELEASES = {
     "crash": (["--exit-at-start", "3"], "exited with status 3 during readiness"),
     "hang": (["--start-delay", "60"], "not ready after 3s"),
@@ -61,9 +61,8 @@ class Service:
         return body.split()[1]
 
 
-def run_ctl(*args: str, timeout: float = 60.0, prefix: tuple[str, ...] = (),
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, *CTL, *args], capture_output=True, text=True, timeout=timeout, env=env,
+def run_ctl(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CTL, *args], capture_output=True, text=True, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL)
 
 
@@ -400,21 +399,37 @@ print(sock.recv(100).split(b"\\r\\n")[0].decode())
 """
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as nobody")
-def test_a_client_of_another_uid_is_refused(open_dir: Path, services: Callable[..., Service]) -> None:
+@pytest.fixture
+def nobody(open_dir: Path) -> NobodyPython:
+    """The client code, copied where user nobody can read it, and an interpreter nobody can run."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv(1) to run a client as nobody")
+    prepared = NobodyPython.prepare(open_dir)
+    if prepared is None:
+        pytest.skip("no Python interpreter that user nobody can execute")
+    return prepared
+
+
+def nobody_ctl(nobody: NobodyPython, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(nobody.command("-m", "supervisor", "ctl", *args), capture_output=True, text=True,
+                          **nobody.options())
+
+
+@pytest.mark.timeout(60)
+def test_a_client_of_another_uid_is_refused(open_dir: Path, nobody: NobodyPython,
+                                            services: Callable[..., Service]) -> None:
     service = services(control=open_dir / "ctl.sock")
     assert (service.control.stat().st_mode & 0o777) == 0o600
-    result = run_ctl("--control", str(service.control), "status", prefix=tuple(AS_NOBODY))
+    result = nobody_ctl(nobody, "--control", str(service.control), "status")
     assert result.returncode in (1, 3) and "permission denied" in result.stderr.lower(), (result.returncode, result.stderr)
     assert_one_line_error(result, result.returncode)
 
     service.control.chmod(0o666)  # now only the server's SO_PEERCRED check stands in the way
     mark = service.supervise.mark()
-    raw = subprocess.run([*AS_NOBODY, PYTHON, "-c", NOBODY_GET_STATUS, str(service.control)],
-                         capture_output=True, text=True, timeout=10)
+    raw = subprocess.run(nobody.command("-c", NOBODY_GET_STATUS, str(service.control)), capture_output=True,
+                         text=True, **nobody.options())
     assert raw.stdout.split()[1:2] == ["403"], (raw.stdout, raw.stderr)
-    refused = run_ctl("--control", str(service.control), "status", prefix=tuple(AS_NOBODY))
+    refused = nobody_ctl(nobody, "--control", str(service.control), "status")
     assert_one_line_error(refused, 1, "permission denied")
     assert any("65534" in json.dumps(event) for event in service.supervise.events[mark:]), "no log line for the refusal"
     assert service.ctl("status").returncode == 0

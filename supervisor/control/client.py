@@ -207,15 +207,15 @@ class Target:
 # -- verbs --------------------------------------------------------------------------------------------------
 
 
-def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse, accepted: set[str]) -> int:
-    """Print a rollout's progress events as they arrive, then its verdict; 0 if the result is `accepted`."""
+def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse) -> int:
+    """Print a rollout's progress events as they arrive, then its verdict; 0 if it did what was asked (`ok`)."""
     endpoint.check(response)
     for event in endpoint.lines(response):
         if event.get("event") == "verdict":
             if event.get("blame"):
                 click.echo(str(event["blame"]))
             click.echo(verdict_line(event))
-            return 0 if event.get("result") in accepted else EXIT_FAILED
+            return 0 if event.get("ok", event.get("result") == "promoted") is True else EXIT_FAILED
         if event.get("level") != "debug":
             click.echo(describe_event(event))
     raise CtlError("the supervisor ended the stream without a verdict (is it stopping?)")
@@ -292,7 +292,7 @@ def upgrade(target: Target, no_wait: bool, dry_run: bool, force: bool) -> int:
         return _show_plan(endpoint.json(response).get("plan") or {}, force)
     if no_wait:
         return _show_accepted(endpoint.json(response))
-    return follow_rollout(endpoint, response, accepted={"promoted"})
+    return follow_rollout(endpoint, response)
 
 
 def _show_plan(plan: dict[str, Any], force: bool) -> int:
@@ -318,8 +318,10 @@ def rollback(target: Target) -> int:
     Exit 0 when the previous release is serving again, 1 when that was refused or failed.
     """
     endpoint = target.endpoint()
-    response = endpoint.request("POST", "/rollback", stream=True)
-    return follow_rollout(endpoint, response, accepted={"promoted", "rolled-back"})
+    code = follow_rollout(endpoint, endpoint.request("POST", "/rollback", stream=True))
+    if code:
+        click.echo("rollback failed: the previous release is not serving")
+    return code
 
 
 @ctl.command()

@@ -46,6 +46,10 @@ def render(supervisor: Supervisor) -> bytes:
     for name, count in tally.revivals.items():
         revivals.add_metric([name], count)
     families.append(revivals)
+    dropped = CounterMetricFamily("supervise_log_dropped", "Log lines dropped because the log's reader (stderr) "
+                                  "did not take them and the buffer was full")
+    dropped.add_metric([], supervisor.events.sink.dropped_total if supervisor.events.sink else 0)
+    families.append(dropped)
     families.append(_histograms("supervise_upgrade_phase_seconds", "Duration of each upgrade phase", "phase", tally.phases,
                                 HistogramMetricFamily))
     families.append(_histograms("supervise_probe_seconds", "Duration of one probe attempt", "kind", tally.probes,

@@ -15,6 +15,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,8 +264,11 @@ class ControlServer:
             raise UserError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
         with self._subscription(LEVELS[level]) as received:
             response = await self._open_stream(request)
-            async for event in received:
-                await response.write(_line(event.as_dict()))
+            with _client_may_leave():
+                async for event in received:
+                    await response.write(_line(event.as_dict()))
+                    if event.kind == "stopped":
+                        break  # the last event there will be: end the stream properly, do not wait to be cut off
         return response
 
     # -- streaming ----------------------------------------------------------------------------------------------
@@ -288,15 +292,17 @@ class ControlServer:
             response = await self._open_stream(request)
 
             async def forward() -> None:
-                async for event in received:
-                    await response.write(_line(event.as_dict()))
+                with _client_may_leave():
+                    async for event in received:
+                        await response.write(_line(event.as_dict()))
 
             async with anyio.create_task_group() as group:
                 group.start_soon(forward)
                 await ticket.done.wait()
                 await anyio.sleep(0)  # let the events of the verdict itself be forwarded first
                 group.cancel_scope.cancel()
-            await response.write(_line(ticket.verdict()))
+            with _client_may_leave():
+                await response.write(_line(ticket.verdict()))
         return response
 
 
@@ -328,6 +334,12 @@ class _Subscription:
             self.unsubscribe()
         self.send.close()
         self.receive.close()
+
+
+def _client_may_leave() -> AbstractContextManager[None]:
+    """Around writes to a stream: a client that went away (Ctrl-C, a killed script) ends its stream, quietly; what
+    it started goes on."""
+    return suppress(ConnectionError)
 
 
 def _line(data: dict[str, Any]) -> bytes:
