@@ -332,6 +332,26 @@ def _read_line(stream: object, timeout: float) -> str:
     return found[0]
 
 
+def _signal_until_every_stream_shows_it(sup: Supervise, followers: list[subprocess.Popen[str]],
+                                        raw: socket.socket, limit: float = 30.0) -> None:
+    """Forward SIGWINCH (an event every stream receives) until each stream has shown it. A `ctl events` process
+    subscribes only once it has started — over a second on a loaded machine — so one signal may come too early."""
+    waiting, raw_seen = list(followers), False
+    raw.settimeout(0.2)
+    deadline = time.monotonic() + limit
+    while waiting or not raw_seen:
+        assert time.monotonic() < deadline, f"{len(waiting)} ctl events stream(s) never showed a forwarded signal"
+        assert sup.ctl("signal", "WINCH").returncode == 0
+        readable, _, _ = select.select([follower.stdout for follower in waiting], [], [], 0.5)
+        waiting = [follower for follower in waiting
+                   if follower.stdout not in readable or "forwarded SIGWINCH" not in follower.stdout.readline()]
+        if not raw_seen:
+            try:
+                raw_seen = b"signal-forwarded" in raw.recv(65536)
+            except TimeoutError:
+                pass
+
+
 @pytest.mark.timeout(60)
 def test_event_streams_end_quietly_when_the_supervisor_stops(tmp_path: Path, running: list[Supervise]) -> None:
     script = write_release(tmp_path / "app", "--tag", "v1")
@@ -343,10 +363,7 @@ def test_event_streams_end_quietly_when_the_supervisor_stops(tmp_path: Path, run
     follower, killed = _ctl_events(control), _ctl_events(control)
     try:
         gone = _events_client(control)
-        assert sup.ctl("signal", "WINCH").returncode == 0  # an event every stream receives: all are open
-        assert "forwarded SIGWINCH" in _read_line(follower.stdout, 10)
-        assert "forwarded SIGWINCH" in _read_line(killed.stdout, 10)
-        assert b"signal-forwarded" in gone.recv(65536)
+        _signal_until_every_stream_shows_it(sup, [follower, killed], gone)  # all streams are open
         killed.kill()  # clients that go away mid-stream: a killed `ctl events`, a script that closes its socket
         killed.wait(5)
         gone.close()
