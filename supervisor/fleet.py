@@ -102,10 +102,11 @@ class Fleet:
     async def run(self) -> None:
         """For the supervisor's life: watch every spawned instance's exit (the watchers belong to the fleet) and
         the held sockets' hangups."""
-        async with anyio.create_task_group() as group:
-            group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
-            async for generation, instance in self._to_watch:
-                group.start_soon(self._report_exit, generation, instance)
+        with self._spawned, self._to_watch:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
+                async for generation, instance in self._to_watch:
+                    group.start_soon(self._report_exit, generation, instance)
 
     async def _report_exit(self, generation: Generation, instance: Instance) -> None:
         status = await instance.exit.wait()
