@@ -13,13 +13,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from functools import partial
+
 import anyio
 
 from . import __version__
 from .cgroups import Cgroups
 from .concurrency import gather
-from .containment import contain
 from .config import Settings
+from .containment import contain
 from .credentials import Credentials
 from .errors import UserError
 from .events import Events
