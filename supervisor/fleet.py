@@ -29,7 +29,7 @@ from .identity import Identity
 from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
 from .leftovers import marker
 from .listener_guard import ListenerGuard
-from .listeners import Listener, bind
+from .listeners import Listener, ListenSpec, bind
 from .probe_spec import DEFAULT_PROBE, NO_LISTENER_PROBE
 from .probes import Probe, Result, build_probe
 from .proctree import children, descendants
@@ -83,6 +83,15 @@ class Fleet:
         """How many instances the serving generation should have."""
         return self.scaled or self.settings.processes
 
+    def scale(self, processes: int) -> int:
+        """`ctl scale`: the serving generation should have `processes` instances from now on; how many it had."""
+        previous, self.scaled = self.processes, processes
+        return previous
+
+    def wind_down(self) -> None:
+        """The supervisor is stopping: every exit from here on is expected."""
+        self.stopping = True
+
     def build_probe(self, settings: Settings, listeners: Sequence[Listener]) -> Probe:
         tcp = [listener for listener in listeners if listener.kind == "tcp"]
         return TimedProbe(build_probe(
@@ -118,17 +127,19 @@ class Fleet:
 
     # -- the rollout's host interface -------------------------------------------------------------------------
 
-    def prepare(self, release: Release | None) -> Plan:
+    def prepare(self, release: Release | None, dry_run: bool = False) -> Plan:
         """What the next upgrade deploys: the config file read again (if any), listeners it adds bound, the
-        command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given."""
-        self.book.forget()
+        command resolved on disk again (a replaced binary or flipped symlink is picked up) — or `release` as given.
+        A `dry_run` (ctl upgrade --dry-run) takes the same path but binds nothing: new listeners stay `unbound`."""
+        if not dry_run:
+            self.book.forget()
         try:
             settings = reread(self.settings)
-            listeners = self._listeners_for(settings)
+            listeners, unbound = self._listeners_for(settings, bind_new=not dry_run)
         except UserError as exc:
             raise UserError(invalid(exc)) from None
         try:
-            check_templates(settings.command, [listener.name for listener in listeners])
+            check_templates(settings.command, [listener.name for listener in listeners] + [spec.name for spec in unbound])
             probe = self.build_probe(settings, listeners)
         except UserError as exc:
             self._close_unused(listeners)
@@ -139,22 +150,29 @@ class Fleet:
             except SpawnError:
                 self._close_unused(listeners)
                 raise
-        return Plan(settings, probe, release, listeners, self.scaled or settings.processes)
+        return Plan(settings, probe, release, listeners, self.scaled or settings.processes, unbound)
 
-    def _listeners_for(self, settings: Settings) -> tuple[Listener, ...]:
-        """The listeners `settings` asks for: the ones we hold are reused, new ones bound now."""
+    def _listeners_for(self, settings: Settings, bind_new: bool) -> tuple[tuple[Listener, ...], tuple[ListenSpec, ...]]:
+        """The listeners `settings` asks for: the ones we hold are reused, new ones bound now (or, not binding,
+        returned as specs)."""
         held = {listener.spec: listener for listener in self.all_listeners() if listener.spec is not None}
-        chosen = []
+        chosen: list[Listener] = []
+        unbound: list[ListenSpec] = []
         try:
             for spec in settings.listen:
-                chosen.append(held.get(spec) or bind(spec, settings.backlog, settings.nodelay, settings.unix_mode))
+                if spec in held:
+                    chosen.append(held[spec])
+                elif bind_new:
+                    chosen.append(bind(spec, settings.backlog, settings.nodelay, settings.unix_mode))
+                else:
+                    unbound.append(spec)
         except UserError:
             for listener in chosen:
                 if listener not in held.values():
                     listener.close()
             raise
         chosen.extend(listener for listener in self.listeners if listener.spec is None)  # adopted, never in a file
-        return tuple(chosen)
+        return tuple(chosen), tuple(unbound)
 
     def all_listeners(self) -> list[Listener]:
         found = list(self.listeners)

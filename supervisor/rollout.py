@@ -25,12 +25,12 @@ from .events import Events
 from .generation import Generation
 from .identity import Identity
 from .instance import Instance
-from .listeners import Listener
+from .listeners import Listener, ListenSpec
 from .probes import Probe, Result, Verdict
 from .readiness import Failed, start_cohort
 from .release import Release
 from .spawn import SpawnError, out_of_fds
-from .strategy import drain_count
+from .strategy import Strategy, drain_count
 
 IDLE, SPAWNING, WAITING_READY, WATCHING, DRAINING, ROLLING_BACK = (
     "idle", "spawning", "waiting-ready", "watching", "draining", "rolling-back")
@@ -50,6 +50,7 @@ class Plan:
     release: Release
     listeners: tuple[Listener, ...]
     processes: int = 1
+    unbound: tuple[ListenSpec, ...] = ()  # listeners a dry run would bind (a real upgrade has bound them)
 
 
 class Host(Protocol):
@@ -59,7 +60,7 @@ class Host(Protocol):
     events: Events
     commands: CommandRunner
 
-    def prepare(self, release: Release | None) -> Plan: ...
+    def prepare(self, release: Release | None, dry_run: bool = False) -> Plan: ...
     async def identify(self, release: Release, fresh: bool = False) -> Identity: ...
     def refusal(self, release: Release, identity: Identity, force: bool) -> str | None: ...
     def create(self, plan: Plan) -> Generation: ...
@@ -270,16 +271,13 @@ class Rollout:
                 await self._replace_old(ready)
 
     async def _step(self, processes: int) -> int:
-        """The batch size. Batches are rolled back by starting old instances again: if the old release's files
-        were rewritten in place, that would start the new code, so then all instances start at once (surge)."""
-        step = self.settings.strategy.step(processes)
-        changed = await self.host.changed_in_place(self.old) if step < processes and self.old is not None else None
+        """The batch size (see batch_step); a fallback to surge is said."""
+        step, changed = await batch_step(self.host, self.old, self.settings.strategy, processes)
         if changed:
             self.host.events.emit("strategy-fallback", f"{changed}: batches could not be rolled back to it, so all "
                                   f"{processes} new instances start at once (surge); deploy to release directories and "
                                   "flip a `current` link to upgrade in batches", level="warning", gen=self.old.number
                                   if self.old else None, reason=changed)
-            return processes
         return step
 
     async def _batch(self, size: int) -> list[Instance]:
@@ -418,6 +416,15 @@ class Rollout:
         self.host.events.emit("hook", f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
                               hook=name, failure=failure)
         return failure
+
+
+async def batch_step(host: Host, old: Generation | None, strategy: Strategy, processes: int) -> tuple[int, str | None]:
+    """How many new instances one batch starts, and why all start at once when the strategy asked for batches:
+    batches are rolled back by starting old instances again, and if the old release's files were rewritten in
+    place that would start the new code. The dry run asks the same."""
+    step = strategy.step(processes)
+    changed = await host.changed_in_place(old) if step < processes and old is not None else None
+    return (processes, changed) if changed else (step, None)
 
 
 def _release_env(which: str, identity: Identity | None) -> dict[str, str]:

@@ -109,16 +109,12 @@ def _run(settings: Settings, events: Events) -> int:
     listeners: list[Listener] = open_listeners(
         settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
     runtime_dir: RuntimeDir | None = None
-    supervisor: Supervisor | None = None
+    control = ControlServer(settings.control_path)
     cgroups = Cgroups.setup(settings.name, events)
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
-        supervisor = Supervisor(settings, listeners, events, release,
-                                book=ReleaseBook(History.load(settings.state_path, events), events),
-                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
-                                child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups)
-        supervisor.control = ControlServer(supervisor, settings.control_path)
-        supervisor.control.bind()
+        book = ReleaseBook(History.load(settings.state_path, events), events)
+        control.bind()
         events.emit("starting", f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
                     f"{settings.control_path}, state {settings.state_path}", name=settings.name,
                     control=str(settings.control_path), state=str(settings.state_path))
@@ -129,12 +125,14 @@ def _run(settings: Settings, events: Events) -> int:
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
         runtime_dir = RuntimeDir.create(parent, shared=credentials is not None)
-        supervisor.fleet.runtime_dir = str(runtime_dir.path)
+        supervisor = Supervisor(settings, listeners, events, release, book,
+                                systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
+                                child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups,
+                                runtime_dir=str(runtime_dir.path), control=control)
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:
-        if supervisor is not None and supervisor.control is not None:
-            supervisor.control.close()
+        control.close()
         if cgroups is not None:
             cgroups.close()
         for listener in listeners:

@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from functools import partial
-from typing import Protocol
 
 import anyio
 
+from . import __version__
 from .cgroups import Cgroups
 from .concurrency import gather
 from .config import Settings
+from .containment import contain
 from .credentials import Credentials
 from .errors import UserError
 from .events import Events
@@ -29,14 +29,18 @@ from .generation import Generation
 from .instance import Instance
 from .libc import release_free_memory
 from .listeners import Listener
+from .liveness import Liveness
 from .notify import SystemdNotifier
+from .port import Service
+from .preview import Preview, preview
 from .readiness import start_cohort
 from .reaper import Reaper
 from .release import Release
 from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
-from .rollout import PROMOTED, ROLLED_BACK, Outcome, Plan, Rollout, Strikes, health_check
+from .rollout import ROLLED_BACK, Outcome, Plan, Rollout
 from .schema import MAX_PROCESSES
+from .snapshot import GenerationView, Snapshot, SupervisorView, of_generation, of_listeners, of_rollout, of_tally
 from .spawn import SpawnError
 from .tally import Tally
 from .ticket import Ticket
@@ -44,14 +48,6 @@ from .triggers import ChangeTrigger
 from .workers import Worker
 
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-
-
-class Service(Protocol):
-    """What runs beside the operations for the supervisor's whole life (the control server): the supervisor
-    starts and closes it, and knows nothing else of it — control/ imports the supervisor, never the reverse."""
-
-    async def serve(self) -> None: ...
-    def close(self) -> None: ...
 
 
 class Fatal(Exception):
@@ -71,9 +67,10 @@ class Supervisor:
     credentials: InitVar[Credentials | None] = None
     child_fd_limit: InitVar[tuple[int, int] | None] = None  # RLIMIT_NOFILE we were started with, for children
     cgroups: InitVar[Cgroups | None] = None  # a cgroup per generation, where cgroup v2 can be used
+    runtime_dir: InitVar[str] = ""  # where the notify sockets go (rundir.py)
+    control: Service | None = None  # serves this supervisor as a ControlPort (port.py)
     reaper: Reaper = field(default_factory=Reaper)
     rollout: Rollout | None = None
-    control: Service | None = None
     forced: bool = False
     exit_code: int = 0
     pending: list[Ticket] = field(default_factory=list)
@@ -85,7 +82,6 @@ class Supervisor:
     tally: Tally = field(default_factory=Tally)
     fleet: Fleet = field(init=False)
     workers: list[Worker] = field(init=False)
-    _strikes: Strikes | None = field(init=False, default=None)
     _wakeup: anyio.Event = field(init=False)
     _replan: anyio.Event = field(init=False)  # set by a scale or upgrade request: a retry's backoff ends early
     _operations: anyio.CancelScope = field(init=False)
@@ -93,13 +89,16 @@ class Supervisor:
 
     def __post_init__(self, settings: Settings, listeners: list[Listener], release: Release,
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
-                      cgroups: Cgroups | None) -> None:
+                      cgroups: Cgroups | None, runtime_dir: str) -> None:
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
                            wake=lambda: self._wakeup.set(), refill=self._fill, credentials=credentials,
-                           child_fd_limit=child_fd_limit, cgroups=cgroups)
+                           child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir)
         self.events.subscribe(self.tally.on_event)
+        liveness = Liveness(self.fleet, self.events, quiet=lambda: not (self.busy or self.upgrade_pending),
+                            wake=lambda: self._wakeup.set(),
+                            replace=lambda trigger, release: self.request_upgrade(trigger, force=True, release=release))
         self.workers = [
-            Worker("liveness", settings.health_interval, self._check_liveness),
+            Worker("liveness", settings.health_interval, liveness.check),
             Worker("reaper", SWEEP_INTERVAL, self.fleet.sweep),
         ]
         if self.systemd is not None:
@@ -123,7 +122,7 @@ class Supervisor:
                 for worker in self.workers:
                     group.start_soon(worker.run)
                 if self.control is not None:
-                    group.start_soon(self.control.serve)
+                    group.start_soon(self.control.serve, self)
                 if self.fleet.settings.upgrade_on_change:
                     trigger = ChangeTrigger(self.fleet.settings.upgrade_on_change, self.fleet.settings.change_settle,
                                             lambda what: self.request_upgrade(what))
@@ -159,7 +158,7 @@ class Supervisor:
         except Fatal as exc:
             self.events.emit("fatal", str(exc), level="error")
             self.exit_code = 1
-            self.fleet.stopping = True
+            self.fleet.wind_down()
 
     @property
     def upgrade_pending(self) -> bool:
@@ -207,7 +206,7 @@ class Supervisor:
             raise UserError(f"cannot scale to {processes}: the number of instances must be from 1 to {MAX_PROCESSES}")
         if self.fleet.stopping:
             raise UserError("cannot scale: the supervisor is stopping")
-        previous, self.fleet.scaled = self.fleet.processes, processes
+        previous = self.fleet.scale(processes)
         when = " after the upgrade in progress" if self.rollout is not None else ""
         self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
                          gen=self.fleet.serving.number if self.fleet.serving else None, previous=previous, processes=processes)
@@ -246,7 +245,7 @@ class Supervisor:
         except Fatal:
             raise  # restoring old instances failed past --max-restarts: our own manager must act
         except Exception as exc:  # noqa: BLE001 - a bug here must never take the serving generation down
-            outcome = await self._contain(self.rollout, exc)
+            outcome = await contain(self.fleet, self.rollout, exc)
         finally:
             self.book.history.finish()
             self.rollout = None
@@ -255,21 +254,6 @@ class Supervisor:
             self.tickets = []
             self.book.forget()
         return outcome
-
-    async def _contain(self, rollout: Rollout, exc: Exception) -> Outcome:
-        """An internal error in a rollout: remove its new generation and keep the old one serving."""
-        self.events.emit("internal-error", f"internal error during upgrade ({type(exc).__name__}: {exc}); keeping "
-                         "one serving generation", level="error",
-                         traceback="".join(traceback.format_exception(exc)))
-        new, old = rollout.new, rollout.old
-        numbers = (new.number if new else None, old.number if old else None)
-        if new is not None and new is self.fleet.serving:  # already promoted: it stays; the old one must still go
-            if old is not None and old in self.fleet.generations:
-                await self.fleet.retire(old, graceful=True)
-            return Outcome(PROMOTED, f"internal error after promotion: {exc}", *numbers, trigger=rollout.trigger)
-        if new is not None:
-            await self.fleet.retire(new, graceful=True)
-        return Outcome(ROLLED_BACK, f"internal error: {exc}", *numbers, kind="internal", trigger=rollout.trigger)
 
     async def _bring_up(self, release: Release, first: bool = False) -> Generation:
         """Start a generation of `release` and wait until all its instances are ready (each retried with backoff);
@@ -369,19 +353,52 @@ class Supervisor:
                              f"at most {most} within {window:g}s)", level="warning", delay=decision.delay, reason=reason)
         return decision.delay
 
+    # -- the control port (port.py) ---------------------------------------------------------------------------
+
+    def snapshot(self, measure: bool = True) -> Snapshot:
+        fleet, rollout, book = self.fleet, self.rollout, self.book
+        state = "stopping" if fleet.stopping else (rollout.state if rollout else "idle")
+        view = SupervisorView(os.getpid(), fleet.settings.name, __version__, self.started_at, self.started_wall, state,
+                              str(fleet.settings.control_path), self.busy, fleet.processes,
+                              fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped)
+        return Snapshot(time.monotonic(), view, of_listeners(fleet.listeners),
+                        tuple(of_generation(generation, generation is fleet.serving, measure)
+                              for generation in fleet.generations),
+                        of_rollout(rollout) if rollout else None, tuple(book.history.as_dict()["records"]),
+                        book.history.last_known_good, book.history.last_known_bad, book.history.save_error,
+                        tuple(worker.info() for worker in self.workers),
+                        of_tally(self.tally, self.events.sink.dropped_total if self.events.sink else 0))
+
+    async def preview(self, force: bool) -> Preview:
+        fleet = self.fleet
+        return await preview(fleet, fleet.serving, fleet.next_number, fleet.listeners, force)
+
+    async def settled(self) -> None:
+        settings = self.fleet.settings
+        with anyio.move_on_after(settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0):
+            while self.busy or self.needs_repair or self.upgrade_pending:  # an upgrade may be running too
+                await anyio.sleep(0.05)
+
+    def send_signal(self, signum: signal.Signals) -> GenerationView | None:
+        target = self.fleet.serving
+        if target is None or not self.fleet.forward(signum):
+            return None
+        return of_generation(target, serving=True, measure=False)
+
     # -- stopping ---------------------------------------------------------------------------------------------
 
     def stop(self, reason: str) -> None:
         """Graceful stop: abort any upgrade, drain every generation, exit 0."""
         if self.fleet.stopping:
             return
-        self.fleet.stopping = True
+        self.fleet.wind_down()
         self.events.emit("stopping", f"stopping ({reason}): draining every generation", reason=reason)
         self._operations.cancel()
 
     def force(self, reason: str) -> None:
         """Immediate stop: kill every generation's whole tree now."""
-        self.forced = self.fleet.stopping = True
+        self.forced = True
+        self.fleet.wind_down()
         self.events.emit("stopping", f"stopping now ({reason}): killing every generation", reason=reason, forced=True)
         self._operations.cancel()
         if self._drain is not None:
@@ -389,7 +406,7 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         fleet = self.fleet
-        fleet.stopping = True
+        fleet.wind_down()
         for ticket in self.pending:
             ticket.settle(Outcome("aborted", "the supervisor is stopping"))
         self.pending = []
@@ -420,28 +437,3 @@ class Supervisor:
             self.stop(signum.name)
         else:
             self.fleet.forward(signum)
-
-    async def _check_liveness(self) -> None:
-        """The liveness worker: health-check the serving generation when nothing else is going on. After
-        --health-threshold failures in a row of one instance, that instance is replaced beside its siblings; a
-        generation of one is replaced through the zero-downtime upgrade path (with its watch window)."""
-        target = self.fleet.serving
-        if target is None or self.busy or self.upgrade_pending or self.fleet.stopping or not target.ready():
-            self._strikes = None
-            return
-        if self._strikes is None or self._strikes.generation is not target:
-            self._strikes = Strikes(target, self.fleet.settings.health_threshold)
-        result = await health_check(self.fleet.probe, target)
-        failure = self._strikes.record(result)
-        owner = target.owner(result.pid)
-        if failure and self.fleet.serving is target and owner is not None and len(target.current()) > 1:
-            owner.sick = failure  # replaced beside its siblings by the repair operation, never killed first
-            self.events.emit("unhealthy", f"{self.fleet.label(owner)} failed its health checks ({failure}): replacing it",
-                             level="warning", gen=target.number, instance=owner.index, pids=(owner.leader,),
-                             reason=failure)
-            self._wakeup.set()
-        elif failure and self.fleet.serving is target:
-            self._strikes = None
-            self.events.emit("unhealthy", f"generation {target.number} failed its health checks ({failure}): "
-                             "replacing it", level="warning", gen=target.number, reason=failure)
-            self.request_upgrade(f"liveness: {result.detail}", force=True, release=target.release)

@@ -235,7 +235,7 @@ class FakeFleet:
 
     # -- the Host protocol ---------------------------------------------------------------------------------------
 
-    def prepare(self, release_: Release | None) -> Plan:
+    def prepare(self, release_: Release | None, dry_run: bool = False) -> Plan:
         if self.script.prepare_error is not None:
             raise self.script.prepare_error
         return Plan(self.settings, self.probe, release_ or release("v2"), (), self.settings.processes)

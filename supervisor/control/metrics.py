@@ -5,34 +5,29 @@ Counting is plain Python so it costs nothing at start-up; prometheus_client is i
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..listener_guard import accept_queue
-from ..tally import Histogram
-
-if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+from ..snapshot import HistogramView, Snapshot
 
 
-def render(supervisor: Supervisor) -> bytes:
-    """The Prometheus text exposition of the supervisor's state and tally."""
+def render(snapshot: Snapshot) -> bytes:
+    """The Prometheus text exposition of a snapshot."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    tally = supervisor.tally
+    tally, serving_view = snapshot.tally, snapshot.serving
     families: list[Any] = []
     serving = GaugeMetricFamily("supervise_generation", "Number of the serving generation (0: none)")
-    serving.add_metric([], supervisor.fleet.serving.number if supervisor.fleet.serving else 0)
+    serving.add_metric([], serving_view.number if serving_view else 0)
     families.append(serving)
     alive = GaugeMetricFamily("supervise_generations", "Generations alive, by state", labels=["state"])
-    for state, count in Counter(generation.state for generation in supervisor.fleet.generations).items():
+    for state, count in Counter(generation.state for generation in snapshot.generations).items():
         alive.add_metric([state], count)
     families.append(alive)
     upgrades = CounterMetricFamily("supervise_upgrades", "Upgrades by outcome", labels=["outcome"])
     for outcome in ("promoted", "rolled-back", "refused"):
-        upgrades.add_metric([outcome], tally.upgrades[outcome])
+        upgrades.add_metric([outcome], tally.upgrades.get(outcome, 0))
     families.append(upgrades)
     rollbacks = CounterMetricFamily("supervise_rollbacks", "Rollbacks by reason", labels=["reason"])
     for reason, count in tally.rollbacks.items():
@@ -48,17 +43,17 @@ def render(supervisor: Supervisor) -> bytes:
     families.append(revivals)
     dropped = CounterMetricFamily("supervise_log_dropped", "Log lines dropped because the log's reader (stderr) "
                                   "did not take them and the buffer was full")
-    dropped.add_metric([], supervisor.events.sink.dropped_total if supervisor.events.sink else 0)
+    dropped.add_metric([], tally.log_dropped)
     families.append(dropped)
     families.append(_histograms("supervise_upgrade_phase_seconds", "Duration of each upgrade phase", "phase", tally.phases,
                                 HistogramMetricFamily))
     families.append(_histograms("supervise_probe_seconds", "Duration of one probe attempt", "kind", tally.probes,
                                 HistogramMetricFamily))
-    families.extend(_process_families(supervisor, GaugeMetricFamily, CounterMetricFamily))
-    families.extend(_queue_families(supervisor, GaugeMetricFamily))
-    families.append(_release_family(supervisor, GaugeMetricFamily))
+    families.extend(_process_families(snapshot, GaugeMetricFamily, CounterMetricFamily))
+    families.extend(_queue_families(snapshot, GaugeMetricFamily))
+    families.append(_release_family(snapshot, GaugeMetricFamily))
     uptime = GaugeMetricFamily("supervise_uptime_seconds", "Seconds since the supervisor started")
-    uptime.add_metric([], time.monotonic() - supervisor.started_at)
+    uptime.add_metric([], snapshot.taken_at - snapshot.supervisor.started_at)
     families.append(uptime)
 
     class Snapshot:
@@ -70,53 +65,48 @@ def render(supervisor: Supervisor) -> bytes:
     return generate_latest(registry)
 
 
-def _histograms(name: str, documentation: str, label: str, histograms: dict[str, Histogram], family_type: Any) -> Any:
+def _histograms(name: str, documentation: str, label: str, histograms: dict[str, HistogramView], family_type: Any) -> Any:
     family = family_type(name, documentation, labels=[label])
     for value, histogram in histograms.items():
-        family.add_metric([value], histogram.buckets(), histogram.total)
+        family.add_metric([value], list(histogram.buckets), histogram.total)
     return family
 
 
-def _process_families(supervisor: Supervisor, gauge: Any, counter: Any) -> list[Any]:
+def _process_families(snapshot: Snapshot, gauge: Any, counter: Any) -> list[Any]:
     labels = ["gen", "instance", "pid"]
     rss = gauge("supervise_child_rss_bytes", "Resident memory of each process of each instance", labels=labels)
     cpu = counter("supervise_child_cpu_seconds", "CPU time of each process of each instance", labels=labels)
     ready = gauge("supervise_instances_ready", "Instances proved ready and not draining, by generation", labels=["gen"])
     wanted = gauge("supervise_instances_wanted", "Instances the serving generation should have (--processes, ctl scale)")
-    wanted.add_metric([], supervisor.fleet.processes)
-    for generation in supervisor.fleet.generations:
+    wanted.add_metric([], snapshot.supervisor.processes)
+    for generation in snapshot.generations:
         ready.add_metric([str(generation.number)], len(generation.ready()))
         for instance in generation.instances:
-            for process in instance.living():
-                try:
-                    with process.oneshot():
-                        memory, times = process.memory_info().rss, process.cpu_times()
-                except Exception:  # noqa: BLE001 - a process may vanish between listing and reading
-                    continue
+            for process in instance.processes:
                 values = [str(generation.number), str(instance.index), str(process.pid)]
-                rss.add_metric(values, memory)
-                cpu.add_metric(values, times.user + times.system)
+                rss.add_metric(values, process.rss)
+                cpu.add_metric(values, process.cpu_seconds)
     return [rss, cpu, ready, wanted]
 
 
-def _release_family(supervisor: Supervisor, gauge: Any) -> Any:
+def _release_family(snapshot: Snapshot, gauge: Any) -> Any:
     """The serving release as labels (always 1), the Prometheus way to join a version onto other series."""
     info = gauge("supervise_release_info", "The serving release: its version (--version-file) and digest",
                  labels=["version", "digest", "gen"])
-    serving = supervisor.fleet.serving
-    if serving is not None and serving.identity is not None:
-        info.add_metric([serving.identity.version or "", serving.identity.digest, str(serving.number)], 1)
+    serving = snapshot.serving
+    if serving is not None and serving.release is not None:
+        info.add_metric([serving.release.get("version") or "", serving.release["digest"], str(serving.number)], 1)
     return info
 
 
-def _queue_families(supervisor: Supervisor, gauge: Any) -> list[Any]:
+def _queue_families(snapshot: Snapshot, gauge: Any) -> list[Any]:
     labels = ["listener", "address"]
     queue = gauge("supervise_listener_accept_queue", "Connections waiting to be accepted on each TCP listener",
                   labels=labels)
     backlog = gauge("supervise_listener_backlog", "Accept queue limit (listen backlog) of each TCP listener",
                     labels=labels)
-    for listener in supervisor.fleet.listeners:
-        if listener.kind == "tcp" and (depth := accept_queue(listener.sock)) is not None:
-            queue.add_metric([listener.name, listener.address], depth[0])
-            backlog.add_metric([listener.name, listener.address], depth[1])
+    for listener in snapshot.listeners:
+        if listener.accept_queue is not None:
+            queue.add_metric([listener.name, listener.address], listener.accept_queue[0])
+            backlog.add_metric([listener.name, listener.address], listener.accept_queue[1])
     return [queue, backlog]

@@ -23,17 +23,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..errors import UserError
-from ..events import LEVELS, Event
+from ..events import LEVELS, Event, Events
 from ..spawn import out_of_fds
 from ..units import parse_signal
 from . import views
 from .admission import Admission
 from .metrics import render
+from .plan import plan
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from ..supervisor import Supervisor
+    from ..port import ControlPort
     from ..ticket import Ticket
 
 _UCRED = struct.Struct("3i")
@@ -57,10 +58,10 @@ def _peer_uid(request: web.Request) -> int | None:
 
 @dataclass
 class ControlServer:
-    """Owns the control socket file and, once used, the aiohttp server behind it."""
+    """Owns the control socket file and, once used, the aiohttp server behind it, which serves a ControlPort."""
 
-    supervisor: Supervisor
     path: Path
+    port: ControlPort | None = field(default=None, repr=False)  # given by serve()
     sock: socket.socket | None = None
     inode: tuple[int, int] | None = field(default=None, repr=False)
     admission: Admission = field(default_factory=Admission)
@@ -98,9 +99,10 @@ class ControlServer:
                 return
         raise UserError(f"control socket {self.path} is in use by another supervisor: pass another --name or --control")
 
-    async def serve(self) -> None:
-        """Wait for the first client, then run the API until cancelled."""
+    async def serve(self, port: ControlPort) -> None:
+        """Wait for the first client, then run the API of `port` until cancelled."""
         assert self.sock is not None
+        self.port = port
         await anyio.wait_socket_readable(self.sock)
         from aiohttp import web
 
@@ -159,9 +161,14 @@ class ControlServer:
         self._unsaid += closed
         now = time.monotonic()
         if now - self._said_at >= 1.0:
-            self.supervisor.events.emit("control-shed", f"closed {self._unsaid} idle control connection(s): {why}",
+            self._port.events.emit("control-shed", f"closed {self._unsaid} idle control connection(s): {why}",
                                         level="warning", closed=self._unsaid, open=len(self.admission.opened))
             self._said_at, self._unsaid = now, 0
+
+    @property
+    def _port(self) -> ControlPort:
+        assert self.port is not None, "serve() gives the port before any request can arrive"
+        return self.port
 
     def close(self) -> None:
         """Remove the socket file (if it is still ours) and close the socket."""
@@ -180,13 +187,13 @@ class ControlServer:
     def _guard(self) -> Callable[..., Any]:
         from aiohttp import web
 
-        supervisor, admission = self.supervisor, self.admission
+        port, admission = self._port, self.admission
 
         @web.middleware
         async def guard(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
             uid = _peer_uid(request)
             if uid not in (os.getuid(), 0):
-                supervisor.events.emit("control-refused", f"control request {request.method} {request.path} from uid "
+                port.events.emit("control-refused", f"control request {request.method} {request.path} from uid "
                                        f"{uid} refused: only uid {os.getuid()} or root", level="warning", uid=uid)
                 return _error(403, "permission denied: the control socket is for the supervisor's own user or root")
             if (request.content_length or 0) > _MAX_BODY:  # no handler reads a body: reject it before anything runs
@@ -204,59 +211,56 @@ class ControlServer:
     # -- handlers -----------------------------------------------------------------------------------------------
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
-        return _json(views.status(self.supervisor))
+        return _json(views.status(self._port.snapshot()))
 
     async def _upgrade(self, request: web.Request) -> web.StreamResponse:
         force = _flag(request, "force")
         if _flag(request, "dry_run"):
-            return _json({"plan": await views.plan(self.supervisor, force)})
+            return _json({"plan": plan(await self._port.preview(force))})
         if request.query.get("wait", "1") in ("0", "false", "no"):
-            ticket = self.supervisor.request_upgrade("ctl upgrade", force=force)
+            ticket = self._port.request_upgrade("ctl upgrade", force=force)
             if ticket is None:
                 return _error(409, "not accepted: the supervisor is stopping")
             return _json({"accepted": True, "coalesced": ticket.coalesced}, status=202)
-        return await self._verdict_stream(request, lambda: self.supervisor.request_upgrade("ctl upgrade", force=force),
+        return await self._verdict_stream(request, lambda: self._port.request_upgrade("ctl upgrade", force=force),
                                           "not accepted: the supervisor is stopping")
 
     async def _rollback(self, request: web.Request) -> web.StreamResponse:
-        return await self._verdict_stream(request, self.supervisor.request_rollback, "nothing to roll back to")
+        return await self._verdict_stream(request, self._port.request_rollback, "nothing to roll back to")
 
     async def _stop(self, request: web.Request) -> web.StreamResponse:
-        self.supervisor.stop("ctl stop")
+        self._port.stop("ctl stop")
         return _json({"stopping": True}, status=202)
 
     async def _signal(self, request: web.Request) -> web.StreamResponse:
         signum = parse_signal(request.match_info["name"])
-        target = self.supervisor.fleet.serving
-        if not self.supervisor.fleet.forward(signum) or target is None:
+        target = self._port.send_signal(signum)
+        if target is None:
             return _error(409, "no generation is serving")
-        return _json({"signal": signum.name, "gen": target.number, "pids": target.pids()})
+        return _json({"signal": signum.name, "gen": target.number, "pids": list(target.pids)})
 
     async def _scale(self, request: web.Request) -> web.StreamResponse:
         text = request.match_info["count"]
         if not text.isdigit():
             raise UserError(f"invalid count {text!r}: expected a whole number of instances")
-        supervisor = self.supervisor
-        if supervisor.fleet.stopping:
+        port = self._port
+        if port.snapshot(measure=False).supervisor.state == "stopping":
             return _error(409, "not accepted: the supervisor is stopping")
-        message = supervisor.request_scale(int(text))
+        message = port.request_scale(int(text))
         if request.query.get("wait", "1") in ("0", "false", "no"):
             return _json({"accepted": True, "message": message}, status=202)
-        settings = supervisor.fleet.settings
-        limit = settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0  # an upgrade may be running too
-        with anyio.move_on_after(limit):
-            while supervisor.busy or supervisor.needs_repair or supervisor.upgrade_pending:
-                await anyio.sleep(0.05)
-        serving = supervisor.fleet.serving
+        await port.settled()
+        snapshot = port.snapshot(measure=False)
+        serving, wanted = snapshot.serving, snapshot.supervisor.processes
         ready = len(serving.ready()) if serving else 0
-        return _json({"message": message, "processes": supervisor.fleet.processes, "ready": ready,
-                      "done": ready == supervisor.fleet.processes and not supervisor.busy,
-                      "gen": serving.number if serving else None, "pids": serving.pids() if serving else []})
+        return _json({"message": message, "processes": wanted, "ready": ready,
+                      "done": ready == wanted and snapshot.supervisor.operation is None,
+                      "gen": serving.number if serving else None, "pids": list(serving.pids) if serving else []})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
-        return web.Response(body=render(self.supervisor), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=render(self._port.snapshot()), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         level = request.query.get("level", "info")
@@ -281,7 +285,7 @@ class ControlServer:
         return response
 
     def _subscription(self, minimum: int) -> _Subscription:
-        return _Subscription(self.supervisor, minimum)
+        return _Subscription(self._port.events, minimum)
 
     async def _verdict_stream(self, request: web.Request, start: Callable[[], Ticket | None], refusal: str) -> web.StreamResponse:
         """Stream the operation's events as NDJSON, then its verdict as the last line."""
@@ -310,7 +314,7 @@ class ControlServer:
 class _Subscription:
     """Events of at least `minimum` level, buffered for one streaming client (dropped if it cannot keep up)."""
 
-    supervisor: Supervisor
+    events: Events
     minimum: int
     unsubscribe: Callable[[], None] | None = None
     receive: Any = None
@@ -326,7 +330,7 @@ class _Subscription:
                 except anyio.WouldBlock:
                     pass
 
-        self.unsubscribe = self.supervisor.events.subscribe(deliver)
+        self.unsubscribe = self.events.subscribe(deliver)
         return self.receive
 
     def __exit__(self, *exc_info: object) -> None:
