@@ -23,6 +23,7 @@ from .config import Settings
 from .containment import contain
 from .credentials import Credentials
 from .errors import UserError
+from .event_kinds import Kind
 from .events import Events
 from .fleet import SWEEP_INTERVAL, Fleet
 from .generation import Generation
@@ -38,10 +39,11 @@ from .reaper import Reaper
 from .release import Release
 from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
-from .rollout import ROLLED_BACK, Outcome, Plan, Rollout
+from .rollout import Outcome, Plan, Rollout
 from .schema import MAX_PROCESSES
 from .snapshot import GenerationView, Snapshot, SupervisorView, of_generation, of_listeners, of_rollout, of_tally
 from .spawn import SpawnError
+from .states import Phase, RolloutResult
 from .tally import Tally
 from .ticket import Ticket
 from .triggers import ChangeTrigger
@@ -156,7 +158,7 @@ class Supervisor:
                     await self._upgrade()
                 self.busy = None
         except Fatal as exc:
-            self.events.emit("fatal", str(exc), level="error")
+            self.events.emit(Kind.FATAL, str(exc), level="error")
             self.exit_code = 1
             self.fleet.wind_down()
 
@@ -187,13 +189,13 @@ class Supervisor:
     def request_upgrade(self, trigger: str, force: bool = False, release: Release | None = None) -> Ticket | None:
         """Ask for an upgrade. Requests during an upgrade coalesce into one more; none are taken once stopping."""
         if self.fleet.stopping:
-            self.events.emit("upgrade-ignored", f"upgrade request ({trigger}) ignored: stopping", level="warning")
+            self.events.emit(Kind.UPGRADE_IGNORED, f"upgrade request ({trigger}) ignored: stopping", level="warning")
             return None
         ticket = Ticket(trigger, force, release, coalesced=self.upgrade_pending)
         if ticket.coalesced:
-            self.events.emit("upgrade-coalesced", f"upgrade request ({trigger}) coalesced with the pending one", level="debug")
+            self.events.emit(Kind.UPGRADE_COALESCED, f"upgrade request ({trigger}) coalesced with the pending one", level="debug")
         else:
-            self.events.emit("upgrade-requested", f"upgrade requested ({trigger})", trigger=trigger)
+            self.events.emit(Kind.UPGRADE_REQUESTED, f"upgrade requested ({trigger})", trigger=trigger)
             self._wakeup.set()
             self._replan_now()
         self.pending.append(ticket)
@@ -208,7 +210,7 @@ class Supervisor:
             raise UserError("cannot scale: the supervisor is stopping")
         previous = self.fleet.scale(processes)
         when = " after the upgrade in progress" if self.rollout is not None else ""
-        self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
+        self.events.emit(Kind.SCALE_REQUESTED, f"scaling from {previous} to {processes} instances{when}",
                          gen=self.fleet.serving.number if self.fleet.serving else None, previous=previous, processes=processes)
         self._wakeup.set()
         self._replan_now()
@@ -222,7 +224,7 @@ class Supervisor:
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
         if self.rollout is not None and self.rollout.abort("rolled back by operator"):
-            ticket = Ticket("ctl rollback", goal=ROLLED_BACK)
+            ticket = Ticket("ctl rollback", goal=RolloutResult.ROLLED_BACK)
             self.tickets.append(ticket)
             return ticket
         if self.book.previous is None:
@@ -236,7 +238,7 @@ class Supervisor:
         release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
         old = self.fleet.serving
         self.rollout = Rollout(self.fleet, old, trigger, force=any(ticket.force for ticket in tickets), release=release)
-        outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
+        outcome = Outcome(RolloutResult.ABORTED, "the supervisor is stopping", trigger=trigger)
         self.book.history.begin(trigger, old.number if old else None, self.fleet.next_number)
         try:
             outcome = await self.rollout.run()
@@ -263,7 +265,7 @@ class Supervisor:
         generation = fleet.create(Plan(fleet.settings, fleet.probe, release, tuple(fleet.listeners), self.fleet.processes))
         await self._fill(generation, generation.free_indexes(self.fleet.processes), first=first)
         fleet.promote(generation)
-        self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
+        self.events.emit(Kind.SERVING, f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
         return generation
 
     async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False,
@@ -275,7 +277,7 @@ class Supervisor:
         while True:
             pending = [index for index in pending if generation is not self.fleet.serving or index < self.fleet.processes]
             if repair and pending and self.upgrade_first:
-                self.events.emit("repair-deferred", f"generation {generation.number}: not starting instance(s) "
+                self.events.emit(Kind.REPAIR_DEFERRED, f"generation {generation.number}: not starting instance(s) "
                                  f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
                                  gen=generation.number, instances=pending)
                 return
@@ -310,7 +312,7 @@ class Supervisor:
             jobs.append(partial(self._fill, generation, missing, repair=True))
         await gather(*jobs)
         ready = len(generation.ready())
-        self.events.emit("serving", f"generation {generation.number} serving"
+        self.events.emit(Kind.SERVING, f"generation {generation.number} serving"
                          + (f" with {ready} instances" if ready != 1 or self.fleet.processes != 1 else ""),
                          gen=generation.number, pids=generation.pids(), processes=ready)
 
@@ -345,11 +347,11 @@ class Supervisor:
         if decision.give_up:
             raise Fatal(f"giving up: {decision.count} failures within {window:g}s (last: {reason})")
         if decision.crash_loop:
-            self.events.emit("restarting", f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
+            self.events.emit(Kind.RESTARTING, f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
                              f"within {window:g}s is past --max-restarts {most}, but {serving} instance(s) keep "
                              "serving", level="warning", delay=decision.delay, reason=reason, crash_loop=True)
         else:
-            self.events.emit("restarting", f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
+            self.events.emit(Kind.RESTARTING, f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
                              f"at most {most} within {window:g}s)", level="warning", delay=decision.delay, reason=reason)
         return decision.delay
 
@@ -357,8 +359,9 @@ class Supervisor:
 
     def snapshot(self, measure: bool = True) -> Snapshot:
         fleet, rollout, book = self.fleet, self.rollout, self.book
-        state = "stopping" if fleet.stopping else (rollout.state if rollout else "idle")
+        state = "stopping" if fleet.stopping else (rollout.state if rollout else Phase.IDLE)
         view = SupervisorView(os.getpid(), fleet.settings.name, __version__, self.started_at, self.started_wall, state,
+                              fleet.stopping,
                               str(fleet.settings.control_path), self.busy, fleet.processes,
                               fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped)
         return Snapshot(time.monotonic(), view, of_listeners(fleet.listeners),
@@ -392,14 +395,14 @@ class Supervisor:
         if self.fleet.stopping:
             return
         self.fleet.wind_down()
-        self.events.emit("stopping", f"stopping ({reason}): draining every generation", reason=reason)
+        self.events.emit(Kind.STOPPING, f"stopping ({reason}): draining every generation", reason=reason)
         self._operations.cancel()
 
     def force(self, reason: str) -> None:
         """Immediate stop: kill every generation's whole tree now."""
         self.forced = True
         self.fleet.wind_down()
-        self.events.emit("stopping", f"stopping now ({reason}): killing every generation", reason=reason, forced=True)
+        self.events.emit(Kind.STOPPING, f"stopping now ({reason}): killing every generation", reason=reason, forced=True)
         self._operations.cancel()
         if self._drain is not None:
             self._drain.cancel()
@@ -408,7 +411,7 @@ class Supervisor:
         fleet = self.fleet
         fleet.wind_down()
         for ticket in self.pending:
-            ticket.settle(Outcome("aborted", "the supervisor is stopping"))
+            ticket.settle(Outcome(RolloutResult.ABORTED, "the supervisor is stopping"))
         self.pending = []
         with anyio.CancelScope(shield=True):
             if not self.forced:
@@ -419,7 +422,7 @@ class Supervisor:
             for generation in list(fleet.generations):
                 await fleet.retire(generation, graceful=False)
             fleet.kill_descendants()
-        self.events.emit("stopped", "stopped" + (" (forced)" if self.forced else ""), exit_code=self.exit_code)
+        self.events.emit(Kind.STOPPED, "stopped" + (" (forced)" if self.forced else ""), exit_code=self.exit_code)
 
     # -- background duties ------------------------------------------------------------------------------------
 

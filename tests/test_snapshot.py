@@ -25,7 +25,7 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 
 def snapshot_of(fleet: FakeFleet, taken_at: float) -> Snapshot:
-    supervisor = SupervisorView(1, "app-8080", "0", 0.0, 0.0, "idle", "/run/x/control.sock", None, 2, "surge", 0)
+    supervisor = SupervisorView(1, "app-8080", "0", 0.0, 0.0, "idle", False, "/run/x/control.sock", None, 2, "surge", 0)
     generations = tuple(of_generation(generation, generation is fleet.serving, measure=False)
                         for generation in fleet.generations)
     return Snapshot(taken_at, supervisor, (), generations, None, (), None, None, None, (), of_tally(Tally(), 0))
