@@ -183,7 +183,7 @@ class Instance:
         self.state = state
 
     def mark_ready(self, detail: str, by_notify: bool) -> float:
-        """Record readiness — when InstanceState.READY=1 arrived if that is what proved it, else now; returns the seconds it took."""
+        """Record readiness — when READY=1 arrived if that is what proved it, else now; returns the seconds it took."""
         self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
         if self.state == InstanceState.STARTING:
             self.enter(InstanceState.READY)
@@ -205,7 +205,7 @@ class Instance:
             self.notified_stopping = True
         if fields.get("WATCHDOG") == "1":
             self.last_watchdog = time.monotonic()
-        if fields.get("InstanceState.READY") == "1" and not self.notified_ready:
+        if fields.get("READY") == "1" and not self.notified_ready:
             self.notified_ready = True
             self.notified_ready_at = time.monotonic()
             self.ready_signal.set()
