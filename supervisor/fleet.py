@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -260,7 +259,7 @@ class Fleet:
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
-        began = time.monotonic()
+        began = anyio.current_time()
         self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.running():
             self.events.emit(Kind.DRAINING, f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
@@ -271,7 +270,7 @@ class Fleet:
             killed.extend(await self._stop(instance, graceful))
 
         await gather(*(partial(stop, instance) for instance in list(generation.instances)))
-        elapsed = time.monotonic() - began
+        elapsed = anyio.current_time() - began
         if killed and graceful:
             self.events.emit(Kind.DRAIN_TIMEOUT, f"generation {generation.number} still running after "
                              f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
@@ -293,7 +292,7 @@ class Fleet:
         self.adopt_orphans()
 
         async def retire_one(instance: Instance) -> None:
-            began = time.monotonic()
+            began = anyio.current_time()
             if instance.running():
                 self.events.emit(Kind.DRAINING, f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
                                  f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
@@ -304,8 +303,8 @@ class Fleet:
                                  f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
                                  level="warning", gen=instance.number, instance=instance.index, pids=killed)
             generation.forget(instance)
-            self.events.emit(Kind.INSTANCE_RETIRED, f"{self.label(instance)} gone after {time.monotonic() - began:.3f}s",
-                             gen=instance.number, instance=instance.index, elapsed=round(time.monotonic() - began, 6))
+            self.events.emit(Kind.INSTANCE_RETIRED, f"{self.label(instance)} gone after {anyio.current_time() - began:.3f}s",
+                             gen=instance.number, instance=instance.index, elapsed=round(anyio.current_time() - began, 6))
 
         await gather(*(partial(retire_one, instance) for instance in instances))
 

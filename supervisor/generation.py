@@ -7,7 +7,6 @@ set: which instances are ready, which indexes are free, the pids of all of them.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import anyio
@@ -31,7 +30,7 @@ class Generation:
     launcher: Launcher
     instances: list[Instance] = field(default_factory=list)
     state: InstanceState = InstanceState.STARTING
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=anyio.current_time)
     ready_at: float | None = None
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
     casualty: anyio.Event = field(default_factory=anyio.Event)  # an instance that had been ready died
@@ -55,7 +54,7 @@ class Generation:
     def mark_ready(self) -> None:
         """The generation's first instances are ready (a probe of the generation may now wait on that)."""
         if self.ready_at is None:
-            self.ready_at = time.monotonic()
+            self.ready_at = anyio.current_time()
             if self.state == InstanceState.STARTING:
                 self.state = InstanceState.READY
             self.ready_signal.set()

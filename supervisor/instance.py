@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -64,7 +63,7 @@ class Instance:
     events: Events
     notify: NotifySocket | None = None
     state: InstanceState = InstanceState.STARTING  # written by enter() only
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=anyio.current_time)
     ready_at: float | None = None
     status_text: str = ""
     notified_ready: bool = False
@@ -184,7 +183,7 @@ class Instance:
 
     def mark_ready(self, detail: str, by_notify: bool) -> float:
         """Record readiness — when READY=1 arrived if that is what proved it, else now; returns the seconds it took."""
-        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
+        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else anyio.current_time()
         if self.state == InstanceState.STARTING:
             self.enter(InstanceState.READY)
         return self.ready_at - self.started_at
@@ -204,10 +203,10 @@ class Instance:
         if fields.get("STOPPING") == "1":
             self.notified_stopping = True
         if fields.get("WATCHDOG") == "1":
-            self.last_watchdog = time.monotonic()
+            self.last_watchdog = anyio.current_time()
         if fields.get("READY") == "1" and not self.notified_ready:
             self.notified_ready = True
-            self.notified_ready_at = time.monotonic()
+            self.notified_ready_at = anyio.current_time()
             self.ready_signal.set()
         self.events.emit(Kind.NOTIFY, "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
                          gen=self.number, pids=(pid,), instance=self.index)
@@ -267,13 +266,13 @@ class Instance:
 
     async def wait_gone(self, timeout: float) -> bool:
         """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
-        last_refresh = time.monotonic()
+        last_refresh = anyio.current_time()
         with anyio.move_on_after(timeout):
             while self.running():
                 await anyio.sleep(_DRAIN_POLL)
-                if time.monotonic() - last_refresh > _TREE_REFRESH:
+                if anyio.current_time() - last_refresh > _TREE_REFRESH:
                     self.refresh()
-                    last_refresh = time.monotonic()
+                    last_refresh = anyio.current_time()
             return True
         return False
 

@@ -160,7 +160,7 @@ class Rollout:
     plan: Plan | None = None
     state: Phase = Phase.IDLE
     new: Generation | None = None
-    clock: Callable[[], float] = time.monotonic  # what the phases are timed with (the fast tests: virtual time)
+    clock: Callable[[], float] = anyio.current_time  # what the phases are timed with
     began: float = field(init=False)
     timings: dict[str, float] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)  # sizes of the batches started so far

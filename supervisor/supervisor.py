@@ -18,7 +18,7 @@ import anyio
 
 from . import __version__
 from .cgroups import Cgroups
-from .concurrency import gather
+from .concurrency import gather, leaves
 from .config import Settings
 from .containment import contain
 from .credentials import Credentials
@@ -79,7 +79,7 @@ class Supervisor:
     tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
     busy: str | None = None  # the operation running now: upgrade, repair
     budget: RestartBudget = field(default_factory=RestartBudget)
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(init=False, default=0.0)  # on the event loop's clock, once it runs
     started_wall: float = field(default_factory=time.time)
     tally: Tally = field(default_factory=Tally)
     fleet: Fleet = field(init=False)
@@ -113,6 +113,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until told to stop (exit 0) or until supervision is impossible (exit non-zero)."""
+        self.started_at = anyio.current_time()
         self._wakeup = anyio.Event()
         self._replan = anyio.Event()
         self._operations = anyio.CancelScope()
@@ -157,8 +158,8 @@ class Supervisor:
                     self.busy = "upgrade"
                     await self._upgrade()
                 self.busy = None
-        except Fatal as exc:
-            self.events.emit(Kind.FATAL, str(exc), level="error")
+        except* Fatal as fatal:  # one, or beside the errors of sibling tasks (which propagate: a bug of ours)
+            self.events.emit(Kind.FATAL, "; ".join(map(str, leaves(fatal))), level="error")
             self.exit_code = 1
             self.fleet.wind_down()
 
@@ -364,7 +365,7 @@ class Supervisor:
                               fleet.stopping,
                               str(fleet.settings.control_path), self.busy, fleet.processes,
                               fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped)
-        return Snapshot(time.monotonic(), view, of_listeners(fleet.listeners),
+        return Snapshot(anyio.current_time(), view, of_listeners(fleet.listeners),
                         tuple(of_generation(generation, generation is fleet.serving, measure)
                               for generation in fleet.generations),
                         of_rollout(rollout) if rollout else None, tuple(book.history.as_dict()["records"]),

@@ -54,4 +54,5 @@ async def test_status_is_rendered_from_the_snapshot_alone() -> None:
     assert (generation["number"], generation["serving"], generation["ready_instances"]) == (1, True, 2)
     assert generation["age"] == pytest.approx(10, abs=0.01), "ages are taken_at minus the start"
     assert [(instance["index"], instance["ready"]) for instance in generation["instances"]] == [(0, True), (1, True)]
+    assert [instance["ready_after"] for instance in generation["instances"]] == [0.0, 0.0], "one clock for all times"
     assert shown["supervisor"]["ready_instances"] == 2 and shown["supervisor"]["release"] is not None

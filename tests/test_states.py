@@ -15,7 +15,7 @@ PID = 5_000_001  # above any pid_max: nothing real
 
 
 def instance() -> Instance:
-    return Instance(1, 0, 1, release("v1"), PID, ChildExit(PID), Events())
+    return Instance(1, 0, 1, release("v1"), PID, ChildExit(PID), Events(), started_at=0.0)
 
 
 def test_an_instance_moves_forward_only() -> None:

@@ -13,7 +13,6 @@ import os
 import socket
 import stat
 import struct
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
@@ -160,7 +159,7 @@ class ControlServer:
     def _said(self, closed: int, why: str) -> None:
         """Say that connections were closed: at most once a second, with how many since it was last said."""
         self._unsaid += closed
-        now = time.monotonic()
+        now = anyio.current_time()
         if now - self._said_at >= 1.0:
             self._port.events.emit(Kind.CONTROL_SHED, f"closed {self._unsaid} idle control connection(s): {why}",
                                         level="warning", closed=self._unsaid, open=len(self.admission.opened))
