@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from .event_kinds import Kind
 from .events import Events
 from .fleet import Fleet
+from .health import Strikes, health_check
 from .release import Release
-from .rollout import Strikes, health_check
 
 
 @dataclass(eq=False)

@@ -11,10 +11,10 @@ import pytest
 
 from supervisor.concurrency import gather, leaves
 from supervisor.errors import UserError
+from supervisor.health import Strikes
 from supervisor.listeners import parse_listen
 from supervisor.probe_spec import parse_probe
 from supervisor.probes import Result, Verdict
-from supervisor.rollout import Strikes
 from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
 from supervisor.units import parse_duration, parse_signal
 
