@@ -22,6 +22,7 @@ from .concurrency import gather, leaves
 from .config import Settings
 from .containment import contain
 from .credentials import Credentials
+from .desired import Desired
 from .errors import UserError
 from .event_kinds import Kind
 from .events import Events
@@ -75,7 +76,7 @@ class Supervisor:
     rollout: Rollout | None = None
     forced: bool = False
     exit_code: int = 0
-    pending: list[Ticket] = field(default_factory=list)
+    desired: Desired = field(default_factory=Desired)
     tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
     busy: str | None = None  # the operation running now: upgrade, repair
     budget: RestartBudget = field(default_factory=RestartBudget)
@@ -84,8 +85,6 @@ class Supervisor:
     tally: Tally = field(default_factory=Tally)
     fleet: Fleet = field(init=False)
     workers: list[Worker] = field(init=False)
-    _wakeup: anyio.Event = field(init=False)
-    _replan: anyio.Event = field(init=False)  # set by a scale or upgrade request: a retry's backoff ends early
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
 
@@ -93,11 +92,11 @@ class Supervisor:
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
                       cgroups: Cgroups | None, runtime_dir: str) -> None:
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
-                           wake=lambda: self._wakeup.set(), refill=self._fill, credentials=credentials,
+                           wake=self.desired.observed, refill=self._fill, credentials=credentials,
                            child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir)
         self.events.subscribe(self.tally.on_event)
         liveness = Liveness(self.fleet, self.events, quiet=lambda: not (self.busy or self.upgrade_pending),
-                            wake=lambda: self._wakeup.set(),
+                            wake=self.desired.observed,
                             replace=lambda trigger, release: self.request_upgrade(trigger, force=True, release=release))
         self.workers = [
             Worker("liveness", settings.health_interval, liveness.check),
@@ -114,8 +113,6 @@ class Supervisor:
     async def run(self) -> int:
         """Serve until told to stop (exit 0) or until supervision is impossible (exit non-zero)."""
         self.started_at = anyio.current_time()
-        self._wakeup = anyio.Event()
-        self._replan = anyio.Event()
         self._operations = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as group:
@@ -165,7 +162,7 @@ class Supervisor:
 
     @property
     def upgrade_pending(self) -> bool:
-        return bool(self.pending)
+        return bool(self.desired.pending)
 
     @property
     def upgrade_first(self) -> bool:
@@ -182,8 +179,7 @@ class Supervisor:
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
         while not (self.upgrade_pending or self.needs_repair):
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
+            await self.desired.changed()
 
     # -- operations -------------------------------------------------------------------------------------------
 
@@ -197,9 +193,7 @@ class Supervisor:
             self.events.emit(Kind.UPGRADE_COALESCED, f"upgrade request ({trigger}) coalesced with the pending one", level="debug")
         else:
             self.events.emit(Kind.UPGRADE_REQUESTED, f"upgrade requested ({trigger})", trigger=trigger)
-            self._wakeup.set()
-            self._replan_now()
-        self.pending.append(ticket)
+        self.desired.ask(ticket)
         return ticket
 
     def request_scale(self, processes: int) -> str:
@@ -213,14 +207,8 @@ class Supervisor:
         when = " after the upgrade in progress" if self.rollout is not None else ""
         self.events.emit(Kind.SCALE_REQUESTED, f"scaling from {previous} to {processes} instances{when}",
                          gen=self.fleet.serving.number if self.fleet.serving else None, previous=previous, processes=processes)
-        self._wakeup.set()
-        self._replan_now()
+        self.desired.requested()
         return f"scaling from {previous} to {processes} instances{when}"
-
-    def _replan_now(self) -> None:
-        """A retry waiting out its backoff looks again at once: is its index still wanted, is an upgrade due?"""
-        self._replan.set()
-        self._replan = anyio.Event()
 
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
@@ -233,8 +221,7 @@ class Supervisor:
         return self.request_upgrade("ctl rollback", force=True, release=self.book.previous)
 
     async def _upgrade(self) -> Outcome:
-        tickets, self.pending, self._wakeup = self.pending, [], anyio.Event()
-        self.tickets = tickets
+        tickets = self.tickets = self.desired.take()  # a rollback in the watch window adds its own
         trigger = ", ".join(dict.fromkeys(ticket.trigger for ticket in tickets))
         release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
         old = self.fleet.serving
@@ -336,9 +323,7 @@ class Supervisor:
         delay = 0.0
         for index, reason in reasons:
             delay = max(delay, self._count_failure(index, reason))
-        replan = self._replan
-        with anyio.move_on_after(delay):
-            await replan.wait()
+        await self.desired.request_within(delay)
 
     def _count_failure(self, index: int, reason: str) -> float:
         """Count one failure of instance `index` and say what happens next; the backoff delay, or Fatal."""
@@ -411,9 +396,8 @@ class Supervisor:
     async def _shutdown(self) -> None:
         fleet = self.fleet
         fleet.wind_down()
-        for ticket in self.pending:
+        for ticket in self.desired.take():
             ticket.settle(Outcome(RolloutResult.ABORTED, "the supervisor is stopping"))
-        self.pending = []
         with anyio.CancelScope(shield=True):
             if not self.forced:
                 with anyio.CancelScope() as self._drain:
