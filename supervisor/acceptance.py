@@ -19,6 +19,7 @@ from .listeners import Listener
 from .probe_spec import ProbeSpec
 from .probes import Result, Subject, Target, TcpProbe, Verdict
 from .readiness import Failed, wait_all_ready
+from .states import FailureKind
 
 _SPEC = ProbeSpec("tcp", "tcp (accepted by the instance itself)")
 
@@ -75,7 +76,7 @@ class Proof:
             return
         failed = await wait_all_ready(self.probe, self.instances, self.timeout, interval, lambda instance, result: None)
         for instance, failure in failed.items():
-            if failure.kind != "exited":
+            if failure.kind != FailureKind.EXITED:
                 which = f"instance {instance.index} " if self.several else ""
                 raise Failed(f"unhealthy in watch window: {which}accepted no connection itself within "
                              f"{self.timeout:g}s at its end (each went to another generation: did it close its "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import anyio
 
+from .event_kinds import Kind
 from .events import Events
 
 _LEAF = "supervisor"
@@ -169,7 +170,7 @@ class Cgroups:
         """Make our directory and move in; None (said in one info line) where cgroups cannot be used."""
         base = own_cgroup()
         if not usable(base):
-            events.emit("cgroups-unavailable", "cgroup v2 is not writable here (needs root, or Delegate=yes under "
+            events.emit(Kind.CGROUPS_UNAVAILABLE, "cgroup v2 is not writable here (needs root, or Delegate=yes under "
                         "systemd): generations are followed by process tree only", level="info")
             return None
         assert base is not None
@@ -186,10 +187,10 @@ class Cgroups:
             if created:
                 _move(os.getpid(), base)
                 remove_tree(home)
-            events.emit("cgroups-unavailable", f"cannot use cgroup {home}: {exc.strerror or exc}: generations are "
+            events.emit(Kind.CGROUPS_UNAVAILABLE, f"cannot use cgroup {home}: {exc.strerror or exc}: generations are "
                         "followed by process tree only", level="info")
             return None
-        events.emit("cgroups", f"generations get cgroups of their own below {home}", level="debug", path=str(home))
+        events.emit(Kind.CGROUPS, f"generations get cgroups of their own below {home}", level="debug", path=str(home))
         return cls(base, home, events)
 
     def create(self, number: int) -> GenerationCgroup | None:
@@ -202,7 +203,7 @@ class Cgroups:
             path.mkdir(exist_ok=True)
             fd = os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
-            self.events.emit("cgroup-failed", f"cannot create cgroup {path} for generation {number}: {exc.strerror}",
+            self.events.emit(Kind.CGROUP_FAILED, f"cannot create cgroup {path} for generation {number}: {exc.strerror}",
                              level="warning", gen=number)
             return None
         self.generations[number] = GenerationCgroup(number, path, fd)
@@ -215,10 +216,10 @@ class Cgroups:
             return
         left, elapsed = await cgroup.clear()
         if left:
-            self.events.emit("cgroup-killed", f"generation {number}: killed {len(left)} process(es) still in its cgroup "
+            self.events.emit(Kind.CGROUP_KILLED, f"generation {number}: killed {len(left)} process(es) still in its cgroup "
                              f"after its drain: pids {', '.join(map(str, sorted(left)))}", level="warning", gen=number,
                              pids=sorted(left), elapsed=round(elapsed, 6))
-        self.events.emit("cgroup-removed", f"generation {number}: cgroup removed after {elapsed * 1000:.1f}ms",
+        self.events.emit(Kind.CGROUP_REMOVED, f"generation {number}: cgroup removed after {elapsed * 1000:.1f}ms",
                          level="debug", gen=number, elapsed=round(elapsed, 6))
 
     def close(self) -> None:

@@ -31,16 +31,25 @@ async def first_completed(*functions: Callable[[], Awaitable[Any]]) -> tuple[int
 
 
 async def gather(*functions: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-    """Run the functions concurrently until all are done; the first error cancels the rest and is raised as is."""
+    """Run the functions concurrently until all are done. An error cancels the rest; it is raised as is when it
+    is the only one, and every error surfaces, as an exception group, when siblings failed too."""
     try:
         async with anyio.create_task_group() as group:
             for function in functions:
                 group.start_soon(function)
     except BaseExceptionGroup as errors:
-        first = errors.exceptions[0]
-        if isinstance(first, BaseExceptionGroup):
-            first = _sole(first) or first  # an inner task group's error of one
-        raise first from None
+        sole = _sole(errors)
+        if sole is not None:
+            raise sole from None  # callers expect the error itself, not a group of one
+        raise
+
+
+def leaves(errors: BaseExceptionGroup) -> list[BaseException]:
+    """Every error a group holds, through the groups nested in it."""
+    found: list[BaseException] = []
+    for error in errors.exceptions:
+        found.extend(leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
 
 
 def _sole(errors: BaseExceptionGroup) -> BaseException | None:

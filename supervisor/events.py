@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .event_kinds import Kind
+
 if TYPE_CHECKING:
     from .logsink import LogSink
 
@@ -21,7 +23,7 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 class Event:
     """One thing that happened. `kind` is a stable machine name (`promoted`, `rolled-back`, …)."""
 
-    kind: str
+    kind: Kind
     message: str
     level: str = "info"
     gen: int | None = None
@@ -62,7 +64,7 @@ class Events:
     sink: LogSink | None = None  # when set, log lines go there instead of `stream`: it never blocks (logsink.py)
 
     def emit(
-        self, kind: str, message: str, *, level: str = "info", gen: int | None = None, pids: tuple[int, ...] | list[int] = (),
+        self, kind: Kind, message: str, *, level: str = "info", gen: int | None = None, pids: tuple[int, ...] | list[int] = (),
         instance: int | None = None, **fields: Any
     ) -> Event:
         """Publish one event to the log and every subscriber."""
@@ -81,7 +83,7 @@ class Events:
     def dropped_line(self, count: int) -> str:
         """The log line that says `count` lines could not be written (the log's reader stalled)."""
         lines = "log line" if count == 1 else "log lines"
-        return self.format(Event("log-dropped", f"dropped {count} {lines}: the log's reader was not keeping up",
+        return self.format(Event(Kind.LOG_DROPPED, f"dropped {count} {lines}: the log's reader was not keeping up",
                                  level="warning", fields={"dropped": count}))
 
     def format(self, event: Event) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,10 +22,11 @@ from .concurrency import gather
 from .config import Settings, invalid, reread
 from .credentials import Credentials
 from .errors import UserError
+from .event_kinds import Kind
 from .events import Events
 from .generation import Generation
 from .identity import Identity
-from .instance import DRAINING, SERVING, Instance, Launcher, notify_name
+from .instance import Instance, Launcher, notify_name
 from .leftovers import marker
 from .listener_guard import ListenerGuard
 from .listeners import Listener, ListenSpec, bind
@@ -38,6 +38,7 @@ from .release import Release, check_templates, next_release
 from .release_book import ReleaseBook
 from .rollout import Plan
 from .spawn import SpawnError
+from .states import InstanceState
 from .tally import Tally, TimedProbe
 
 SWEEP_INTERVAL = 1.0  # how often the fleet is swept (zombies, orphans, held sockets)
@@ -120,7 +121,7 @@ class Fleet:
     async def _report_exit(self, generation: Generation, instance: Instance) -> None:
         status = await instance.exit.wait()
         expected = not generation.exited(instance, status) or self.stopping
-        self.events.emit("exited", f"{self.label(instance)} {status.describe()}" + ("" if expected else " unexpectedly"),
+        self.events.emit(Kind.EXITED, f"{self.label(instance)} {status.describe()}" + ("" if expected else " unexpectedly"),
                          level="info" if expected else "warning", gen=generation.number, pids=(instance.leader,),
                          instance=instance.index, code=status.code, signal=status.signal, expected=expected)
         self.wake()
@@ -190,7 +191,7 @@ class Fleet:
             in_use.update(generation.listeners)
         for listener in candidates:
             if listener not in in_use and listener.sock.fileno() != -1:
-                self.events.emit("listener-closed", f"closed listener {listener.name} ({listener.address}): no "
+                self.events.emit(Kind.LISTENER_CLOSED, f"closed listener {listener.name} ({listener.address}): no "
                                  "generation uses it any more", name=listener.name, address=listener.address)
                 listener.close()
 
@@ -214,7 +215,7 @@ class Fleet:
         self.guard.check()  # a socket an earlier child shut down would fail this instance's readiness
         instance = generation.spawn(index)
         release = generation.release
-        self.events.emit("spawned", f"{self.label(instance)} started: {release.describe()}", gen=generation.number,
+        self.events.emit(Kind.SPAWNED, f"{self.label(instance)} started: {release.describe()}", gen=generation.number,
                          pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
                          cwd=release.cwd, release=generation.identity.name if generation.identity else None)
         self._spawned.send_nowait((generation, instance))
@@ -225,9 +226,9 @@ class Fleet:
         generation (a replacement, a restored or added instance) it serves at once."""
         elapsed = instance.mark_ready(result.detail, probe.spec.kind == "notify")
         generation.mark_ready()
-        if generation.state == SERVING:
-            instance.state = SERVING
-        self.events.emit("ready", f"{self.label(instance)} ready after {elapsed:.3f}s ({result.detail})",
+        if generation.state == InstanceState.SERVING:
+            instance.enter(InstanceState.SERVING)
+        self.events.emit(Kind.READY, f"{self.label(instance)} ready after {elapsed:.3f}s ({result.detail})",
                          gen=generation.number, pids=instance.pids(), instance=instance.index, elapsed=round(elapsed, 6),
                          probe=result.detail)
 
@@ -258,10 +259,10 @@ class Fleet:
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
-        began = time.monotonic()
+        began = anyio.current_time()
         self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.running():
-            self.events.emit("draining", f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
+            self.events.emit(Kind.DRAINING, f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
                              f"to {self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
         killed: list[int] = []
 
@@ -269,9 +270,9 @@ class Fleet:
             killed.extend(await self._stop(instance, graceful))
 
         await gather(*(partial(stop, instance) for instance in list(generation.instances)))
-        elapsed = time.monotonic() - began
+        elapsed = anyio.current_time() - began
         if killed and graceful:
-            self.events.emit("drain-timeout", f"generation {generation.number} still running after "
+            self.events.emit(Kind.DRAIN_TIMEOUT, f"generation {generation.number} still running after "
                              f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
                              level="warning", gen=generation.number, pids=sorted(killed))
         generation.close()
@@ -282,7 +283,7 @@ class Fleet:
         if self.serving is generation:
             self.serving = None
         self._close_unused(generation.listeners)
-        self.events.emit("retired", f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
+        self.events.emit(Kind.RETIRED, f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
                          elapsed=round(elapsed, 6), killed=sorted(killed))
         return killed
 
@@ -291,19 +292,19 @@ class Fleet:
         self.adopt_orphans()
 
         async def retire_one(instance: Instance) -> None:
-            began = time.monotonic()
+            began = anyio.current_time()
             if instance.running():
-                self.events.emit("draining", f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
+                self.events.emit(Kind.DRAINING, f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
                                  f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
                                  pids=instance.pids(fresh=True))
             killed = await self._stop(instance, graceful=True)
             if killed:
-                self.events.emit("drain-timeout", f"{self.label(instance)} still running after "
+                self.events.emit(Kind.DRAIN_TIMEOUT, f"{self.label(instance)} still running after "
                                  f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
                                  level="warning", gen=instance.number, instance=instance.index, pids=killed)
             generation.forget(instance)
-            self.events.emit("instance-retired", f"{self.label(instance)} gone after {time.monotonic() - began:.3f}s",
-                             gen=instance.number, instance=instance.index, elapsed=round(time.monotonic() - began, 6))
+            self.events.emit(Kind.INSTANCE_RETIRED, f"{self.label(instance)} gone after {anyio.current_time() - began:.3f}s",
+                             gen=instance.number, instance=instance.index, elapsed=round(anyio.current_time() - began, 6))
 
         await gather(*(partial(retire_one, instance) for instance in instances))
 
@@ -311,7 +312,7 @@ class Fleet:
         """Drain one instance's tree, or kill it now; the pids that had to be killed."""
         if graceful and instance.running():
             return await instance.drain(self.settings.drain_signal, self.settings.drain_timeout)
-        instance.state = DRAINING
+        instance.enter(InstanceState.DRAINING)
         killed = instance.kill()
         await instance.wait_gone(5.0)
         return killed
@@ -322,11 +323,11 @@ class Fleet:
         """Pass a signal on to the serving generation's process group."""
         target = self.serving
         if target is None or not target.alive:
-            self.events.emit("signal-dropped", f"{signum.name} not forwarded: no generation is serving", level="warning")
+            self.events.emit(Kind.SIGNAL_DROPPED, f"{signum.name} not forwarded: no generation is serving", level="warning")
             return False
         target.signal_group(signum)
         leaders = [instance.leader for instance in target.instances if instance.alive]
-        self.events.emit("signal-forwarded", f"forwarded {signum.name} to generation {target.number}", gen=target.number,
+        self.events.emit(Kind.SIGNAL_FORWARDED, f"forwarded {signum.name} to generation {target.number}", gen=target.number,
                          pids=leaders, signal=signum.name)
         return True
 
@@ -350,7 +351,7 @@ class Fleet:
                 process.kill()
             except psutil.Error:
                 continue
-            self.events.emit("leftover-killed", f"killed pid {process.pid}: still running after every generation was stopped",
+            self.events.emit(Kind.LEFTOVER_KILLED, f"killed pid {process.pid}: still running after every generation was stopped",
                              level="warning", pids=(process.pid,))
         self.reaper.reap()
 
@@ -389,11 +390,11 @@ class Fleet:
                 member.kill()
         except psutil.Error:
             return
-        self.events.emit("leftover-killed", f"killed pid {process.pid}: left over from finished generation {number}",
+        self.events.emit(Kind.LEFTOVER_KILLED, f"killed pid {process.pid}: left over from finished generation {number}",
                          level="warning", gen=number, pids=(process.pid,))
 
     def _lenient_probe_used(self, number: int) -> None:
         if not self._lenient_logged:
             self._lenient_logged = True
-            self.events.emit("probe-lenient", f"generation {number} answers 404 on {self.probe.spec.path}: no readiness "
+            self.events.emit(Kind.PROBE_LENIENT, f"generation {number} answers 404 on {self.probe.spec.path}: no readiness "
                              "endpoint, so an answer from it counts as ready (pass --ready to be strict)", gen=number)

@@ -7,17 +7,17 @@ set: which instances are ready, which indexes are free, the pids of all of them.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import anyio
 import psutil
 
 from .identity import Identity
-from .instance import DRAINING, EXITED, READY, SERVING, STARTING, Instance, Launcher
+from .instance import Instance, Launcher
 from .listeners import Listener
 from .reaper import ExitStatus
 from .release import Release
+from .states import InstanceState
 
 
 @dataclass(eq=False)
@@ -29,8 +29,8 @@ class Generation:
     listeners: tuple[Listener, ...]
     launcher: Launcher
     instances: list[Instance] = field(default_factory=list)
-    state: str = STARTING
-    started_at: float = field(default_factory=time.monotonic)
+    state: InstanceState = InstanceState.STARTING
+    started_at: float = field(default_factory=anyio.current_time)
     ready_at: float | None = None
     ready_signal: anyio.Event = field(default_factory=anyio.Event)
     casualty: anyio.Event = field(default_factory=anyio.Event)  # an instance that had been ready died
@@ -54,20 +54,20 @@ class Generation:
     def mark_ready(self) -> None:
         """The generation's first instances are ready (a probe of the generation may now wait on that)."""
         if self.ready_at is None:
-            self.ready_at = time.monotonic()
-            if self.state == STARTING:
-                self.state = READY
+            self.ready_at = anyio.current_time()
+            if self.state == InstanceState.STARTING:
+                self.state = InstanceState.READY
             self.ready_signal.set()
 
     def serve(self) -> None:
         """The generation becomes the serving one; its ready instances are serving instances."""
-        self.state = SERVING
+        self.state = InstanceState.SERVING
         for instance in self.ready():
-            instance.state = SERVING
+            instance.enter(InstanceState.SERVING)
 
     def exited(self, instance: Instance, status: ExitStatus) -> bool:
         """Note an instance's exit; True if it was unexpected (not drained, not stopped by us)."""
-        if instance.state in (DRAINING, EXITED):
+        if instance.state in (InstanceState.DRAINING, InstanceState.EXITED):
             return False
         if instance.ready_at is not None and self.lost is None:
             self.lost = (instance, status)
@@ -78,7 +78,7 @@ class Generation:
 
     def current(self) -> list[Instance]:
         """Instances that hold their index: alive, or dead but not yet replaced — anything but draining."""
-        return [instance for instance in self.instances if instance.state not in (DRAINING, EXITED)]
+        return [instance for instance in self.instances if instance.state not in (InstanceState.DRAINING, InstanceState.EXITED)]
 
     def drain_order(self) -> list[Instance]:
         """Current instances in the order a rolling upgrade drains them: dead ones first (they serve nothing)."""
@@ -165,6 +165,6 @@ class Generation:
 
     def close(self) -> None:
         """Release what the supervisor holds for every instance."""
-        self.state = EXITED
+        self.state = InstanceState.EXITED
         for instance in self.instances:
             instance.close()

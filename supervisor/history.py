@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .event_kinds import Kind
 from .events import Events
 from .identity import Identity
 from .safefile import write_atomically
@@ -85,7 +86,7 @@ class History:
         except FileNotFoundError:
             return history
         except OSError as exc:
-            history._warn("state-unreadable", f"cannot read state file {path} ({exc.strerror}): starting with an empty "
+            history._warn(Kind.STATE_UNREADABLE, f"cannot read state file {path} ({exc.strerror}): starting with an empty "
                           "history", path=str(path))
             return history
         except ValueError as exc:
@@ -105,18 +106,18 @@ class History:
             where = f"moved aside to {aside}"
         except OSError as exc:
             where = f"could not move it aside ({exc.strerror})"
-        self._warn("state-corrupt", f"state file {path} cannot be trusted ({problem}); {where}; starting with an "
+        self._warn(Kind.STATE_CORRUPT, f"state file {path} cannot be trusted ({problem}); {where}; starting with an "
                    "empty history", path=str(path), aside=str(aside), problem=str(problem))
 
     def _record_interrupted(self, marker: InProgress) -> None:
         record = marker.interrupted()
-        self._warn("upgrade-interrupted", f"the upgrade to generation {marker.new_gen} ({marker.trigger}) was cut short: "
+        self._warn(Kind.UPGRADE_INTERRUPTED, f"the upgrade to generation {marker.new_gen} ({marker.trigger}) was cut short: "
                    f"supervisor pid {marker.pid} was killed during it; recorded as interrupted", pids=(marker.pid,),
                    trigger=marker.trigger)
         self.records.append(record)
         self.save()
 
-    def _warn(self, kind: str, message: str, **fields: Any) -> None:
+    def _warn(self, kind: Kind, message: str, **fields: Any) -> None:
         if self.events is not None:
             self.events.emit(kind, message, level="warning", **fields)
 
@@ -180,13 +181,13 @@ class History:
             write_atomically(self.path, json.dumps(self.as_dict(), indent=1).encode(), 0o600)
         except OSError as exc:
             if self.save_error is None:
-                self._warn("state-save-failed", f"cannot save state to {self.path} ({exc.strerror}): rollout history "
+                self._warn(Kind.STATE_SAVE_FAILED, f"cannot save state to {self.path} ({exc.strerror}): rollout history "
                            "and known good/bad releases will be lost at restart until it can be saved again",
                            path=str(self.path), error=exc.strerror)
             self.save_error = f"cannot save state to {self.path}: {exc.strerror}"
             return
         if self.save_error is not None and self.events is not None:
-            self.events.emit("state-saved", f"state saved to {self.path} again", path=str(self.path))
+            self.events.emit(Kind.STATE_SAVED, f"state saved to {self.path} again", path=str(self.path))
         self.save_error = None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import psutil
 
 from .cgroups import GenerationCgroup
 from .credentials import Credentials
+from .event_kinds import Kind
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
@@ -26,11 +26,14 @@ from .proctree import descendants, proc_is_ours
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
 from .spawn import OutOfFds, ProcessSpec, SpawnError, child_environment, out_of_fds, spawn
+from .states import MOVES, InstanceState
 
-# States an instance (and a generation) moves through; `starting` → `ready` → `serving` → `draining` → `exited`.
-STARTING, READY, SERVING, DRAINING, EXITED = "starting", "ready", "serving", "draining", "exited"
 _DRAIN_POLL = 0.02
 _TREE_REFRESH = 0.25
+
+
+class IllegalMove(AssertionError):
+    """An instance was asked to move between states in a way that cannot happen: a bug of ours."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class Instance:
     exit: ChildExit
     events: Events
     notify: NotifySocket | None = None
-    state: str = STARTING
-    started_at: float = field(default_factory=time.monotonic)
+    state: InstanceState = InstanceState.STARTING  # written by enter() only
+    started_at: float = field(default_factory=anyio.current_time)
     ready_at: float | None = None
     status_text: str = ""
     notified_ready: bool = False
@@ -169,13 +172,20 @@ class Instance:
     @property
     def ready(self) -> bool:
         """Proved ready and neither draining nor dead: it counts towards the N ready instances."""
-        return self.ready_at is not None and self.state in (READY, SERVING) and self.alive
+        return self.ready_at is not None and self.state in (InstanceState.READY, InstanceState.SERVING) and self.alive
+
+    def enter(self, state: InstanceState) -> None:
+        """Move to `state`, the one way its state changes; a move that cannot happen (back from draining, say) is
+        a bug, raised as IllegalMove. Entering the state it is in changes nothing."""
+        if state != self.state and state not in MOVES[self.state]:
+            raise IllegalMove(f"instance {self.number}#{self.index} cannot go from {self.state} to {state}")
+        self.state = state
 
     def mark_ready(self, detail: str, by_notify: bool) -> float:
         """Record readiness — when READY=1 arrived if that is what proved it, else now; returns the seconds it took."""
-        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else time.monotonic()
-        if self.state == STARTING:
-            self.state = READY
+        self.ready_at = self.notified_ready_at if by_notify and self.notified_ready_at else anyio.current_time()
+        if self.state == InstanceState.STARTING:
+            self.enter(InstanceState.READY)
         return self.ready_at - self.started_at
 
     # -- what it tells us -------------------------------------------------------------------------------------
@@ -185,7 +195,7 @@ class Instance:
         if pid not in self.members:
             self.refresh()
         if pid not in self.members:
-            self.events.emit("notify-ignored", f"ignored notify message from pid {pid}: not a process of this instance",
+            self.events.emit(Kind.NOTIFY_IGNORED, f"ignored notify message from pid {pid}: not a process of this instance",
                              level="warning", gen=self.number, pids=(pid,), instance=self.index)
             return
         if "STATUS" in fields:
@@ -193,12 +203,12 @@ class Instance:
         if fields.get("STOPPING") == "1":
             self.notified_stopping = True
         if fields.get("WATCHDOG") == "1":
-            self.last_watchdog = time.monotonic()
+            self.last_watchdog = anyio.current_time()
         if fields.get("READY") == "1" and not self.notified_ready:
             self.notified_ready = True
-            self.notified_ready_at = time.monotonic()
+            self.notified_ready_at = anyio.current_time()
             self.ready_signal.set()
-        self.events.emit("notify", "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
+        self.events.emit(Kind.NOTIFY, "notify: " + " ".join(f"{k}={v}" for k, v in fields.items()), level="debug",
                          gen=self.number, pids=(pid,), instance=self.index)
 
     # -- ending it --------------------------------------------------------------------------------------------
@@ -239,7 +249,7 @@ class Instance:
         Returns the pids that had to be killed.
         """
         self.refresh()
-        self.state = DRAINING
+        self.enter(InstanceState.DRAINING)
         self.signal_group(signum)
         for process in self.living():  # like systemd: every process of the unit, also those that left the group
             try:
@@ -256,19 +266,19 @@ class Instance:
 
     async def wait_gone(self, timeout: float) -> bool:
         """Wait until no member is alive (rescanning for new forks now and then); False on timeout."""
-        last_refresh = time.monotonic()
+        last_refresh = anyio.current_time()
         with anyio.move_on_after(timeout):
             while self.running():
                 await anyio.sleep(_DRAIN_POLL)
-                if time.monotonic() - last_refresh > _TREE_REFRESH:
+                if anyio.current_time() - last_refresh > _TREE_REFRESH:
                     self.refresh()
-                    last_refresh = time.monotonic()
+                    last_refresh = anyio.current_time()
             return True
         return False
 
     def close(self) -> None:
         """Release what the supervisor holds for this instance (its notify socket)."""
-        self.state = EXITED
+        self.enter(InstanceState.EXITED)
         if self.notify is not None:
             self.notify.close()
             self.notify = None

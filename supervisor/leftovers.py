@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
+from .event_kinds import Kind
 from .events import Events
 from .listeners import ListenSpec
 from .proctree import proc_is_ours
@@ -74,14 +75,14 @@ def remove(name: str, specs: Sequence[ListenSpec], uids: Iterable[int], events: 
             for leftover in _holding(name, inodes, set(uids)):
                 found.setdefault(leftover.pid, leftover)
     for leftover in found.values():
-        events.emit("leftover-removed", f"removing pid {leftover.pid} ({leftover.command}): left by an earlier supervisor "
+        events.emit(Kind.LEFTOVER_REMOVED, f"removing pid {leftover.pid} ({leftover.command}): left by an earlier supervisor "
                     f"of {name!r}, {leftover.why}", level="warning", pids=(leftover.pid,), command=leftover.command)
     _terminate(list(found))
     for home in homes:
         cgroups.kill_tree(home, 5.0)
     if found or homes:
         elapsed = time.monotonic() - began
-        events.emit("leftovers-removed", f"removed {len(found)} leftover process(es) and {len(homes)} cgroup(s) of earlier "
+        events.emit(Kind.LEFTOVERS_REMOVED, f"removed {len(found)} leftover process(es) and {len(homes)} cgroup(s) of earlier "
                     f"supervisors of {name!r} in {elapsed * 1000:.0f}ms", count=len(found), cgroups=len(homes),
                     elapsed=round(elapsed, 6))
     return len(found)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from .event_kinds import Kind
 from .events import Events
 from .listeners import Listener
 
@@ -112,12 +113,12 @@ class ListenerGuard:
         except OSError as exc:
             if listener not in self.lost:
                 self.lost.add(listener)
-                self.events.emit("listener-lost", f"listener {listener.name} ({listener.address}): {reason}, and it "
+                self.events.emit(Kind.LISTENER_LOST, f"listener {listener.name} ({listener.address}): {reason}, and it "
                                  f"cannot listen again: {exc.strerror or exc}", level="error", name=listener.name,
                                  address=listener.address, reason=reason, generations=gens)
             return False
         self.lost.discard(listener)
-        self.events.emit("listener-revived", f"listener {listener.name} ({listener.address}) revived: {reason}; "
+        self.events.emit(Kind.LISTENER_REVIVED, f"listener {listener.name} ({listener.address}) revived: {reason}; "
                          f"listening again with backlog {backlog} (generations alive: {', '.join(map(str, gens))})",
                          level=level, name=listener.name, address=listener.address, reason=reason,
                          backlog=backlog, generations=gens)

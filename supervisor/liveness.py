@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .event_kinds import Kind
 from .events import Events
 from .fleet import Fleet
+from .health import Strikes, health_check
 from .release import Release
-from .rollout import Strikes, health_check
 
 
 @dataclass(eq=False)
@@ -38,12 +39,12 @@ class Liveness:
         owner = target.owner(result.pid)
         if failure and fleet.serving is target and owner is not None and len(target.current()) > 1:
             owner.sick = failure  # replaced beside its siblings by the repair operation, never killed first
-            self.events.emit("unhealthy", f"{fleet.label(owner)} failed its health checks ({failure}): replacing it",
+            self.events.emit(Kind.UNHEALTHY, f"{fleet.label(owner)} failed its health checks ({failure}): replacing it",
                              level="warning", gen=target.number, instance=owner.index, pids=(owner.leader,),
                              reason=failure)
             self.wake()
         elif failure and fleet.serving is target:
             self._strikes = None
-            self.events.emit("unhealthy", f"generation {target.number} failed its health checks ({failure}): "
+            self.events.emit(Kind.UNHEALTHY, f"generation {target.number} failed its health checks ({failure}): "
                              "replacing it", level="warning", gen=target.number, reason=failure)
             self.replace(f"liveness: {result.detail}", target.release)

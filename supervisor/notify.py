@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .event_kinds import Kind
 from .events import Event
+from .states import Phase
 
 _UCRED = struct.Struct("iII")
 _MAX_DATAGRAM = 4096
@@ -147,26 +149,26 @@ class SystemdNotifier:
 
     def on_event(self, event: Event) -> None:
         """Translate supervisor events into sd_notify messages."""
-        if event.kind == "serving":  # the first generation, or one that replaced a dead one
+        if event.kind == Kind.SERVING:  # the first generation, or one that replaced a dead one
             status = f"serving generation {event.gen} (pid {_pids(event)})"
             if self.ready_sent:
                 self.send(STATUS=status)
             else:
                 self.ready_sent = True
                 self.send(READY=1, STATUS=status)
-        elif event.kind == "transition" and event.fields.get("previous") == "idle" and self.ready_sent:
+        elif event.kind == Kind.TRANSITION and event.fields.get("previous") == Phase.IDLE and self.ready_sent:
             self.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="upgrading")
-        elif event.kind == "promoted":
+        elif event.kind == Kind.PROMOTED:
             self.send(READY=1, STATUS=f"serving generation {event.gen} (pid {_pids(event)}); last upgrade promoted")
-        elif event.kind == "rolled-back":
+        elif event.kind == Kind.ROLLED_BACK:
             old = event.fields.get("old_gen")
             self.send(READY=1, STATUS=f"upgrade to generation {event.gen} rolled back: {event.fields.get('reason')}"
                       + (f"; serving generation {old}" if old else ""))
-        elif event.kind == "upgrade-refused":
+        elif event.kind == Kind.UPGRADE_REFUSED:
             self.send(READY=1, STATUS=f"upgrade refused: {event.fields.get('reason')}")
-        elif event.kind == "restarting":
+        elif event.kind == Kind.RESTARTING:
             self.send(STATUS=f"restarting: {event.fields.get('reason')}")
-        elif event.kind == "stopping":
+        elif event.kind == Kind.STOPPING:
             self.send(STOPPING=1, STATUS="stopping: draining every generation")
 
     def watchdog_interval(self, environ: dict[str, str] | os._Environ[str]) -> float | None:

@@ -4,9 +4,8 @@ what it says cannot drift from what an upgrade does. control/plan.py words it.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from .errors import UserError
 from .generation import Generation

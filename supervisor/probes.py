@@ -11,7 +11,6 @@ import asyncio
 import enum
 import re
 import socket
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -274,7 +273,7 @@ class DelayProbe:
     spec: ProbeSpec
 
     async def check(self, subject: Subject) -> Result:
-        await anyio.sleep(max(0.0, subject.started_at + self.spec.seconds - time.monotonic()))
+        await anyio.sleep(max(0.0, subject.started_at + self.spec.seconds - anyio.current_time()))
         return Result(Verdict.READY, f"alive for {self.spec.seconds:g}s")
 
 

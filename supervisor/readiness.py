@@ -21,6 +21,7 @@ from .generation import Generation
 from .instance import Instance
 from .probes import Probe, Result, Verdict, nothing_yet
 from .spawn import SpawnError
+from .states import FailureKind
 
 _FIRST_POLL = 0.01
 _FIRST_RETRY = 0.001
@@ -33,7 +34,7 @@ class Failed(Exception):
     """A new instance failed: `reason` for people, `kind` (exec-failed, exited, not-ready, unhealthy,
     operator) for metrics and for deciding whether the release is to blame."""
 
-    def __init__(self, reason: str, kind: str) -> None:
+    def __init__(self, reason: str, kind: FailureKind) -> None:
         super().__init__(reason)
         self.reason, self.kind = reason, kind
 
@@ -60,7 +61,7 @@ class Backoff:
 def _not_ready(probe: Probe, timeout: float, *answers: Result | None) -> Failed:
     """Out of time: the reason quotes the first answer there is, most telling first."""
     detail = next((answer for answer in answers if answer is not None), nothing_yet(probe.spec)).detail
-    return Failed(f"not ready after {timeout:g}s: last probe {detail}", "not-ready")
+    return Failed(f"not ready after {timeout:g}s: last probe {detail}", FailureKind.NOT_READY)
 
 
 async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_interval: float) -> Result:
@@ -83,7 +84,7 @@ async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_inter
     with anyio.move_on_after(timeout):
         which, value = await first_completed(poll, instance.exit.wait)
         if which == 1:
-            raise Failed(f"{value.describe()} during readiness", "exited")
+            raise Failed(f"{value.describe()} during readiness", FailureKind.EXITED)
         return value
     raise _not_ready(probe, timeout, last.get(True), last.get(False))
 
@@ -157,7 +158,7 @@ async def wait_all_ready(probe: Probe, instances: Sequence[Instance], timeout: f
     async def exits(instance: Instance) -> None:
         status = await instance.exit.wait()
         if instance in cohort.pending:
-            failures[instance] = Failed(f"{status.describe()} during readiness", "exited")
+            failures[instance] = Failed(f"{status.describe()} during readiness", FailureKind.EXITED)
             settle(instance)
 
     with anyio.move_on_after(timeout):

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from .event_kinds import Kind
 from .events import Events
 from .history import History, Record
 from .identity import Identity, identify
 from .release import Release
-from .rollout import ROLLED_BACK, Outcome
-
-_RELEASE_AT_FAULT = ("exec-failed", "exited", "not-ready", "unhealthy")  # rollback kinds that mark a release bad
+from .rollout import Outcome
+from .states import RolloutResult
 
 
 @dataclass(eq=False)
@@ -61,11 +61,11 @@ class ReleaseBook:
             outcome.identity = await self.identify(outcome.release)
         identity = outcome.identity
         bad = None
-        if identity is not None and outcome.result == ROLLED_BACK and outcome.kind in _RELEASE_AT_FAULT:
+        if identity is not None and outcome.result == RolloutResult.ROLLED_BACK and outcome.kind is not None and outcome.kind.blames_release:
             if serving is not None and serving_identity is None:
                 serving_identity = await self.identify(serving)
             bad, outcome.blame = self.history.blame(identity, serving_identity)
-            self.events.emit("release-known-bad" if bad else "release-not-blamed", outcome.blame,
+            self.events.emit(Kind.RELEASE_KNOWN_BAD if bad else Kind.RELEASE_NOT_BLAMED, outcome.blame,
                              level="warning" if bad else "info", gen=outcome.new_gen, release=identity.as_dict())
         self.history.add(Record(outcome.result, outcome.reason, outcome.trigger, outcome.new_gen, outcome.old_gen,
                                 outcome.started_at, outcome.timings, identity.as_dict() if identity else None,

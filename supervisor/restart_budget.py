@@ -3,10 +3,11 @@ rule. The budget only decides; the supervisor says what happens and acts on it (
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import anyio
 
 MAX_BACKOFF = 30.0
 FIRST_BACKOFF = 0.1
@@ -27,7 +28,7 @@ class RestartBudget:
     """Failures per instance index. Each index counts on its own, as a single child would: instances that die
     together (a dependency went away) each get their restarts, rather than N of them using up one budget at once."""
 
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = anyio.current_time
     failures: dict[int, deque[float]] = field(default_factory=dict)
 
     def fail(self, index: int, max_restarts: int, window: float, serving: int) -> Decision:

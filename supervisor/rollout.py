@@ -16,26 +16,24 @@ from typing import Protocol
 
 import anyio
 
+from .acceptance import Proof, accept_probe
 from .commands import CommandRunner
-from .acceptance import Proof, accept_probe, answered_elsewhere
 from .concurrency import first_completed
 from .config import Settings
 from .errors import UserError
+from .event_kinds import Kind
 from .events import Events
 from .generation import Generation
+from .health import watch
 from .identity import Identity
 from .instance import Instance
 from .listeners import Listener, ListenSpec
-from .probes import Probe, Result, Verdict
+from .probes import Probe, Result
 from .readiness import Failed, start_cohort
 from .release import Release
 from .spawn import SpawnError, out_of_fds
+from .states import FailureKind, Phase, RolloutResult
 from .strategy import Strategy, drain_count
-
-IDLE, SPAWNING, WAITING_READY, WATCHING, DRAINING, ROLLING_BACK = (
-    "idle", "spawning", "waiting-ready", "watching", "draining", "rolling-back")
-PROMOTED, ROLLED_BACK, REFUSED = "promoted", "rolled-back", "refused"
-_INCONCLUSIVE_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -78,12 +76,12 @@ class Host(Protocol):
 class Outcome:
     """How an upgrade ended, why, and how long each phase took (seconds since the upgrade began)."""
 
-    result: str
+    result: RolloutResult
     reason: str = ""
     new_gen: int | None = None
     old_gen: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    kind: str = ""
+    kind: FailureKind | None = None  # what failed, when it was rolled back
     trigger: str = ""
     release: Release | None = None
     started_at: float = field(default_factory=time.time)
@@ -92,61 +90,7 @@ class Outcome:
 
     @property
     def promoted(self) -> bool:
-        return self.result == PROMOTED
-
-
-async def health_check(probe: Probe, subject: Generation | Instance) -> Result:
-    """One health verdict; an attempt answered by another generation is retried, as it proves nothing."""
-    result = await probe.check(subject)
-    for _ in range(_INCONCLUSIVE_RETRIES):
-        if result.verdict is not Verdict.INCONCLUSIVE:
-            break
-        await anyio.sleep(0.005)
-        result = await probe.check(subject)
-    return result
-
-
-@dataclass
-class Strikes:
-    """Consecutive failed health checks of each instance of a generation, told apart by the pid that answered:
-    one sick instance among healthy ones must not have its failures reset by its siblings' successes."""
-
-    generation: Generation
-    threshold: int
-    counts: dict[int | None, int] = field(default_factory=dict)  # instance index (None: not attributable)
-
-    def record(self, result: Result) -> str | None:
-        """Count one check; when an instance reaches the threshold, what is wrong (`3 consecutive failures …`)."""
-        if result.verdict is Verdict.INCONCLUSIVE:
-            return None
-        owner = self.generation.owner(result.pid)
-        key = owner.index if owner is not None else None
-        if result.verdict is Verdict.READY:
-            self.counts[key] = 0
-            return None
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if self.counts[key] < self.threshold:
-            return None
-        self.counts[key] = 0
-        several = len(self.generation.instances) > 1 and owner is not None
-        return (f"instance {key}: " if several else "") + f"{self.threshold} consecutive failures (last: {result.detail})"
-
-
-async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int,
-                proof: Proof | None = None) -> None:
-    """Health-check through the watch window; raises Failed when an instance fails `threshold` checks in a row
-    (a check answered only by another generation counts as failed), or when, at the end of the window, the
-    `proof` finds an instance not accepting connections itself. (An instance dying meanwhile is caught by the
-    rollout's casualty watch.)"""
-    strikes = Strikes(generation, threshold)
-    with anyio.move_on_after(window):
-        while True:
-            await anyio.sleep(interval)
-            failure = strikes.record(answered_elsewhere(await health_check(probe, generation)))
-            if failure:
-                raise Failed(f"unhealthy in watch window: {failure}", "unhealthy")
-    if proof is not None:
-        await proof.run(interval)
+        return self.result == RolloutResult.PROMOTED
 
 
 @dataclass
@@ -159,9 +103,9 @@ class Rollout:
     force: bool = False
     release: Release | None = None  # a given release (rollback, liveness) instead of resolving from disk
     plan: Plan | None = None
-    state: str = IDLE
+    state: Phase = Phase.IDLE
     new: Generation | None = None
-    clock: Callable[[], float] = time.monotonic  # what the phases are timed with (the fast tests: virtual time)
+    clock: Callable[[], float] = anyio.current_time  # what the phases are timed with
     began: float = field(init=False)
     timings: dict[str, float] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)  # sizes of the batches started so far
@@ -179,10 +123,10 @@ class Rollout:
         """The settings this upgrade runs with: the re-read ones once prepared."""
         return self.plan.settings if self.plan else self.host.settings
 
-    def _enter(self, state: str) -> None:
+    def _enter(self, state: Phase) -> None:
         previous, self.state = self.state, state
         generation = self.new or self.old
-        self.host.events.emit("transition", f"upgrade: {previous} → {state}", level="debug",
+        self.host.events.emit(Kind.TRANSITION, f"upgrade: {previous} → {state}", level="debug",
                               gen=generation.number if generation else None, previous=previous, state=state,
                               elapsed=round(self.clock() - self.began, 6))
 
@@ -190,7 +134,7 @@ class Rollout:
         if again or phase not in self.timings:
             self.timings[phase] = round(self.clock() - self.began, 6)
 
-    def _outcome(self, result: str, reason: str = "", kind: str = "") -> Outcome:
+    def _outcome(self, result: RolloutResult, reason: str = "", kind: FailureKind | None = None) -> Outcome:
         return Outcome(result, reason, self.new.number if self.new else None, self.old.number if self.old else None,
                        dict(self.timings), kind, self.trigger, self.release, identity=self.identity)
 
@@ -201,7 +145,7 @@ class Rollout:
 
     def abort(self, reason: str) -> bool:
         """Roll back now (an operator's request); possible until the new generation is promoted."""
-        if self.promoted or self.state in (IDLE, ROLLING_BACK):
+        if self.promoted or self.state in (Phase.IDLE, Phase.ROLLING_BACK):
             return False
         self._abort_reason = reason
         self._abort.set()
@@ -209,14 +153,14 @@ class Rollout:
 
     async def run(self) -> Outcome:
         """Run the whole upgrade; never raises for a failed release — that is an Outcome."""
-        self._enter(SPAWNING)
+        self._enter(Phase.SPAWNING)
         try:
             self.plan = self.host.prepare(self.release)
             self.release = self.plan.release
             self.identity = await self.host.identify(self.release)
             refusal = self.host.refusal(self.release, self.identity, self.force)
         except SpawnError as exc:
-            return await self._roll_back(f"exec failed: {exc}", "exec-failed")
+            return await self._roll_back(f"exec failed: {exc}", FailureKind.EXEC_FAILED)
         except UserError as exc:
             refusal = str(exc)  # an invalid config: nothing was started, nothing changes
         except OSError as exc:
@@ -229,22 +173,22 @@ class Rollout:
         if refusal:
             if self.plan is not None:
                 self.host.discard(self.plan)  # listeners it bound for nothing
-            self.host.events.emit("upgrade-refused", f"upgrade refused: {refusal}", level="warning",
+            self.host.events.emit(Kind.UPGRADE_REFUSED, f"upgrade refused: {refusal}", level="warning",
                                   gen=self.old.number if self.old else None, reason=refusal, **self._named())
-            self._enter(IDLE)
-            return self._outcome(REFUSED, refusal)
+            self._enter(Phase.IDLE)
+            return self._outcome(RolloutResult.REFUSED, refusal)
         assert self.plan is not None  # no refusal: prepare() succeeded
         self.new = self.host.create(self.plan)
         try:
             which, _ = await first_completed(self._bring_up, self._abort.wait, self._casualty)
             if which == 1:
-                raise Failed(self._abort_reason, "operator")
+                raise Failed(self._abort_reason, FailureKind.OPERATOR)
         except Failed as failure:
             return await self._roll_back(failure.reason, failure.kind)
         except OSError as exc:  # no fault of the release: it is not marked bad
             if not out_of_fds(exc):
                 raise
-            return await self._roll_back(f"the supervisor ran out of file descriptors ({exc.strerror})", "resources")
+            return await self._roll_back(f"the supervisor ran out of file descriptors ({exc.strerror})", FailureKind.RESOURCES)
         return await self._promote_and_drain()
 
     async def _casualty(self) -> None:
@@ -253,8 +197,8 @@ class Rollout:
         await self.new.casualty.wait()
         assert self.new.lost is not None
         instance, status = self.new.lost
-        where = "in watch window" if self.state == WATCHING else "after becoming ready"
-        raise Failed(f"{self._name(instance)}{status.describe()} {where}", "exited")
+        where = "in watch window" if self.state == Phase.WATCHING else "after becoming ready"
+        raise Failed(f"{self._name(instance)}{status.describe()} {where}", FailureKind.EXITED)
 
     def _name(self, instance: Instance) -> str:
         """How a reason names an instance: not at all when a generation has one."""
@@ -274,7 +218,7 @@ class Rollout:
         """The batch size (see batch_step); a fallback to surge is said."""
         step, changed = await batch_step(self.host, self.old, self.settings.strategy, processes)
         if changed:
-            self.host.events.emit("strategy-fallback", f"{changed}: batches could not be rolled back to it, so all "
+            self.host.events.emit(Kind.STRATEGY_FALLBACK, f"{changed}: batches could not be rolled back to it, so all "
                                   f"{processes} new instances start at once (surge); deploy to release directories and "
                                   "flip a `current` link to upgrade in batches", level="warning", gen=self.old.number
                                   if self.old else None, reason=changed)
@@ -285,30 +229,30 @@ class Rollout:
         plan, settings, new = self.plan, self.settings, self.new
         assert plan is not None and new is not None
         self.batches.append(size)
-        self._enter(SPAWNING)
+        self._enter(Phase.SPAWNING)
 
         def spawned() -> None:
             self._mark("spawned", again=False)
-            self._enter(WAITING_READY)
+            self._enter(Phase.WAITING_READY)
 
         try:
             started = await start_cohort(self.host, new, new.free_indexes(size), plan.probe, settings.ready_timeout,
                                          settings.health_interval, strict=True, spawned=spawned)
         except SpawnError as exc:
-            raise Failed(f"exec failed: {exc}" if exc.kind == "exec-failed" else str(exc), exc.kind) from None
+            raise Failed(f"exec failed: {exc}" if exc.kind == FailureKind.EXEC_FAILED else str(exc), exc.kind) from None
         ready = started.ready
         needed = settings.strategy.required(size)
         if len(ready) < needed:
             _, instance, failure = next(iter(started.failed),
-                                        (0, None, Failed("an instance died before it was ready", "exited")))
+                                        (0, None, Failed("an instance died before it was ready", FailureKind.EXITED)))
             first = Failed((self._name(instance) if instance else "") + failure.reason, failure.kind)
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
             raise Failed(first.reason + counts, first.kind)
         self._mark("ready")
         if settings.watch > 0:
-            self._enter(WATCHING)
+            self._enter(Phase.WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
-            self.host.events.emit("watching", f"watching generation {new.number} for {settings.watch:g}s{beside}",
+            self.host.events.emit(Kind.WATCHING, f"watching generation {new.number} for {settings.watch:g}s{beside}",
                                   gen=new.number, instances=[instance.index for instance in ready])
             proof = Proof(accept_probe(plan.listeners, settings.probe_timeout), ready, settings.probe_timeout,
                           plan.processes > 1)
@@ -325,11 +269,11 @@ class Rollout:
         self.replaced += sum(victim.alive for victim in victims)  # a rollback puts back what served, not the dead
         draining = (f"draining generation {self.old.number} instances {_indexes(victims)}" if victims else
                     f"nothing drained: generation {self.old.number} had fewer than {self.plan.processes}")
-        self.host.events.emit("batch", f"batch {len(self.batches)}: generation {self.new.number} instances "
+        self.host.events.emit(Kind.BATCH, f"batch {len(self.batches)}: generation {self.new.number} instances "
                               f"{_indexes(ready)} ready; {draining}", gen=self.old.number, pids=[v.leader for v in victims],
                               batch=len(self.batches), ready=[i.index for i in ready], draining=[v.index for v in victims])
         if victims:
-            self._enter(DRAINING)
+            self._enter(Phase.DRAINING)
             with anyio.CancelScope(shield=True):  # an abort waits for the drain: the instance is already told to stop
                 await self.host.retire_instances(self.old, victims)
             await anyio.sleep(0)  # a checkpoint: an abort that came during the drain lands here, before a next batch
@@ -341,23 +285,23 @@ class Rollout:
         self.promoted = True
         self._mark("promoted")
         old_number = self.old.number if self.old else None
-        events.emit("promoted", f"generation {self.new.number} promoted"
+        events.emit(Kind.PROMOTED, f"generation {self.new.number} promoted"
                     + (f"; draining generation {old_number}" if old_number else ""),
                     gen=self.new.number, pids=self.new.pids(), old_gen=old_number, timings=dict(self.timings),
                     batches=list(self.batches), **self._named())
-        self._enter(DRAINING)
+        self._enter(Phase.DRAINING)
         async with anyio.create_task_group() as group:
             # Its environment is taken now, before the old generation drains: the hook is told the old pids too.
             group.start_soon(self._hook, "post-upgrade", settings.hooks.post_upgrade, self._hook_env(""))
             if self.old is not None:
                 await self.host.retire(self.old, graceful=True)
         self._mark("old_gone")
-        self._enter(IDLE)
-        return self._outcome(PROMOTED)
+        self._enter(Phase.IDLE)
+        return self._outcome(RolloutResult.PROMOTED)
 
-    async def _roll_back(self, reason: str, kind: str) -> Outcome:
+    async def _roll_back(self, reason: str, kind: FailureKind) -> Outcome:
         events = self.host.events
-        self._enter(ROLLING_BACK)
+        self._enter(Phase.ROLLING_BACK)
         new_number = self.new.number if self.new else None
         old_number = self.old.number if self.old else None
         if self.new is not None:
@@ -366,12 +310,12 @@ class Rollout:
             self.host.discard(self.plan)
         self._mark("rolled_back")
         keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
-        events.emit("rolled-back", f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
+        events.emit(Kind.ROLLED_BACK, f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
                     gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings),
                     restored=self.replaced, **self._named())
         await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason))
-        self._enter(IDLE)
-        return self._outcome(ROLLED_BACK, reason, kind)
+        self._enter(Phase.IDLE)
+        return self._outcome(RolloutResult.ROLLED_BACK, reason, kind)
 
     async def _restore_old(self) -> None:
         """Put back every old instance a batch replaced — each ready before a new one is drained — then drop the
@@ -385,7 +329,7 @@ class Rollout:
         step = self.settings.strategy.step(self.plan.processes if self.plan else 1)
         while self.old is not None and owed > 0 and new.ready():
             count = min(step, owed, len(new.ready()))
-            self.host.events.emit("restoring", f"restoring {count} instance(s) of generation {self.old.number} before "
+            self.host.events.emit(Kind.RESTORING, f"restoring {count} instance(s) of generation {self.old.number} before "
                                   f"draining as many of generation {new.number}", gen=self.old.number, count=count)
             await self.host.restore(self.old, count)
             owed -= count
@@ -413,7 +357,7 @@ class Rollout:
             return None
         failure = await self.host.commands(command, {"SUPERVISE_HOOK": name, **env}, self.settings.hooks.timeout)
         level = "info" if failure is None else "warning"
-        self.host.events.emit("hook", f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
+        self.host.events.emit(Kind.HOOK, f"{name} hook " + ("succeeded" if failure is None else failure), level=level,
                               hook=name, failure=failure)
         return failure
 

@@ -16,14 +16,15 @@ from .config import Settings
 from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
 from .errors import UserError
+from .event_kinds import Kind
 from .events import Events
 from .fdlimit import raise_fd_limit
 from .history import History
-from .release_book import ReleaseBook
 from .listeners import Listener, inherited_from_systemd, open_listeners
 from .logsink import stderr_sink
 from .notify import SystemdNotifier
 from .release import check_templates, logical_cwd, resolve
+from .release_book import ReleaseBook
 from .rundir import RuntimeDir, own_directory, runtime_parent
 from .safefile import write_atomically
 from .spawn import ExecutableNotFound
@@ -91,7 +92,7 @@ def run(settings: Settings) -> int:
 def _run(settings: Settings, events: Events) -> int:
     fd_limit = raise_fd_limit()
     if fd_limit is not None:
-        events.emit("fd-limit-raised", f"open-files limit raised from {fd_limit.soft} to {fd_limit.hard} (children "
+        events.emit(Kind.FD_LIMIT_RAISED, f"open-files limit raised from {fd_limit.soft} to {fd_limit.hard} (children "
                     f"keep {fd_limit.soft})", level="debug", soft=fd_limit.soft, hard=fd_limit.hard)
     try:
         release = resolve(settings.command, logical_cwd(settings.chdir), settings.env, os.environ.get("PATH"),
@@ -115,12 +116,12 @@ def _run(settings: Settings, events: Events) -> int:
         check_templates(settings.command, [listener.name for listener in listeners])
         book = ReleaseBook(History.load(settings.state_path, events), events)
         control.bind()
-        events.emit("starting", f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
+        events.emit(Kind.STARTING, f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
                     f"{settings.control_path}, state {settings.state_path}", name=settings.name,
                     control=str(settings.control_path), state=str(settings.state_path))
         for listener in listeners:
             how = "adopted from systemd" if listener.adopted else "listening"
-            events.emit("listening", f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "
+            events.emit(Kind.LISTENING, f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "
                         f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
         if settings.pidfile:
             _write_pidfile(settings.pidfile)

@@ -15,10 +15,11 @@ from typing import Any
 import psutil
 
 from .generation import Generation
-from .instance import EXITED, Instance
+from .instance import Instance
 from .listener_guard import accept_queue
 from .listeners import Listener
 from .rollout import Rollout
+from .states import InstanceState
 from .tally import Histogram, Tally
 
 
@@ -115,6 +116,7 @@ class SupervisorView:
     started_at: float
     started_wall: float
     state: str  # stopping, the rollout's phase, or idle
+    stopping: bool
     control: str
     operation: str | None  # the operation running now: upgrade, repair
     processes: int  # instances wanted
@@ -145,7 +147,7 @@ class Snapshot:
 
 
 def of_instance(instance: Instance, measure: bool) -> InstanceView:
-    return InstanceView(instance.index, instance.state if instance.alive else EXITED, instance.leader,
+    return InstanceView(instance.index, instance.state if instance.alive else InstanceState.EXITED, instance.leader,
                         tuple(instance.pids()), instance.alive, instance.ready, instance.started_at, instance.ready_at,
                         instance.last_watchdog, instance.status_text, instance.sick,
                         _measured(instance.living()) if measure else ())

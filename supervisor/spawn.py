@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import libc
 from .credentials import Credentials
+from .states import FailureKind
 
 _MAX_FD = 65536
 
@@ -44,13 +45,13 @@ class SpawnError(Exception):
     """The child could not be started (chdir or exec failed); the message names the command and the cause.
     `kind` says whose fault: exec-failed (the release's) or resources (ours, see OutOfFds)."""
 
-    kind = "exec-failed"
+    kind = FailureKind.EXEC_FAILED
 
 
 class OutOfFds(SpawnError):
     """The supervisor ran out of file descriptors (EMFILE/ENFILE) while starting a child: no fault of the release."""
 
-    kind = "resources"
+    kind = FailureKind.RESOURCES
 
 
 def out_of_fds(exc: BaseException) -> bool:
@@ -61,7 +62,7 @@ def out_of_fds(exc: BaseException) -> bool:
 class NotContained(SpawnError):
     """The child could not enter its generation's cgroup: no fault of the release."""
 
-    kind = "resources"
+    kind = FailureKind.RESOURCES
 
 
 class ExecutableNotFound(SpawnError):

@@ -18,11 +18,13 @@ import anyio
 
 from . import __version__
 from .cgroups import Cgroups
-from .concurrency import gather
+from .concurrency import gather, leaves
 from .config import Settings
 from .containment import contain
 from .credentials import Credentials
+from .desired import Desired
 from .errors import UserError
+from .event_kinds import Kind
 from .events import Events
 from .fleet import SWEEP_INTERVAL, Fleet
 from .generation import Generation
@@ -38,10 +40,11 @@ from .reaper import Reaper
 from .release import Release
 from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
-from .rollout import ROLLED_BACK, Outcome, Plan, Rollout
+from .rollout import Outcome, Plan, Rollout
 from .schema import MAX_PROCESSES
 from .snapshot import GenerationView, Snapshot, SupervisorView, of_generation, of_listeners, of_rollout, of_tally
 from .spawn import SpawnError
+from .states import Phase, RolloutResult
 from .tally import Tally
 from .ticket import Ticket
 from .triggers import ChangeTrigger
@@ -73,17 +76,15 @@ class Supervisor:
     rollout: Rollout | None = None
     forced: bool = False
     exit_code: int = 0
-    pending: list[Ticket] = field(default_factory=list)
+    desired: Desired = field(default_factory=Desired)
     tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
     busy: str | None = None  # the operation running now: upgrade, repair
     budget: RestartBudget = field(default_factory=RestartBudget)
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(init=False, default=0.0)  # on the event loop's clock, once it runs
     started_wall: float = field(default_factory=time.time)
     tally: Tally = field(default_factory=Tally)
     fleet: Fleet = field(init=False)
     workers: list[Worker] = field(init=False)
-    _wakeup: anyio.Event = field(init=False)
-    _replan: anyio.Event = field(init=False)  # set by a scale or upgrade request: a retry's backoff ends early
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
 
@@ -91,11 +92,11 @@ class Supervisor:
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
                       cgroups: Cgroups | None, runtime_dir: str) -> None:
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
-                           wake=lambda: self._wakeup.set(), refill=self._fill, credentials=credentials,
+                           wake=self.desired.observed, refill=self._fill, credentials=credentials,
                            child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir)
         self.events.subscribe(self.tally.on_event)
         liveness = Liveness(self.fleet, self.events, quiet=lambda: not (self.busy or self.upgrade_pending),
-                            wake=lambda: self._wakeup.set(),
+                            wake=self.desired.observed,
                             replace=lambda trigger, release: self.request_upgrade(trigger, force=True, release=release))
         self.workers = [
             Worker("liveness", settings.health_interval, liveness.check),
@@ -111,8 +112,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until told to stop (exit 0) or until supervision is impossible (exit non-zero)."""
-        self._wakeup = anyio.Event()
-        self._replan = anyio.Event()
+        self.started_at = anyio.current_time()
         self._operations = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as group:
@@ -155,14 +155,14 @@ class Supervisor:
                     self.busy = "upgrade"
                     await self._upgrade()
                 self.busy = None
-        except Fatal as exc:
-            self.events.emit("fatal", str(exc), level="error")
+        except* Fatal as fatal:  # one, or beside the errors of sibling tasks (which propagate: a bug of ours)
+            self.events.emit(Kind.FATAL, "; ".join(map(str, leaves(fatal))), level="error")
             self.exit_code = 1
             self.fleet.wind_down()
 
     @property
     def upgrade_pending(self) -> bool:
-        return bool(self.pending)
+        return bool(self.desired.pending)
 
     @property
     def upgrade_first(self) -> bool:
@@ -179,24 +179,21 @@ class Supervisor:
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
         while not (self.upgrade_pending or self.needs_repair):
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
+            await self.desired.changed()
 
     # -- operations -------------------------------------------------------------------------------------------
 
     def request_upgrade(self, trigger: str, force: bool = False, release: Release | None = None) -> Ticket | None:
         """Ask for an upgrade. Requests during an upgrade coalesce into one more; none are taken once stopping."""
         if self.fleet.stopping:
-            self.events.emit("upgrade-ignored", f"upgrade request ({trigger}) ignored: stopping", level="warning")
+            self.events.emit(Kind.UPGRADE_IGNORED, f"upgrade request ({trigger}) ignored: stopping", level="warning")
             return None
         ticket = Ticket(trigger, force, release, coalesced=self.upgrade_pending)
         if ticket.coalesced:
-            self.events.emit("upgrade-coalesced", f"upgrade request ({trigger}) coalesced with the pending one", level="debug")
+            self.events.emit(Kind.UPGRADE_COALESCED, f"upgrade request ({trigger}) coalesced with the pending one", level="debug")
         else:
-            self.events.emit("upgrade-requested", f"upgrade requested ({trigger})", trigger=trigger)
-            self._wakeup.set()
-            self._replan_now()
-        self.pending.append(ticket)
+            self.events.emit(Kind.UPGRADE_REQUESTED, f"upgrade requested ({trigger})", trigger=trigger)
+        self.desired.ask(ticket)
         return ticket
 
     def request_scale(self, processes: int) -> str:
@@ -208,21 +205,15 @@ class Supervisor:
             raise UserError("cannot scale: the supervisor is stopping")
         previous = self.fleet.scale(processes)
         when = " after the upgrade in progress" if self.rollout is not None else ""
-        self.events.emit("scale-requested", f"scaling from {previous} to {processes} instances{when}",
+        self.events.emit(Kind.SCALE_REQUESTED, f"scaling from {previous} to {processes} instances{when}",
                          gen=self.fleet.serving.number if self.fleet.serving else None, previous=previous, processes=processes)
-        self._wakeup.set()
-        self._replan_now()
+        self.desired.requested()
         return f"scaling from {previous} to {processes} instances{when}"
-
-    def _replan_now(self) -> None:
-        """A retry waiting out its backoff looks again at once: is its index still wanted, is an upgrade due?"""
-        self._replan.set()
-        self._replan = anyio.Event()
 
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
         if self.rollout is not None and self.rollout.abort("rolled back by operator"):
-            ticket = Ticket("ctl rollback", goal=ROLLED_BACK)
+            ticket = Ticket("ctl rollback", goal=RolloutResult.ROLLED_BACK)
             self.tickets.append(ticket)
             return ticket
         if self.book.previous is None:
@@ -230,13 +221,12 @@ class Supervisor:
         return self.request_upgrade("ctl rollback", force=True, release=self.book.previous)
 
     async def _upgrade(self) -> Outcome:
-        tickets, self.pending, self._wakeup = self.pending, [], anyio.Event()
-        self.tickets = tickets
+        tickets = self.tickets = self.desired.take()  # a rollback in the watch window adds its own
         trigger = ", ".join(dict.fromkeys(ticket.trigger for ticket in tickets))
         release = next((ticket.release for ticket in reversed(tickets) if ticket.release), None)
         old = self.fleet.serving
         self.rollout = Rollout(self.fleet, old, trigger, force=any(ticket.force for ticket in tickets), release=release)
-        outcome = Outcome("aborted", "the supervisor is stopping", trigger=trigger)
+        outcome = Outcome(RolloutResult.ABORTED, "the supervisor is stopping", trigger=trigger)
         self.book.history.begin(trigger, old.number if old else None, self.fleet.next_number)
         try:
             outcome = await self.rollout.run()
@@ -263,7 +253,7 @@ class Supervisor:
         generation = fleet.create(Plan(fleet.settings, fleet.probe, release, tuple(fleet.listeners), self.fleet.processes))
         await self._fill(generation, generation.free_indexes(self.fleet.processes), first=first)
         fleet.promote(generation)
-        self.events.emit("serving", f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
+        self.events.emit(Kind.SERVING, f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
         return generation
 
     async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False,
@@ -275,7 +265,7 @@ class Supervisor:
         while True:
             pending = [index for index in pending if generation is not self.fleet.serving or index < self.fleet.processes]
             if repair and pending and self.upgrade_first:
-                self.events.emit("repair-deferred", f"generation {generation.number}: not starting instance(s) "
+                self.events.emit(Kind.REPAIR_DEFERRED, f"generation {generation.number}: not starting instance(s) "
                                  f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
                                  gen=generation.number, instances=pending)
                 return
@@ -310,7 +300,7 @@ class Supervisor:
             jobs.append(partial(self._fill, generation, missing, repair=True))
         await gather(*jobs)
         ready = len(generation.ready())
-        self.events.emit("serving", f"generation {generation.number} serving"
+        self.events.emit(Kind.SERVING, f"generation {generation.number} serving"
                          + (f" with {ready} instances" if ready != 1 or self.fleet.processes != 1 else ""),
                          gen=generation.number, pids=generation.pids(), processes=ready)
 
@@ -333,9 +323,7 @@ class Supervisor:
         delay = 0.0
         for index, reason in reasons:
             delay = max(delay, self._count_failure(index, reason))
-        replan = self._replan
-        with anyio.move_on_after(delay):
-            await replan.wait()
+        await self.desired.request_within(delay)
 
     def _count_failure(self, index: int, reason: str) -> float:
         """Count one failure of instance `index` and say what happens next; the backoff delay, or Fatal."""
@@ -345,11 +333,11 @@ class Supervisor:
         if decision.give_up:
             raise Fatal(f"giving up: {decision.count} failures within {window:g}s (last: {reason})")
         if decision.crash_loop:
-            self.events.emit("restarting", f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
+            self.events.emit(Kind.RESTARTING, f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
                              f"within {window:g}s is past --max-restarts {most}, but {serving} instance(s) keep "
                              "serving", level="warning", delay=decision.delay, reason=reason, crash_loop=True)
         else:
-            self.events.emit("restarting", f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
+            self.events.emit(Kind.RESTARTING, f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
                              f"at most {most} within {window:g}s)", level="warning", delay=decision.delay, reason=reason)
         return decision.delay
 
@@ -357,11 +345,12 @@ class Supervisor:
 
     def snapshot(self, measure: bool = True) -> Snapshot:
         fleet, rollout, book = self.fleet, self.rollout, self.book
-        state = "stopping" if fleet.stopping else (rollout.state if rollout else "idle")
+        state = "stopping" if fleet.stopping else (rollout.state if rollout else Phase.IDLE)
         view = SupervisorView(os.getpid(), fleet.settings.name, __version__, self.started_at, self.started_wall, state,
+                              fleet.stopping,
                               str(fleet.settings.control_path), self.busy, fleet.processes,
                               fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped)
-        return Snapshot(time.monotonic(), view, of_listeners(fleet.listeners),
+        return Snapshot(anyio.current_time(), view, of_listeners(fleet.listeners),
                         tuple(of_generation(generation, generation is fleet.serving, measure)
                               for generation in fleet.generations),
                         of_rollout(rollout) if rollout else None, tuple(book.history.as_dict()["records"]),
@@ -392,14 +381,14 @@ class Supervisor:
         if self.fleet.stopping:
             return
         self.fleet.wind_down()
-        self.events.emit("stopping", f"stopping ({reason}): draining every generation", reason=reason)
+        self.events.emit(Kind.STOPPING, f"stopping ({reason}): draining every generation", reason=reason)
         self._operations.cancel()
 
     def force(self, reason: str) -> None:
         """Immediate stop: kill every generation's whole tree now."""
         self.forced = True
         self.fleet.wind_down()
-        self.events.emit("stopping", f"stopping now ({reason}): killing every generation", reason=reason, forced=True)
+        self.events.emit(Kind.STOPPING, f"stopping now ({reason}): killing every generation", reason=reason, forced=True)
         self._operations.cancel()
         if self._drain is not None:
             self._drain.cancel()
@@ -407,9 +396,8 @@ class Supervisor:
     async def _shutdown(self) -> None:
         fleet = self.fleet
         fleet.wind_down()
-        for ticket in self.pending:
-            ticket.settle(Outcome("aborted", "the supervisor is stopping"))
-        self.pending = []
+        for ticket in self.desired.take():
+            ticket.settle(Outcome(RolloutResult.ABORTED, "the supervisor is stopping"))
         with anyio.CancelScope(shield=True):
             if not self.forced:
                 with anyio.CancelScope() as self._drain:
@@ -419,7 +407,7 @@ class Supervisor:
             for generation in list(fleet.generations):
                 await fleet.retire(generation, graceful=False)
             fleet.kill_descendants()
-        self.events.emit("stopped", "stopped" + (" (forced)" if self.forced else ""), exit_code=self.exit_code)
+        self.events.emit(Kind.STOPPED, "stopped" + (" (forced)" if self.forced else ""), exit_code=self.exit_code)
 
     # -- background duties ------------------------------------------------------------------------------------
 

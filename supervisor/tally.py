@@ -9,6 +9,7 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .event_kinds import Kind
 from .events import Event
 from .probe_spec import ProbeSpec
 from .probes import Probe, Result, Subject
@@ -54,19 +55,19 @@ class Tally:
     probes: dict[str, Histogram] = field(default_factory=dict)
 
     def on_event(self, event: Event) -> None:
-        if event.kind == "promoted":
+        if event.kind == Kind.PROMOTED:
             self.upgrades["promoted"] += 1
             self._phases(event.fields.get("timings", {}))
-        elif event.kind == "rolled-back":
+        elif event.kind == Kind.ROLLED_BACK:
             self.upgrades["rolled-back"] += 1
             self.rollbacks[event.fields.get("category", "other")] += 1
-        elif event.kind == "upgrade-refused":
+        elif event.kind == Kind.UPGRADE_REFUSED:
             self.upgrades["refused"] += 1
-        elif event.kind == "restarting":
+        elif event.kind == Kind.RESTARTING:
             self.restarts += 1
-        elif event.kind == "listener-revived":
+        elif event.kind == Kind.LISTENER_REVIVED:
             self.revivals[event.fields.get("name", "")] += 1
-        elif event.kind == "retired" and "elapsed" in event.fields:
+        elif event.kind == Kind.RETIRED and "elapsed" in event.fields:
             self.phases.setdefault("drain", Histogram(_PHASE_BUCKETS)).observe(event.fields["elapsed"])
 
     def _phases(self, timings: dict[str, float]) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import anyio
 
 from .release import Release
-from .rollout import PROMOTED, Outcome
+from .rollout import Outcome
+from .states import RolloutResult
 
 
 @dataclass(eq=False)
@@ -19,7 +20,7 @@ class Ticket:
     force: bool = False
     release: Release | None = None
     coalesced: bool = False
-    goal: str = PROMOTED  # the result that does what was asked (a rollback in a watch window asks for ROLLED_BACK)
+    goal: str = RolloutResult.PROMOTED  # the result that does what was asked (a rollback in a watch window asks for ROLLED_BACK)
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: Outcome | None = None
 
@@ -30,7 +31,7 @@ class Ticket:
 
     def verdict(self) -> dict[str, Any]:
         """The last line of a streamed upgrade: how it ended."""
-        outcome = self.outcome or Outcome("aborted", "no verdict")
+        outcome = self.outcome or Outcome(RolloutResult.ABORTED, "no verdict")
         return {"event": "verdict", "result": outcome.result, "ok": outcome.result == self.goal, "reason": outcome.reason,
                 "new_gen": outcome.new_gen, "old_gen": outcome.old_gen, "timings": outcome.timings, "blame": outcome.blame,
                 "release": outcome.identity.as_dict() if outcome.identity else None}

@@ -22,13 +22,14 @@ from supervisor.config import Hooks, Settings
 from supervisor.events import Event, Events
 from supervisor.generation import Generation
 from supervisor.identity import Identity
-from supervisor.instance import DRAINING, EXITED, Instance, Launcher
+from supervisor.instance import Instance, Launcher
 from supervisor.probe_spec import ProbeSpec
 from supervisor.probes import Result, Verdict
 from supervisor.readiness import Cohort, wait_all_ready
 from supervisor.reaper import ChildExit, ExitStatus, Reaper
 from supervisor.release import Release
 from supervisor.rollout import Outcome, Plan, Rollout
+from supervisor.states import InstanceState
 from supervisor.strategy import build_strategy
 
 _FIRST_PID = 5_000_000  # above any Linux pid_max (2**22): a signal sent by mistake reaches nobody
@@ -276,8 +277,8 @@ class FakeFleet:
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Any) -> None:
         instance.mark_ready(result.detail, by_notify=False)
         generation.mark_ready()
-        if generation.state == "serving":
-            instance.state = "serving"
+        if generation.state == InstanceState.SERVING:
+            instance.enter(InstanceState.SERVING)
         self._changed(f"ready {generation.number}#{instance.index}")
 
     def promote(self, generation: Generation, plan: Plan | None = None) -> None:
@@ -327,14 +328,14 @@ class FakeFleet:
     async def _die(self, generation: Generation, instance: Instance, life: Life) -> None:
         assert life.dies is not None
         await anyio.sleep_until(instance.started_at + life.dies)
-        if instance.alive and instance.state not in (DRAINING, EXITED):
+        if instance.alive and instance.state not in (InstanceState.DRAINING, InstanceState.EXITED):
             self._exit(generation, instance, ExitStatus(code=life.code), "died")
 
     def _drain(self, generation: Generation, instance: Instance) -> float:
         """Tell an instance to stop; how long it takes to exit (0: it is already dead)."""
         name = f"{generation.number}#{instance.index}"
         was_ready, alive = instance.ready, instance.alive
-        instance.state = DRAINING
+        instance.enter(InstanceState.DRAINING)
         if not alive:
             self.actions.append(f"clear {name}")
             return 0.0

@@ -13,8 +13,8 @@ from fakes import FakeFleet, Script, settings
 from supervisor.control.plan import plan
 from supervisor.errors import UserError
 from supervisor.preview import Preview, preview
-from supervisor.rollout import PROMOTED, REFUSED, ROLLED_BACK
 from supervisor.spawn import SpawnError
+from supervisor.states import RolloutResult
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +29,9 @@ async def dry_run(fleet: FakeFleet, force: bool = False) -> Preview:
 
 
 @pytest.mark.parametrize("script, force, result", [
-    (Script(), False, PROMOTED),
-    (Script(refusal="release v2 is known bad"), False, REFUSED),
-    (Script(refusal="release v2 is known bad"), True, PROMOTED),
+    (Script(), False, RolloutResult.PROMOTED),
+    (Script(refusal="release v2 is known bad"), False, RolloutResult.REFUSED),
+    (Script(refusal="release v2 is known bad"), True, RolloutResult.PROMOTED),
 ])
 async def test_the_dry_run_refuses_exactly_what_the_upgrade_refuses(script: Script, force: bool, result: str) -> None:
     async with FakeFleet(settings(2), script) as fleet:
@@ -39,15 +39,15 @@ async def test_the_dry_run_refuses_exactly_what_the_upgrade_refuses(script: Scri
         assert fleet.actions == [], "a dry run starts, drains and discards nothing"
         outcome = await fleet.upgrade(force=force)
     assert outcome.result == result
-    assert (seen.refusal is not None) == (result == REFUSED)
+    assert (seen.refusal is not None) == (result == RolloutResult.REFUSED)
     assert seen.known_bad == (script.refusal is not None), "known bad is said even when forced"
     steps = plan(seen)["steps"]
-    assert steps[0].startswith("refuse: ") == (result == REFUSED), steps
+    assert steps[0].startswith("refuse: ") == (result == RolloutResult.REFUSED), steps
 
 
 @pytest.mark.parametrize("error, exec_failed, result", [
-    (UserError("invalid config /etc/app.toml: unknown key 'procs'"), False, REFUSED),
-    (SpawnError("no such file: ./app"), True, ROLLED_BACK),
+    (UserError("invalid config /etc/app.toml: unknown key 'procs'"), False, RolloutResult.REFUSED),
+    (SpawnError("no such file: ./app"), True, RolloutResult.ROLLED_BACK),
 ])
 async def test_a_dry_run_that_cannot_prepare_says_what_the_upgrade_does(error: Exception, exec_failed: bool,
                                                                       result: str) -> None:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
+import anyio
 import pytest
 
+from supervisor.concurrency import gather, leaves
 from supervisor.errors import UserError
+from supervisor.health import Strikes
 from supervisor.listeners import parse_listen
 from supervisor.probe_spec import parse_probe
 from supervisor.probes import Result, Verdict
-from supervisor.rollout import Strikes
 from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
 from supervisor.units import parse_duration, parse_signal
 
@@ -179,3 +181,24 @@ def test_exec_and_delay_probes() -> None:
 def test_bad_probes_say_why(text: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_probe(text)
+
+
+# -- concurrency.gather ------------------------------------------------------------------------------------------
+
+
+def test_gather_raises_a_sole_error_as_is_and_every_error_of_siblings_as_a_group() -> None:
+    async def fails(error: Exception, after: float) -> None:
+        await anyio.sleep(after)
+        raise error
+
+    async def cancelled_sibling() -> None:
+        await anyio.sleep(10)
+
+    async def main() -> None:
+        with pytest.raises(KeyError):  # alone: as is, so callers catch what they expect
+            await gather(lambda: fails(KeyError("a"), 0), cancelled_sibling)
+        with pytest.raises(BaseExceptionGroup) as raised:  # two at once: neither is dropped
+            await gather(lambda: fails(KeyError("a"), 0), lambda: fails(ValueError("b"), 0))
+        assert sorted(type(error).__name__ for error in leaves(raised.value)) == ["KeyError", "ValueError"]
+
+    anyio.run(main)

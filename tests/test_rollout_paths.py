@@ -20,9 +20,9 @@ import trio.testing
 from fakes import FakeFleet, Life, Script, settings
 from supervisor.config import Hooks, Settings
 from supervisor.errors import UserError
-from supervisor.rollout import (DRAINING, IDLE, PROMOTED, REFUSED, ROLLED_BACK, ROLLING_BACK, SPAWNING, WAITING_READY,
-                                WATCHING, Outcome)
+from supervisor.rollout import Outcome
 from supervisor.spawn import OutOfFds, SpawnError
+from supervisor.states import Phase, RolloutResult
 
 pytestmark = pytest.mark.anyio
 
@@ -65,10 +65,10 @@ def serving(fleet: FakeFleet) -> tuple[int, list[int]]:
 @pytest.mark.parametrize("probe_kind", ["http", "exec"])  # a cohort probed together; each instance alone
 async def test_surge_starts_all_new_instances_then_drains_the_old_generation(probe_kind: str) -> None:
     outcome, fleet = await upgrade(settings(3), Script(probe_kind=probe_kind))
-    assert (outcome.result, outcome.kind, outcome.reason) == (PROMOTED, "", "")
+    assert (outcome.result, outcome.kind, outcome.reason) == (RolloutResult.PROMOTED, None, "")
     assert (outcome.old_gen, outcome.new_gen) == (1, 2)
     assert fleet.kinds() == ["watching", "promoted"]
-    assert fleet.states() == [SPAWNING, SPAWNING, WAITING_READY, WATCHING, DRAINING, IDLE]
+    assert fleet.states() == [Phase.SPAWNING, Phase.SPAWNING, Phase.WAITING_READY, Phase.WATCHING, Phase.DRAINING, Phase.IDLE]
     assert told(fleet)[:3] == ["spawn 2#0", "spawn 2#1", "spawn 2#2"]
     assert sorted(told(fleet)[3:6]) == ["ready 2#0", "ready 2#1", "ready 2#2"]
     assert told(fleet)[6:] == ["promote 2", "retire 1", "drain 1#0", "drain 1#1", "drain 1#2"]
@@ -82,7 +82,7 @@ async def test_surge_starts_all_new_instances_then_drains_the_old_generation(pro
 
 async def test_rolling_replaces_one_old_instance_for_each_new_one_batch_by_batch() -> None:
     outcome, fleet = await upgrade(settings(4, "rolling", batch="2"))
-    assert (outcome.result, outcome.kind) == (PROMOTED, "")
+    assert (outcome.result, outcome.kind) == (RolloutResult.PROMOTED, None)
     assert fleet.kinds() == ["watching", "batch", "watching", "promoted"]
     batch = fleet.event("batch").fields
     assert (batch["batch"], batch["ready"], batch["draining"]) == (1, [0, 1], [0, 1])
@@ -96,7 +96,7 @@ async def test_rolling_replaces_one_old_instance_for_each_new_one_batch_by_batch
 
 async def test_rolling_fills_a_short_old_generation_before_draining_any_of_it() -> None:
     outcome, fleet = await upgrade(settings(3, "rolling"), Script(old=2))
-    assert outcome.result == PROMOTED
+    assert outcome.result == RolloutResult.PROMOTED
     assert fleet.kinds() == ["watching", "batch", "watching", "batch", "watching", "promoted"]
     batches = [event.fields for event in fleet.log if event.kind == "batch"]
     assert [batch["draining"] for batch in batches] == [[], [0]]
@@ -112,10 +112,10 @@ async def test_rolling_fills_a_short_old_generation_before_draining_any_of_it() 
 async def test_exec_failure_at_spawn_drains_what_started_and_leaves_the_old_generation_alone() -> None:
     error = SpawnError("cannot exec /srv/app/bin/app: No such file or directory")
     outcome, fleet = await upgrade(settings(2), Script(lives={(2, 1): Life(spawn_error=error)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "exec-failed")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "exec-failed")
     assert outcome.reason == "exec failed: cannot exec /srv/app/bin/app: No such file or directory"
     assert fleet.kinds() == ["rolled-back"]
-    assert fleet.states() == [SPAWNING, SPAWNING, ROLLING_BACK, IDLE]
+    assert fleet.states() == [Phase.SPAWNING, Phase.SPAWNING, Phase.ROLLING_BACK, Phase.IDLE]
     assert told(fleet) == ["spawn 2#0", "spawn-failed 2#1", "drain 2#0", "retire 2", "discard"]
     assert fleet.event("rolled-back").fields["restored"] == 0
     assert serving(fleet) == (1, [0, 1])
@@ -124,7 +124,7 @@ async def test_exec_failure_at_spawn_drains_what_started_and_leaves_the_old_gene
 
 async def test_exec_failure_resolving_the_release_starts_nothing() -> None:
     outcome, fleet = await upgrade(settings(2), Script(prepare_error=SpawnError("app: command not found")))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "exec-failed")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "exec-failed")
     assert outcome.reason == "exec failed: app: command not found"
     assert outcome.new_gen is None
     assert fleet.kinds() == ["rolled-back"]
@@ -134,7 +134,7 @@ async def test_exec_failure_resolving_the_release_starts_nothing() -> None:
 
 async def test_instance_exiting_before_it_is_ready_fails_its_batch_at_once() -> None:
     outcome, fleet = await upgrade(settings(2), Script(lives={(2, 1): Life(ready=3.0, dies=1.0, code=3)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "exited")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "exited")
     assert outcome.reason == "instance 1 exited with status 3 during readiness (1 of 2 ready, 2 needed)"
     assert 1.0 <= outcome.timings["rolled_back"] < 2.0  # not the 60 s ready timeout
     assert fleet.kinds() == ["rolled-back"]
@@ -148,18 +148,18 @@ async def test_ready_timeout_of_60s_takes_milliseconds() -> None:
     began = time.perf_counter()
     outcome, fleet = await upgrade(settings(1), Script(lives={(2, 0): NEVER}))
     real = time.perf_counter() - began
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "not-ready")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "not-ready")
     assert outcome.reason == "not ready after 60s: last probe HTTP 503"
     assert 60.0 <= outcome.timings["rolled_back"] < 61.0
     assert real < 1.0
-    assert fleet.states() == [SPAWNING, SPAWNING, WAITING_READY, ROLLING_BACK, IDLE]
+    assert fleet.states() == [Phase.SPAWNING, Phase.SPAWNING, Phase.WAITING_READY, Phase.ROLLING_BACK, Phase.IDLE]
     assert fleet.only("drain") == ["drain 2#0"]
     assert_capacity_kept(fleet)
 
 
 async def test_instance_dying_in_the_watch_window_is_a_casualty() -> None:
     outcome, fleet = await upgrade(settings(1), Script(lives={(2, 0): Life(dies=2.0)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "exited")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "exited")
     assert outcome.reason == "exited with status 1 in watch window"
     assert fleet.kinds() == ["watching", "rolled-back"]
     assert outcome.timings["rolled_back"] == pytest.approx(2.0)
@@ -174,7 +174,7 @@ async def test_instance_dying_after_ready_in_a_later_batch_fails_the_upgrade() -
     not the rollout, starts it again)."""
     script = Script(lives={(2, 0): Life(dies=2.0), (2, 1): NEVER})
     outcome, fleet = await upgrade(settings(2, "rolling", watch=0), script)
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "exited")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "exited")
     assert outcome.reason == "instance 0 exited with status 1 after becoming ready"
     assert fleet.kinds() == ["batch", "rolled-back"]
     assert fleet.only("drain", "clear", "restore") == ["drain 1#0", "clear 2#0", "drain 2#1"]
@@ -185,7 +185,7 @@ async def test_instance_dying_after_ready_in_a_later_batch_fails_the_upgrade() -
 async def test_instance_failing_health_checks_in_the_watch_window_rolls_back() -> None:
     """Checks go round the 3 instances: instance 1 fails every third one, and its 3 strikes need 9 checks."""
     outcome, fleet = await upgrade(settings(3, watch=10), Script(lives={(2, 1): Life(sick=1.0)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "unhealthy")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "unhealthy")
     assert outcome.reason == "unhealthy in watch window: instance 1: 3 consecutive failures (last: HTTP 500)"
     assert fleet.kinds() == ["watching", "rolled-back"]
     assert outcome.timings["rolled_back"] == pytest.approx(outcome.timings["ready"] + 8.0, abs=0.5)  # 3rd strike at 8 s
@@ -218,8 +218,8 @@ async def abort_in(fleet: FakeFleet, state: str, delay: float = 0.0) -> tuple[Ou
 
 async def test_operator_abort_in_the_watch_window_rolls_back() -> None:
     async with FakeFleet(settings(2), Script()) as fleet:
-        outcome, _ = await abort_in(fleet, WATCHING, delay=1.0)
-    assert (outcome.result, outcome.kind, outcome.reason) == (ROLLED_BACK, "operator", "rolled back by operator")
+        outcome, _ = await abort_in(fleet, Phase.WATCHING, delay=1.0)
+    assert (outcome.result, outcome.kind, outcome.reason) == (RolloutResult.ROLLED_BACK, "operator", "rolled back by operator")
     assert outcome.timings["rolled_back"] == pytest.approx(outcome.timings["ready"] + 1.0 + 0.1)  # + their drain
     assert fleet.kinds() == ["watching", "rolled-back"]
     assert fleet.only("drain") == ["drain 2#0", "drain 2#1"]
@@ -229,8 +229,8 @@ async def test_operator_abort_in_the_watch_window_rolls_back() -> None:
 
 async def test_operator_abort_during_a_batch_drain_waits_for_it_then_restores() -> None:
     async with FakeFleet(settings(2, "rolling"), Script(lives={(1, 0): Life(drain=3.0)})) as fleet:
-        outcome, _ = await abort_in(fleet, DRAINING)
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "operator")
+        outcome, _ = await abort_in(fleet, Phase.DRAINING)
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "operator")
     steps = fleet.actions
     assert steps.index("gone 1#0") < steps.index("restore 1 x1") < steps.index("ready 1#0") < steps.index("drain 2#0")
     assert outcome.timings["rolled_back"] > 3.0  # the shielded drain of 1#0 ran to its end first
@@ -241,7 +241,7 @@ async def test_operator_abort_during_a_batch_drain_waits_for_it_then_restores() 
 
 async def test_nothing_is_started_after_an_operator_abort() -> None:
     async with FakeFleet(settings(2, "rolling"), Script(lives={(1, 0): Life(drain=3.0)})) as fleet:
-        _, aborted = await abort_in(fleet, DRAINING)
+        _, aborted = await abort_in(fleet, Phase.DRAINING)
     assert [action for action in fleet.actions[aborted:] if action.startswith("spawn 2")] == []
 
 
@@ -250,17 +250,17 @@ async def test_nothing_is_started_after_an_operator_abort() -> None:
 
 async def test_refused_release_starts_nothing_unless_forced() -> None:
     outcome, fleet = await upgrade(settings(2), Script(refusal="release v2 is known bad"))
-    assert (outcome.result, outcome.kind, outcome.reason) == (REFUSED, "", "release v2 is known bad")
+    assert (outcome.result, outcome.kind, outcome.reason) == (RolloutResult.REFUSED, None, "release v2 is known bad")
     assert fleet.kinds() == ["upgrade-refused"]
-    assert fleet.states() == [SPAWNING, IDLE]
+    assert fleet.states() == [Phase.SPAWNING, Phase.IDLE]
     assert told(fleet) == ["discard"]  # listeners the plan bound for nothing
     forced, _ = await upgrade(settings(2), Script(refusal="release v2 is known bad"), force=True)
-    assert forced.result == PROMOTED
+    assert forced.result == RolloutResult.PROMOTED
 
 
 async def test_invalid_config_is_refused() -> None:
     outcome, fleet = await upgrade(settings(2), Script(prepare_error=UserError("invalid config: unknown probe kind")))
-    assert (outcome.result, outcome.reason) == (REFUSED, "invalid config: unknown probe kind")
+    assert (outcome.result, outcome.reason) == (RolloutResult.REFUSED, "invalid config: unknown probe kind")
     assert fleet.kinds() == ["upgrade-refused"]
     assert told(fleet) == []  # prepare bound nothing
 
@@ -268,7 +268,7 @@ async def test_invalid_config_is_refused() -> None:
 async def test_failing_pre_upgrade_hook_refuses_the_upgrade() -> None:
     script = Script(hooks={"pre-upgrade": "exited with status 1"})
     outcome, fleet = await upgrade(settings(2, hooks=Hooks(pre_upgrade="check")), script)
-    assert (outcome.result, outcome.reason) == (REFUSED, "pre-upgrade hook exited with status 1")
+    assert (outcome.result, outcome.reason) == (RolloutResult.REFUSED, "pre-upgrade hook exited with status 1")
     assert fleet.kinds() == ["hook", "upgrade-refused"]
     assert told(fleet) == ["discard"]
 
@@ -276,7 +276,7 @@ async def test_failing_pre_upgrade_hook_refuses_the_upgrade() -> None:
 async def test_hooks_are_told_both_generations_and_the_reason() -> None:
     hooks = Hooks(pre_upgrade="pre", post_upgrade="post", on_rollback="undo")
     promoted, fleet = await upgrade(settings(2, hooks=hooks))
-    assert promoted.result == PROMOTED
+    assert promoted.result == RolloutResult.PROMOTED
     calls = dict(fleet.commands.calls)
     assert list(calls) == ["pre-upgrade", "post-upgrade"]
     post = calls["post-upgrade"]
@@ -295,7 +295,7 @@ async def test_hooks_are_told_both_generations_and_the_reason() -> None:
 
 async def test_out_of_fds_while_preparing_refuses_the_upgrade() -> None:
     outcome, fleet = await upgrade(settings(2), Script(prepare_error=EMFILE))
-    assert outcome.result == REFUSED
+    assert outcome.result == RolloutResult.REFUSED
     assert outcome.reason == "the supervisor is out of file descriptors (Too many open files)"
     assert fleet.kinds() == ["upgrade-refused"]
 
@@ -303,7 +303,7 @@ async def test_out_of_fds_while_preparing_refuses_the_upgrade() -> None:
 async def test_out_of_fds_at_spawn_rolls_back_as_resources() -> None:
     error = OutOfFds("cannot create the notify socket for generation 2: Too many open files")
     outcome, fleet = await upgrade(settings(2), Script(lives={(2, 0): Life(spawn_error=error)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "resources")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "resources")
     assert outcome.reason == "cannot create the notify socket for generation 2: Too many open files"
     assert fleet.kinds() == ["rolled-back"]
     assert told(fleet) == ["spawn-failed 2#0", "retire 2", "discard"]
@@ -311,7 +311,7 @@ async def test_out_of_fds_at_spawn_rolls_back_as_resources() -> None:
 
 async def test_out_of_fds_in_a_probe_rolls_back_as_resources() -> None:
     outcome, fleet = await upgrade(settings(1), Script(lives={(2, 0): Life(probe_error=EMFILE)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "resources")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "resources")
     assert outcome.reason == "the supervisor ran out of file descriptors (Too many open files)"
     assert fleet.kinds() == ["rolled-back"]
     assert told(fleet) == ["spawn 2#0", "drain 2#0", "retire 2", "discard"]
@@ -320,7 +320,7 @@ async def test_out_of_fds_in_a_probe_rolls_back_as_resources() -> None:
 
 async def test_out_of_fds_in_a_cohort_probe_rolls_back_as_resources() -> None:
     outcome, _ = await upgrade(settings(2), Script(lives={(2, 0): Life(probe_error=EMFILE)}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "resources")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "resources")
 
 
 # -- rolling rollback, fallback, success percent -----------------------------------------------------------------
@@ -328,7 +328,7 @@ async def test_out_of_fds_in_a_cohort_probe_rolls_back_as_resources() -> None:
 
 async def test_rolling_rollback_restores_each_old_instance_before_draining_a_new_one() -> None:
     outcome, fleet = await upgrade(settings(3, "rolling"), Script(lives={(2, 2): NEVER}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "not-ready")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "not-ready")
     assert outcome.reason == "instance 2 not ready after 60s: last probe HTTP 503"
     assert fleet.kinds() == ["watching", "batch", "watching", "batch", "restoring", "restoring", "rolled-back"]
     steps = told(fleet)
@@ -343,7 +343,7 @@ async def test_rolling_rollback_restores_each_old_instance_before_draining_a_new
 async def test_rolling_rollback_puts_back_only_old_instances_that_served() -> None:
     """Old instance 1 was dead (not yet replaced): the first batch drains it first and it is not restored."""
     outcome, fleet = await upgrade(settings(3, "rolling"), Script(old_dead=(1,), lives={(2, 2): NEVER}))
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "not-ready")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "not-ready")
     assert fleet.kinds() == ["watching", "batch", "watching", "batch", "restoring", "rolled-back"]
     assert [event.fields["draining"] for event in fleet.log if event.kind == "batch"] == [[1], [0]]
     assert fleet.only("clear", "drain", "restore") == ["clear 1#1", "drain 1#0", "drain 2#2", "drain 2#0",
@@ -357,7 +357,7 @@ async def test_rolling_rollback_puts_back_only_old_instances_that_served() -> No
 async def test_rolling_falls_back_to_surge_when_the_old_release_changed_in_place() -> None:
     changed = "the files of generation 1 changed in place"
     outcome, fleet = await upgrade(settings(3, "rolling"), Script(changed=changed))
-    assert outcome.result == PROMOTED
+    assert outcome.result == RolloutResult.PROMOTED
     assert fleet.kinds() == ["strategy-fallback", "watching", "promoted"]
     assert fleet.event("strategy-fallback").fields["reason"] == changed
     assert told(fleet)[:4] == ["changed-in-place? 1", "spawn 2#0", "spawn 2#1", "spawn 2#2"]
@@ -370,7 +370,7 @@ async def test_batches_when_the_old_release_is_unchanged(strategy: str, asked: b
     async with FakeFleet(settings(3, strategy), Script()) as fleet:
         rollout = fleet.rollout()
         outcome = await rollout.run()
-    assert outcome.result == PROMOTED
+    assert outcome.result == RolloutResult.PROMOTED
     assert rollout.batches == ([1, 1, 1] if strategy == "rolling" else [3])
     assert fleet.kinds() == (["watching", "batch"] * 2 if strategy == "rolling" else []) + ["watching", "promoted"]
     assert ("changed-in-place? 1" in fleet.actions) is asked  # surge never needs to know
@@ -383,7 +383,7 @@ async def test_a_batch_with_enough_ready_instances_goes_on() -> None:
     async with FakeFleet(settings(4, "rolling", batch="2", success=50), script) as fleet:
         rollout = fleet.rollout()
         outcome = await rollout.run()
-    assert (outcome.result, outcome.kind) == (PROMOTED, "")
+    assert (outcome.result, outcome.kind) == (RolloutResult.PROMOTED, None)
     assert rollout.batches == [2, 2, 1]
     assert fleet.kinds() == ["watching", "batch"] * 2 + ["watching", "promoted"]
     assert [event.fields["draining"] for event in fleet.log if event.kind == "batch"] == [[0], [1, 2]]
@@ -395,7 +395,7 @@ async def test_a_batch_with_enough_ready_instances_goes_on() -> None:
 async def test_a_batch_with_too_few_ready_instances_rolls_back() -> None:
     script = Script(lives={(2, 1): NEVER})
     outcome, fleet = await upgrade(settings(4, "rolling", batch="2", success=60), script)
-    assert (outcome.result, outcome.kind) == (ROLLED_BACK, "not-ready")
+    assert (outcome.result, outcome.kind) == (RolloutResult.ROLLED_BACK, "not-ready")
     assert outcome.reason == "instance 1 not ready after 60s: last probe HTTP 503 (1 of 2 ready, 2 needed)"
     assert fleet.kinds() == ["rolled-back"]
     assert fleet.only("drain", "restore") == ["drain 2#1", "drain 2#0"]  # nothing old was replaced yet

@@ -25,7 +25,7 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 
 def snapshot_of(fleet: FakeFleet, taken_at: float) -> Snapshot:
-    supervisor = SupervisorView(1, "app-8080", "0", 0.0, 0.0, "idle", "/run/x/control.sock", None, 2, "surge", 0)
+    supervisor = SupervisorView(1, "app-8080", "0", 0.0, 0.0, "idle", False, "/run/x/control.sock", None, 2, "surge", 0)
     generations = tuple(of_generation(generation, generation is fleet.serving, measure=False)
                         for generation in fleet.generations)
     return Snapshot(taken_at, supervisor, (), generations, None, (), None, None, None, (), of_tally(Tally(), 0))
@@ -54,4 +54,5 @@ async def test_status_is_rendered_from_the_snapshot_alone() -> None:
     assert (generation["number"], generation["serving"], generation["ready_instances"]) == (1, True, 2)
     assert generation["age"] == pytest.approx(10, abs=0.01), "ages are taken_at minus the start"
     assert [(instance["index"], instance["ready"]) for instance in generation["instances"]] == [(0, True), (1, True)]
+    assert [instance["ready_after"] for instance in generation["instances"]] == [0.0, 0.0], "one clock for all times"
     assert shown["supervisor"]["ready_instances"] == 2 and shown["supervisor"]["release"] is not None

@@ -15,11 +15,12 @@ import asyncio
 import errno
 import os
 import resource
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import anyio
 
 _MIN_RESERVE = 24  # fds an upgrade may need at once beside what the supervisor holds anyway
 _ALWAYS_ADMITTED = 4  # connections let in even within the reserve, when none is idle (ctl status must answer)
@@ -57,7 +58,7 @@ class Admission:
         connection, which is closed; with none idle, the new one is closed itself, unless only a few are open.
         Returns how many were closed."""
         self._forget_closed()
-        self.opened[transport] = time.monotonic()
+        self.opened[transport] = anyio.current_time()
         limit = self.limit()
         if self.count(fd) < limit - fd_reserve(limit):
             return 0

@@ -13,7 +13,6 @@ import os
 import socket
 import stat
 import struct
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..errors import UserError
+from ..event_kinds import Kind
 from ..events import LEVELS, Event, Events
 from ..spawn import out_of_fds
 from ..units import parse_signal
@@ -159,9 +159,9 @@ class ControlServer:
     def _said(self, closed: int, why: str) -> None:
         """Say that connections were closed: at most once a second, with how many since it was last said."""
         self._unsaid += closed
-        now = time.monotonic()
+        now = anyio.current_time()
         if now - self._said_at >= 1.0:
-            self._port.events.emit("control-shed", f"closed {self._unsaid} idle control connection(s): {why}",
+            self._port.events.emit(Kind.CONTROL_SHED, f"closed {self._unsaid} idle control connection(s): {why}",
                                         level="warning", closed=self._unsaid, open=len(self.admission.opened))
             self._said_at, self._unsaid = now, 0
 
@@ -193,7 +193,7 @@ class ControlServer:
         async def guard(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
             uid = _peer_uid(request)
             if uid not in (os.getuid(), 0):
-                port.events.emit("control-refused", f"control request {request.method} {request.path} from uid "
+                port.events.emit(Kind.CONTROL_REFUSED, f"control request {request.method} {request.path} from uid "
                                        f"{uid} refused: only uid {os.getuid()} or root", level="warning", uid=uid)
                 return _error(403, "permission denied: the control socket is for the supervisor's own user or root")
             if (request.content_length or 0) > _MAX_BODY:  # no handler reads a body: reject it before anything runs
@@ -244,7 +244,7 @@ class ControlServer:
         if not text.isdigit():
             raise UserError(f"invalid count {text!r}: expected a whole number of instances")
         port = self._port
-        if port.snapshot(measure=False).supervisor.state == "stopping":
+        if port.snapshot(measure=False).supervisor.stopping:
             return _error(409, "not accepted: the supervisor is stopping")
         message = port.request_scale(int(text))
         if request.query.get("wait", "1") in ("0", "false", "no"):
@@ -271,7 +271,7 @@ class ControlServer:
             with _client_may_leave():
                 async for event in received:
                     await response.write(_line(event.as_dict()))
-                    if event.kind == "stopped":
+                    if event.kind == Kind.STOPPED:
                         break  # the last event there will be: end the stream properly, do not wait to be cut off
         return response
 
