@@ -34,7 +34,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator  # noqa: E402
+from supervisor.testing.loadgen import LoadGenerator  # noqa: E402
 
 HOST = "127.0.0.1"
 STRATEGIES = {"surge": [], "rolling": ["--strategy", "rolling", "--batch", "1"]}

@@ -23,13 +23,12 @@ from typing import Any
 
 import psutil
 
+from supervisor.testing.loadgen import LoadGenerator, LoadStats
+
 ROOT = Path(__file__).resolve().parent.parent
 STUB = str(ROOT / "tests" / "servers" / "stub.py")
 APP = str(ROOT / "examples" / "app.py")
 PYTHON = sys.executable
-
-sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
 
 
 def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
