@@ -55,6 +55,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from supervisor.testing.loadgen import KEEPALIVE_RESET, LoadGenerator, LoadStats  # noqa: E402
+from supervisor.testing.release import write_release  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address this benchmark ever targets
 PYTHON = sys.executable
@@ -723,12 +724,7 @@ class Release:
         return self.directory / "run"
 
     def deploy(self, *flags: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        staged = self.directory / ".run.new"
-        args = " ".join(f"'{flag}'" for flag in flags)
-        staged.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB} {args}\n")
-        staged.chmod(0o755)
-        os.replace(staged, self.script)
+        write_release(self.directory, STUB, *flags, python=PYTHON)
 
 
 ROLLBACK_CASES: list[tuple[str, list[str] | None, str]] = [

@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from supervisor.testing import release as testing_release
 from supervisor.testing.loadgen import LoadGenerator, LoadStats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,22 +33,8 @@ PYTHON = sys.executable
 
 
 def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
-    """Atomically (re)write `directory/run`, as a deploy tool would: a script that execs the stub with `flags`,
-    or with `only[i]` for SUPERVISE_INSTANCE=i."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = ["#!/bin/sh"]
-    for index, special in (only or {}).items():
-        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {_quoted(special)}')
-    lines.append(f"exec {PYTHON} {STUB} {_quoted(flags)}")
-    staged, script = directory / ".run.new", directory / "run"
-    staged.write_text("\n".join(lines) + "\n")
-    staged.chmod(0o755)
-    os.replace(staged, script)
-    return script
-
-
-def _quoted(items: list[str] | tuple[str, ...]) -> str:
-    return " ".join(f"'{item}'" for item in items)
+    """A release of the stub server in `directory` (supervisor.testing.release)."""
+    return testing_release.write_release(directory, Path(STUB), *flags, only=only)
 
 
 def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
