@@ -55,6 +55,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from supervisor.testing.loadgen import KEEPALIVE_RESET, LoadGenerator, LoadStats  # noqa: E402
+from supervisor.testing.ports import free_port  # noqa: E402
 from supervisor.testing.release import write_release  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address this benchmark ever targets
@@ -75,12 +76,6 @@ class BenchError(Exception):
 def child_env() -> dict[str, str]:
     """Our environment minus anything that would make a child think it is socket-activated or notified."""
     return {key: value for key, value in os.environ.items() if key not in STRIPPED_ENV}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:

@@ -25,6 +25,7 @@ import psutil
 
 from supervisor.testing import release as testing_release
 from supervisor.testing.loadgen import LoadGenerator, LoadStats
+from supervisor.testing.ports import free_port  # noqa: F401 - the tests take it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = str(ROOT / "tests" / "servers" / "stub.py")
@@ -47,13 +48,6 @@ def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
 def assert_lossless(stats: LoadStats) -> None:
     assert stats.requests > 50, stats.summary()
     assert stats.failures == 0, stats.summary()
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0, host: str = "127.0.0.1") -> tuple[int, str]:
