@@ -175,6 +175,7 @@ class Supervisor:
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
         while not (self.upgrade_pending or self.needs_repair):
+            self.desired.reached()
             await self.desired.changed()
 
     # -- operations -------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class Supervisor:
         settings = self.fleet.settings
         with anyio.move_on_after(settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0):
             while self.busy or self.needs_repair or self.upgrade_pending:  # an upgrade may be running too
-                await anyio.sleep(0.05)
+                await self.desired.next_reached()
 
     def send_signal(self, signum: signal.Signals) -> GenerationView | None:
         target = self.fleet.serving
