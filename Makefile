@@ -21,8 +21,12 @@ demo: $(STAMP)
 	$(BIN)/supervise --listen 127.0.0.1:$(PORT) --ready notify --watch 2s --pidfile $(VENV)/demo.pid \
 		-- $(BIN)/python examples/app.py
 
+# Two workers, each taking whole test files (their fixtures and servers stay together): most tests wait on real
+# processes, so two run in the time of one even on a 2-core machine. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider -q
+	$(BIN)/python -m pytest -p no:cacheprovider -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/upgrade_under_load.py --quick

@@ -34,16 +34,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator  # noqa: E402
+from supervisor.testing.loadgen import LoadGenerator  # noqa: E402
+from supervisor.testing.ports import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 STRATEGIES = {"surge": [], "rolling": ["--strategy", "rolling", "--batch", "1"]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def supervise_argv() -> list[str]:

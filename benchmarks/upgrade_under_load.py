@@ -18,7 +18,7 @@ One run measures, on 127.0.0.1 only, with the same app (examples/app.py) and the
    start again) and gunicorn's `kill -HUP` reload of benchmarks/wsgi_app.py (sync workers, gunicorn binds).
 5. When `wrk` is installed (and not --quick, unless --wrk on): an aggregate cross-check of 1 and 4 with wrk.
 
-Per-request figures come from benchmarks/loadgen.py, which records every request's start, latency and error
+Per-request figures come from supervisor/testing/loadgen.py, which records every request's start, latency and error
 kind: that is what lets samples be split into steady and upgrade windows and keep-alive resets be told apart.
 wrk reports only aggregates per run, so its section compares a steady run with a run spanning all K upgrades.
 Every process started here runs in its own session and is stopped by pid / process group in `finally`, also
@@ -54,7 +54,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import KEEPALIVE_RESET, LoadGenerator, LoadStats  # noqa: E402
+from supervisor.testing.loadgen import KEEPALIVE_RESET, LoadGenerator, LoadStats  # noqa: E402
+from supervisor.testing.ports import free_port  # noqa: E402
+from supervisor.testing.release import write_release  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address this benchmark ever targets
 PYTHON = sys.executable
@@ -74,12 +76,6 @@ class BenchError(Exception):
 def child_env() -> dict[str, str]:
     """Our environment minus anything that would make a child think it is socket-activated or notified."""
     return {key: value for key, value in os.environ.items() if key not in STRIPPED_ENV}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
@@ -229,7 +225,7 @@ class Proc:
 
 
 class Load:
-    """benchmarks/loadgen.py, keeping every request's error kind so failures can be counted per time window."""
+    """supervisor/testing/loadgen.py, keeping every request's error kind so failures can be counted per time window."""
 
     active: list[Load] = []
 
@@ -723,12 +719,7 @@ class Release:
         return self.directory / "run"
 
     def deploy(self, *flags: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        staged = self.directory / ".run.new"
-        args = " ".join(f"'{flag}'" for flag in flags)
-        staged.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB} {args}\n")
-        staged.chmod(0o755)
-        os.replace(staged, self.script)
+        write_release(self.directory, STUB, *flags, python=PYTHON)
 
 
 ROLLBACK_CASES: list[tuple[str, list[str] | None, str]] = [
@@ -1053,7 +1044,7 @@ def print_baseline_phases(runs: list[dict[str, Any]]) -> None:
 
 NOTES = """
 What is measured
-  * Load: benchmarks/loadgen.py, C closed-loop clients on 127.0.0.1, GET /; latency = connect (when a new
+  * Load: supervisor/testing/loadgen.py, C closed-loop clients on 127.0.0.1, GET /; latency = connect (when a new
     connection is opened) + request + whole response. "steady" = the S seconds before the first upgrade (after a
     warm-up); "upgrading" = requests *started* inside an upgrade window: signal → the old generation's `retired`
     event for supervise, SIGTERM → new process printed "serving on" for the naive restart, HUP → all new

@@ -20,6 +20,7 @@ class Desired:
     pending: list[Ticket] = field(default_factory=list)  # upgrades asked for and not started yet (coalesced)
     _changed: anyio.Event | None = None  # created by a waiter, set and dropped by a change: no wake-up is lost
     _requested: anyio.Event | None = None
+    _idle: anyio.Event | None = None
 
     def observed(self) -> None:
         """What runs changed: the loop looks again."""
@@ -29,6 +30,10 @@ class Desired:
         """An operator asked for something: the loop looks again, and a retry waiting out its backoff at once."""
         self.observed()
         self._requested = _fire(self._requested)
+
+    def reached(self) -> None:
+        """The loop has nothing left to do: what runs is what is desired (`ctl scale` waits for this)."""
+        self._idle = _fire(self._idle)
 
     def ask(self, ticket: Ticket) -> None:
         """An upgrade request. The first one pending wakes the loop (and cuts a backoff short); more are coalesced
@@ -47,6 +52,12 @@ class Desired:
         if self._changed is None:
             self._changed = anyio.Event()
         await self._changed.wait()
+
+    async def next_reached(self) -> None:
+        """Wait until the loop next has nothing left to do."""
+        if self._idle is None:
+            self._idle = anyio.Event()
+        await self._idle.wait()
 
     async def request_within(self, seconds: float) -> None:
         """Wait for the next request, at most `seconds`."""

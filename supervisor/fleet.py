@@ -222,12 +222,8 @@ class Fleet:
         return instance
 
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None:
-        """An instance proved ready: record it (when READY=1 arrived, if that proved it) and say so. In the serving
-        generation (a replacement, a restored or added instance) it serves at once."""
-        elapsed = instance.mark_ready(result.detail, probe.spec.kind == "notify")
-        generation.mark_ready()
-        if generation.state == InstanceState.SERVING:
-            instance.enter(InstanceState.SERVING)
+        """An instance proved ready: its generation records it (when READY=1 arrived, if that proved it); say so."""
+        elapsed = generation.instance_ready(instance, result.detail, probe.spec.kind == "notify")
         self.events.emit(Kind.READY, f"{self.label(instance)} ready after {elapsed:.3f}s ({result.detail})",
                          gen=generation.number, pids=instance.pids(), instance=instance.index, elapsed=round(elapsed, 6),
                          probe=result.detail)

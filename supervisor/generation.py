@@ -51,7 +51,16 @@ class Generation:
         if instance in self.instances:
             self.instances.remove(instance)
 
-    def mark_ready(self) -> None:
+    def instance_ready(self, instance: Instance, detail: str, by_notify: bool) -> float:
+        """One of its instances proved ready (see Instance.mark_ready; the seconds it took). In the serving
+        generation — a replacement, a restored or added instance — it serves at once."""
+        elapsed = instance.mark_ready(detail, by_notify)
+        self._mark_ready()
+        if self.state == InstanceState.SERVING:
+            instance.enter(InstanceState.SERVING)
+        return elapsed
+
+    def _mark_ready(self) -> None:
         """The generation's first instances are ready (a probe of the generation may now wait on that)."""
         if self.ready_at is None:
             self.ready_at = anyio.current_time()

@@ -1,8 +1,10 @@
 """The supervisor: turns signals and requests into operations on its fleet (fleet.py holds the listeners and
-generations; release_book.py what is known of releases; restart_budget.py how often an instance may fail).
+generations; release_book.py what is known of releases; restarts.py keeps the serving generation whole;
+rollout.py runs an upgrade) and serves the control port (port.py).
 
 Operations (the first start, upgrades, replacing dead instances, scaling) run one at a time in a single task,
-so the state machine is never entered twice. Signals, requests and exits only set flags and wake that task.
+so the state machine is never entered twice. Signals, requests and exits only change what is desired
+(desired.py) and wake that task, which reconciles what runs with it.
 """
 
 from __future__ import annotations
@@ -10,15 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
-from functools import partial
 
 import anyio
 
 from . import __version__
 from .cgroups import Cgroups
-from .concurrency import gather, leaves
+from .concurrency import leaves
 from .config import Settings
 from .containment import contain
 from .credentials import Credentials
@@ -27,23 +27,20 @@ from .errors import UserError
 from .event_kinds import Kind
 from .events import Events
 from .fleet import SWEEP_INTERVAL, Fleet
-from .generation import Generation
-from .instance import Instance
 from .libc import release_free_memory
 from .listeners import Listener
 from .liveness import Liveness
 from .notify import SystemdNotifier
 from .port import Service
 from .preview import Preview, preview
-from .readiness import start_cohort
 from .reaper import Reaper
 from .release import Release
 from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
-from .rollout import Outcome, Plan, Rollout
+from .restarts import Fatal, Restarts
+from .rollout import Outcome, Rollout
 from .schema import MAX_PROCESSES
 from .snapshot import GenerationView, Snapshot, SupervisorView, of_generation, of_listeners, of_rollout, of_tally
-from .spawn import SpawnError
 from .states import Phase, RolloutResult
 from .tally import Tally
 from .ticket import Ticket
@@ -51,10 +48,6 @@ from .triggers import ChangeTrigger
 from .workers import Worker
 
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-
-
-class Fatal(Exception):
-    """The supervisor cannot go on (the first generation cannot be executed, too many restarts)."""
 
 
 @dataclass(eq=False)
@@ -79,11 +72,11 @@ class Supervisor:
     desired: Desired = field(default_factory=Desired)
     tickets: list[Ticket] = field(default_factory=list)  # those the running rollout will answer
     busy: str | None = None  # the operation running now: upgrade, repair
-    budget: RestartBudget = field(default_factory=RestartBudget)
     started_at: float = field(init=False, default=0.0)  # on the event loop's clock, once it runs
     started_wall: float = field(default_factory=time.time)
     tally: Tally = field(default_factory=Tally)
     fleet: Fleet = field(init=False)
+    restarts: Restarts = field(init=False)
     workers: list[Worker] = field(init=False)
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
@@ -92,8 +85,11 @@ class Supervisor:
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
                       cgroups: Cgroups | None, runtime_dir: str) -> None:
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
-                           wake=self.desired.observed, refill=self._fill, credentials=credentials,
+                           wake=self.desired.observed, refill=lambda generation, indexes: self.restarts.fill(
+                               generation, indexes), credentials=credentials,
                            child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir)
+        self.restarts = Restarts(self.fleet, self.events, self.book, self.desired, RestartBudget(),
+                                 upgrade_first=lambda: self.upgrade_first)
         self.events.subscribe(self.tally.on_event)
         liveness = Liveness(self.fleet, self.events, quiet=lambda: not (self.busy or self.upgrade_pending),
                             wake=self.desired.observed,
@@ -144,13 +140,13 @@ class Supervisor:
     async def _operate(self) -> None:
         """Bring the first generation up, then serve operations one at a time until cancelled or fatal."""
         try:
-            await self._bring_up(self.fleet.release, first=True)
+            await self.restarts.bring_up(self.fleet.release, first=True)
             release_free_memory()
             while True:
                 await self._next_operation()
                 if self.needs_repair and not self.upgrade_first:
                     self.busy = "repair"
-                    await self._repair()
+                    await self.restarts.repair()
                 elif self.upgrade_pending:
                     self.busy = "upgrade"
                     await self._upgrade()
@@ -179,6 +175,7 @@ class Supervisor:
     async def _next_operation(self) -> None:
         """Wait until an upgrade is requested, an instance dies or the number of instances is changed."""
         while not (self.upgrade_pending or self.needs_repair):
+            self.desired.reached()
             await self.desired.changed()
 
     # -- operations -------------------------------------------------------------------------------------------
@@ -245,102 +242,6 @@ class Supervisor:
             self.book.forget()
         return outcome
 
-    async def _bring_up(self, release: Release, first: bool = False) -> Generation:
-        """Start a generation of `release` and wait until all its instances are ready (each retried with backoff);
-        it becomes the serving generation."""
-        fleet = self.fleet
-        await self.book.identify(release)  # before it starts: a deploy racing its start must not be taken for it
-        generation = fleet.create(Plan(fleet.settings, fleet.probe, release, tuple(fleet.listeners), self.fleet.processes))
-        await self._fill(generation, generation.free_indexes(self.fleet.processes), first=first)
-        fleet.promote(generation)
-        self.events.emit(Kind.SERVING, f"generation {generation.number} serving", gen=generation.number, pids=generation.pids())
-        return generation
-
-    async def _fill(self, generation: Generation, indexes: Sequence[int], first: bool = False,
-                    repair: bool = False) -> None:
-        """Start an instance at each index and wait until all are ready; those that fail are started again after
-        the backoff (--max-restarts counts each), as long as their index is still wanted. A `repair` gives up
-        its indexes to a pending upgrade while other instances serve: the upgrade replaces them all."""
-        pending = list(indexes)
-        while True:
-            pending = [index for index in pending if generation is not self.fleet.serving or index < self.fleet.processes]
-            if repair and pending and self.upgrade_first:
-                self.events.emit(Kind.REPAIR_DEFERRED, f"generation {generation.number}: not starting instance(s) "
-                                 f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
-                                 gen=generation.number, instances=pending)
-                return
-            if not pending:
-                return
-            fleet = self.fleet
-            try:
-                started = await start_cohort(fleet, generation, pending, fleet.probe, fleet.settings.ready_timeout,
-                                             fleet.settings.health_interval, strict=first)
-            except SpawnError as exc:  # the first generation cannot even be executed
-                raise Fatal(str(exc)) from None
-            pending = [index for index, _, _ in started.failed]
-            if started.failed:
-                await self._failed([(index, f"{fleet.label(instance)} {failure}" if instance else str(failure))
-                                    for index, instance, failure in started.failed])
-
-    async def _repair(self) -> None:
-        """Bring the serving generation back to N healthy instances: each dead or sick one replaced alone (after
-        the backoff; then it is drained, or what is left of its tree cleared away), missing ones started, extra ones
-        (after `ctl scale` down) drained."""
-        generation = self.fleet.serving
-        if generation is None:
-            await self._bring_up(self.fleet.release)
-            return
-        current = sorted(generation.current(), key=lambda instance: (not instance.alive, instance.index))
-        keep, extra = current[:self.fleet.processes], current[self.fleet.processes:]
-        missing = generation.free_indexes(self.fleet.processes - len(keep)) if len(keep) < self.fleet.processes else []
-        jobs = [partial(self._replace, generation, instance) for instance in keep if instance in generation.failing()]
-        if extra:
-            jobs.append(partial(self.fleet.retire_instances, generation, extra))
-        if missing:
-            jobs.append(partial(self._fill, generation, missing, repair=True))
-        await gather(*jobs)
-        ready = len(generation.ready())
-        self.events.emit(Kind.SERVING, f"generation {generation.number} serving"
-                         + (f" with {ready} instances" if ready != 1 or self.fleet.processes != 1 else ""),
-                         gen=generation.number, pids=generation.pids(), processes=ready)
-
-    async def _replace(self, generation: Generation, failing: Instance) -> None:
-        """A serving instance died or is sick: start its index again (the others keep serving), then drain it or
-        clear what is left of its tree."""
-        if failing.alive:
-            status = f"unhealthy ({failing.sick})"
-        else:
-            status = failing.exit_status.describe() if failing.exit_status else "gone"
-        await self._failed([(failing.index, f"{self.fleet.label(failing)} {status}")])
-        await self._fill(generation, [failing.index], repair=True)
-        await self.fleet.retire_instances(generation, [failing])
-
-    async def _failed(self, reasons: list[tuple[int, str]]) -> None:
-        """Count the failures (instance index, reason) and wait the longest backoff delay. Past --max-restarts in
-        the window: give up if nothing is serving any more (our own manager must act), else keep retrying at the
-        longest delay — exiting would take down the instances that still serve. A `ctl scale` or an upgrade request
-        cuts the wait short."""
-        delay = 0.0
-        for index, reason in reasons:
-            delay = max(delay, self._count_failure(index, reason))
-        await self.desired.request_within(delay)
-
-    def _count_failure(self, index: int, reason: str) -> float:
-        """Count one failure of instance `index` and say what happens next; the backoff delay, or Fatal."""
-        serving = len(self.fleet.serving.ready()) if self.fleet.serving else 0
-        window, most = self.fleet.settings.restart_window, self.fleet.settings.max_restarts
-        decision = self.budget.fail(index, most, window, serving)
-        if decision.give_up:
-            raise Fatal(f"giving up: {decision.count} failures within {window:g}s (last: {reason})")
-        if decision.crash_loop:
-            self.events.emit(Kind.RESTARTING, f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
-                             f"within {window:g}s is past --max-restarts {most}, but {serving} instance(s) keep "
-                             "serving", level="warning", delay=decision.delay, reason=reason, crash_loop=True)
-        else:
-            self.events.emit(Kind.RESTARTING, f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
-                             f"at most {most} within {window:g}s)", level="warning", delay=decision.delay, reason=reason)
-        return decision.delay
-
     # -- the control port (port.py) ---------------------------------------------------------------------------
 
     def snapshot(self, measure: bool = True) -> Snapshot:
@@ -366,7 +267,7 @@ class Supervisor:
         settings = self.fleet.settings
         with anyio.move_on_after(settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0):
             while self.busy or self.needs_repair or self.upgrade_pending:  # an upgrade may be running too
-                await anyio.sleep(0.05)
+                await self.desired.next_reached()
 
     def send_signal(self, signum: signal.Signals) -> GenerationView | None:
         target = self.fleet.serving

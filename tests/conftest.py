@@ -28,6 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(_remove_abandoned_cgroups)
 
 
+# The fast layer: logic on a virtual clock or on plain data, no process started. Every other module proves what
+# only real processes, sockets and signals can and is marked `real`: `pytest -m "not real"` runs this layer alone.
+FAST = {"test_dry_run", "test_event_kinds", "test_identity", "test_parsers", "test_readiness", "test_restart_budget",
+        "test_rollout_paths", "test_snapshot", "test_states"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] not in FAST:
+            item.add_marker(pytest.mark.real)
+
+
 def _remove_abandoned_cgroups() -> None:
     """Tests that SIGKILL a supervisor leave its (empty) cgroup directory for the next one of that name: remove
     those whose supervisor is gone and that hold no process, so the suite leaves nothing in the machine's cgroups."""

@@ -275,10 +275,7 @@ class FakeFleet:
         return instance
 
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Any) -> None:
-        instance.mark_ready(result.detail, by_notify=False)
-        generation.mark_ready()
-        if generation.state == InstanceState.SERVING:
-            instance.enter(InstanceState.SERVING)
+        generation.instance_ready(instance, result.detail, by_notify=False)
         self._changed(f"ready {generation.number}#{instance.index}")
 
     def promote(self, generation: Generation, plan: Plan | None = None) -> None:

@@ -23,32 +23,19 @@ from typing import Any
 
 import psutil
 
+from supervisor.testing import release as testing_release
+from supervisor.testing.loadgen import LoadGenerator, LoadStats
+from supervisor.testing.ports import free_port  # noqa: F401 - the tests take it from here
+
 ROOT = Path(__file__).resolve().parent.parent
 STUB = str(ROOT / "tests" / "servers" / "stub.py")
 APP = str(ROOT / "examples" / "app.py")
 PYTHON = sys.executable
 
-sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
-
 
 def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
-    """Atomically (re)write `directory/run`, as a deploy tool would: a script that execs the stub with `flags`,
-    or with `only[i]` for SUPERVISE_INSTANCE=i."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = ["#!/bin/sh"]
-    for index, special in (only or {}).items():
-        lines.append(f'[ "$SUPERVISE_INSTANCE" = "{index}" ] && exec {PYTHON} {STUB} {_quoted(special)}')
-    lines.append(f"exec {PYTHON} {STUB} {_quoted(flags)}")
-    staged, script = directory / ".run.new", directory / "run"
-    staged.write_text("\n".join(lines) + "\n")
-    staged.chmod(0o755)
-    os.replace(staged, script)
-    return script
-
-
-def _quoted(items: list[str] | tuple[str, ...]) -> str:
-    return " ".join(f"'{item}'" for item in items)
+    """A release of the stub server in `directory` (supervisor.testing.release)."""
+    return testing_release.write_release(directory, Path(STUB), *flags, only=only)
 
 
 def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
@@ -61,13 +48,6 @@ def start_load(port: int, concurrency: int = 4) -> LoadGenerator:
 def assert_lossless(stats: LoadStats) -> None:
     assert stats.requests > 50, stats.summary()
     assert stats.failures == 0, stats.summary()
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0, host: str = "127.0.0.1") -> tuple[int, str]:

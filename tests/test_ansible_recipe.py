@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from supervisor.testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAY = ROOT / "examples" / "ansible" / "upgrade.yml"
@@ -45,12 +46,6 @@ RELEASES = {  # version → flags of the stub server: what makes a release good 
     "v2": (),
     "v3": ("--exit-at-start", "3"),  # cannot even start: supervise rolls it back within a second
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int) -> str:

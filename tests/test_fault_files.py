@@ -392,6 +392,8 @@ def test_a_supervisor_in_another_pid_namespace_leaves_a_live_runtime_dir_alone(r
     verdict = first.upgrade()
     assert verdict["event"] == "promoted", verdict
     assert_lossless(load.stop())
+    os.killpg(second.pid, signal.SIGTERM)  # unshare --fork ignores SIGTERM itself: the supervisor in it gets it
+    assert second.process.wait(10) == 0
 
 
 # -- item 10: lost state is said, not silent ----------------------------------------------------------------------

@@ -398,7 +398,7 @@ def test_processes_from_the_config_file_apply_at_the_next_upgrade(service: Any, 
 
 @pytest.mark.timeout(60)
 def test_operator_rollback_in_the_middle_of_a_rolling_upgrade_restores_the_old_instances(service: Any) -> None:
-    svc = service("-n", "3", "--strategy", "rolling", "--watch", "1s", "--health-interval", "100ms",
+    svc = service("-n", "3", "--strategy", "rolling", "--watch", "2s", "--health-interval", "100ms",
                   "--drain-timeout", "5s")
     old = instances_of(svc.serving())
     svc.deploy("v2", "--tag", "v2")
@@ -414,11 +414,15 @@ def test_operator_rollback_in_the_middle_of_a_rolling_upgrade_restores_the_old_i
         stats = load.stop()
     assert result.returncode == 0, result.stdout + result.stderr
     verdict = svc.supervise.wait_for("rolled-back", after=mark)
-    assert verdict["reason"] == "rolled back by operator" and verdict["restored"] == 1, verdict
+    # A `ctl` process can take over a second to start on a loaded machine: the rollback may land in batch 2's
+    # window or just after it. Either way, what the batches drained is exactly what is put back.
+    drained = [index for event in svc.supervise.events[mark:] if event["event"] == "batch" for index in event["draining"]]
+    assert verdict["reason"] == "rolled back by operator" and verdict["restored"] == len(drained) >= 1, verdict
     assert_lossless(stats)
     generation = svc.serving()
     assert generation["number"] == 1 and generation["ready_instances"] == 3
-    assert {index: pid for index, pid in instances_of(generation).items() if index > 0} == {1: old[1], 2: old[2]}
+    kept = {index: pid for index, pid in instances_of(generation).items() if index not in drained}
+    assert kept == {index: pid for index, pid in old.items() if index not in drained} and len(kept) == 3 - len(drained)
     assert all(http_get(svc.port, "/")[1].split()[1] == "v1" for _ in range(10))
 
 

@@ -38,7 +38,7 @@ import pytest
 from harness import PYTHON, ROOT, Supervise, free_port
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator, LoadStats
+from supervisor.testing.loadgen import LoadGenerator, LoadStats
 
 SERVERS_DIR = ROOT / "examples" / "servers"
 AIOHTTP_APP = ROOT / "examples" / "app.py"

@@ -23,11 +23,9 @@ from typing import Any
 
 import pytest
 
+from supervisor.testing.loadgen import LoadGenerator, LoadStats
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # benchmarks/ is not a package on the default path
-
-from benchmarks.loadgen import LoadGenerator, LoadStats  # noqa: E402
-
 STUB = ROOT / "tests" / "servers" / "stub.py"
 APP = ROOT / "examples" / "app.py"
 SERVERS = {"stub": [sys.executable, str(STUB)], "app": [sys.executable, str(APP)]}

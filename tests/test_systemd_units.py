@@ -41,6 +41,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.testing.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 STUB = ROOT / "tests" / "servers" / "stub.py"
@@ -251,12 +253,6 @@ def test_the_socket_unit_names_what_the_service_adopts() -> None:
 
 
 # -- 3. lifecycle as systemd drives it -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int, path: str = "/") -> str:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from harness import PYTHON, ROOT, STUB, Supervise, free_port
+from harness import PYTHON, STUB, Supervise, free_port
 
-sys.path.insert(0, str(ROOT))
-from benchmarks.loadgen import LoadGenerator  # noqa: E402
+from supervisor.testing.loadgen import LoadGenerator
 
 
 @pytest.mark.timeout(40)

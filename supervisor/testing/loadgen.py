@@ -10,7 +10,7 @@ kernel reports it (refused, reset, closed early), not as a client library's retr
     stats = gen.stop()
     assert stats.failures == 0
 
-Script mode:  python benchmarks/loadgen.py --port 8080 --seconds 5 --concurrency 8 [--keepalive] [--json]
+Script mode:  python -m supervisor.testing.loadgen --port 8080 --seconds 5 --concurrency 8 [--keepalive] [--json]
 """
 
 from __future__ import annotations
