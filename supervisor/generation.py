@@ -56,7 +56,7 @@ class Generation:
         generation — a replacement, a restored or added instance — it serves at once."""
         elapsed = instance.mark_ready(detail, by_notify)
         self._mark_ready()
-        if self.state == InstanceState.SERVING:
+        if self.state == InstanceState.SERVING and instance.state == InstanceState.READY:  # not one told to drain
             instance.enter(InstanceState.SERVING)
         return elapsed
 

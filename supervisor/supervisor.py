@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import InitVar, dataclass, field
 
 import anyio
@@ -27,6 +28,7 @@ from .errors import UserError
 from .event_kinds import Kind
 from .events import Events
 from .fleet import SWEEP_INTERVAL, Fleet
+from .generation import Generation
 from .libc import release_free_memory
 from .listeners import Listener
 from .liveness import Liveness
@@ -84,9 +86,11 @@ class Supervisor:
     def __post_init__(self, settings: Settings, listeners: list[Listener], release: Release,
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
                       cgroups: Cgroups | None, runtime_dir: str) -> None:
+        def refill(generation: Generation, indexes: Sequence[int]) -> Awaitable[None]:
+            return self.restarts.fill(generation, indexes)  # the fleet is built before the restarts that need it
+
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
-                           wake=self.desired.observed, refill=lambda generation, indexes: self.restarts.fill(
-                               generation, indexes), credentials=credentials,
+                           wake=self.desired.observed, refill=refill, credentials=credentials,
                            child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir)
         self.restarts = Restarts(self.fleet, self.events, self.book, self.desired, RestartBudget(),
                                  upgrade_first=lambda: self.upgrade_first)
@@ -248,8 +252,7 @@ class Supervisor:
         fleet, rollout, book = self.fleet, self.rollout, self.book
         state = "stopping" if fleet.stopping else (rollout.state if rollout else Phase.IDLE)
         view = SupervisorView(os.getpid(), fleet.settings.name, __version__, self.started_at, self.started_wall, state,
-                              fleet.stopping,
-                              str(fleet.settings.control_path), self.busy, fleet.processes,
+                              fleet.stopping, str(fleet.settings.control_path), self.busy, fleet.processes,
                               fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped)
         return Snapshot(anyio.current_time(), view, of_listeners(fleet.listeners),
                         tuple(of_generation(generation, generation is fleet.serving, measure)

@@ -209,6 +209,7 @@ def test_the_play_parses() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.timeout(150)  # ansible-playbook (bounded at 120 s) takes over 60 s on a loaded 2-core machine
 def test_check_mode_is_a_preflight_that_changes_nothing(fleet: Fleet) -> None:
     result = fleet.play("v2", "--check")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -225,6 +226,7 @@ def test_check_mode_is_a_preflight_that_changes_nothing(fleet: Fleet) -> None:
     assert "cannot reach supervisor" in result.stdout
 
 
+@pytest.mark.timeout(150)  # ansible-playbook (bounded at 120 s) takes over 60 s on a loaded 2-core machine
 def test_a_good_release_rolls_out_to_every_host(fleet: Fleet) -> None:
     result = fleet.play("v2")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -241,6 +243,7 @@ def test_a_good_release_rolls_out_to_every_host(fleet: Fleet) -> None:
     assert [host.serving() for host in fleet.hosts] == ["v2 gen 2", "v2 gen 2"]
 
 
+@pytest.mark.timeout(150)  # ansible-playbook (bounded at 120 s) takes over 60 s on a loaded 2-core machine
 def test_a_bad_release_stops_at_the_canary(fleet: Fleet) -> None:
     result = fleet.play("v3")
     assert result.returncode == 2, result.stdout + result.stderr  # 2: a host failed
