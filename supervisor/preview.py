@@ -29,7 +29,6 @@ class Preview:
     known_bad: bool = False
     refusal: str | None = None  # it would be refused (known bad)
     surge: str | None = None  # why all instances would start at once although the strategy asks for batches
-    step: int = 1  # new instances per batch
     error: str | None = None
     exec_failed: bool = False  # `error` is the release's: it would be rolled back at once
 
@@ -51,9 +50,9 @@ async def preview(host: Host, old: Generation | None, number: int, held: Sequenc
             raise
         return replace(start, error=f"the supervisor is out of file descriptors ({exc.strerror})")
     identity = await host.identify(plan.release, fresh=True)
-    step, surge = await batch_step(host, old, plan.settings.strategy, plan.processes)
+    _, surge = await batch_step(host, old, plan.settings.strategy, plan.processes)
     closing = tuple((listener.name, listener.address) for listener in held
                     if listener.spec is not None and listener.spec not in plan.settings.listen)
     return replace(start, plan=plan, identity=identity, refusal=host.refusal(plan.release, identity, force),
-                   known_bad=host.refusal(plan.release, identity, False) is not None, surge=surge, step=step,
+                   known_bad=host.refusal(plan.release, identity, False) is not None, surge=surge,
                    closing=closing)
