@@ -32,10 +32,9 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from supervisor.testing.loadgen import LoadGenerator  # noqa: E402
-from supervisor.testing.ports import free_port  # noqa: E402
+from supervisor.testing.checkout import APP
+from supervisor.testing.net import free_port
+from supervisor.testing.loadgen import LoadGenerator
 
 HOST = "127.0.0.1"
 STRATEGIES = {"surge": [], "rolling": ["--strategy", "rolling", "--batch", "1"]}
@@ -105,7 +104,7 @@ def run_strategy(name: str, args: argparse.Namespace, workdir: Path) -> dict[str
     port, control = free_port(), workdir / f"{name}.sock"
     argv = [*supervise_argv(), "-l", f"{HOST}:{port}", "-n", str(args.processes), *STRATEGIES[name], "--ready", "notify",
             "--watch", args.watch, "--health-interval", "200ms", "--control", str(control), "--log-level", "warning",
-            "--", sys.executable, str(ROOT / "examples" / "app.py")]
+            "--", sys.executable, APP]
     log = workdir / f"{name}.log"
     with open(log, "wb") as output:  # the supervisor's and the app's stderr: shown only if something goes wrong
         supervisor = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=output,

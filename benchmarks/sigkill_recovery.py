@@ -15,25 +15,23 @@ a supervisor could not start.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from supervisor import cgroups  # noqa: E402
+from supervisor import cgroups
+from supervisor.testing.checkout import ROOT
+from supervisor.testing.net import free_port
+from supervisor.testing.proclog import ProcessLog
 
 PREFORK = str(ROOT / "examples" / "servers" / "prefork.py")
 
@@ -47,33 +45,16 @@ class Supervisor:
                 "--", sys.executable, PREFORK, "--workers", str(workers)]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, start_new_session=True)
-        self.events: list[dict[str, Any]] = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            line = raw.decode(errors="replace")
-            if '{"ts"' in line:
-                try:
-                    event = json.loads(line[line.index('{"ts"'):])
-                except ValueError:
-                    continue
-                with self.changed:
-                    self.events.append(event)
-                    self.changed.notify_all()
+        self.log = ProcessLog()
+        threading.Thread(target=self.log.follow, args=(self.process.stderr,), daemon=True).start()
 
     def wait_for(self, kind: str, timeout: float = 30.0, gen: int | None = None) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for event in self.events:
-                    if event["event"] == kind and (gen is None or event.get("gen") == gen):
-                        return event
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise SystemExit(2)
-                self.changed.wait(0.1)
+        """The first event of `kind` (of generation `gen`); exit status 2 when it does not come."""
+        index = self.log.first("events", lambda event: event["event"] == kind and (gen is None or event.get("gen") == gen),
+                               timeout=timeout)
+        if index is None:
+            raise SystemExit(2)
+        return self.log.events[index]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -83,12 +64,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def one_round(workers: int, directory: str) -> tuple[float, float, int]:

@@ -5,17 +5,14 @@ Every process a test starts is stopped by pid (or its own process group) in tear
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +21,14 @@ from typing import Any
 import psutil
 
 from supervisor.testing import release as testing_release
+from supervisor.testing.checkout import APP, PYTHON, ROOT, STUB
 from supervisor.testing.loadgen import LoadGenerator, LoadStats
-from supervisor.testing.ports import free_port  # noqa: F401 - the tests take it from here
+from supervisor.testing.net import free_port, http_get
+from supervisor.testing.proclog import ProcessLog
 
-ROOT = Path(__file__).resolve().parent.parent
-STUB = str(ROOT / "tests" / "servers" / "stub.py")
-APP = str(ROOT / "examples" / "app.py")
-PYTHON = sys.executable
+__all__ = ["APP", "PYTHON", "ROOT", "STUB", "Supervise", "assert_lossless", "free_port", "http_get", "pid_gone",
+           "start_load", "started", "supervise_command", "wait_port_free", "write_release"]
+VERDICTS = ("promoted", "rolled-back", "upgrade-refused")
 
 
 def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
@@ -50,16 +48,6 @@ def assert_lossless(stats: LoadStats) -> None:
     assert stats.failures == 0, stats.summary()
 
 
-def http_get(port: int, path: str = "/", timeout: float = 5.0, host: str = "127.0.0.1") -> tuple[int, str]:
-    """GET on a fresh connection; (status, body). HTTP errors are returned, not raised."""
-    url = f"http://{host}:{port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def supervise_command() -> list[str]:
     """The supervise entry point of the environment running the tests."""
     return [PYTHON, "-m", "supervisor"]
@@ -77,9 +65,7 @@ class Supervise:
     private_dir: str | None = None
     own_control: bool = True  # False: the control socket and state are left to --name in $XDG_RUNTIME_DIR/supervise
     process: subprocess.Popen[bytes] = field(init=False)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
-    _changed: threading.Condition = field(default_factory=threading.Condition)
+    log: ProcessLog = field(default_factory=ProcessLog)
     _reader: threading.Thread = field(init=False)
 
     def start(self) -> Supervise:
@@ -95,24 +81,17 @@ class Supervise:
         return self
 
     def _read(self) -> None:
+        """The reader thread: the supervisor's stderr into the log."""
         assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            self._take(raw)
-        with self._changed:
-            self._changed.notify_all()
+        self.log.follow(self.process.stderr)
 
-    def _take(self, raw: bytes) -> None:
-        """One line of the supervisor's stderr: kept, and parsed if it is one of our JSON events."""
-        line = raw.decode(errors="replace").rstrip("\n")
-        with self._changed:
-            self.lines.append(line)
-            try:  # a child's own output may precede our JSON on the same line (shared stderr)
-                event = json.loads(line[line.index('{"ts"'):]) if '{"ts"' in line else None
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and "event" in event:
-                self.events.append(event)
-            self._changed.notify_all()
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.log.events
+
+    @property
+    def lines(self) -> list[str]:
+        return self.log.lines
 
     @property
     def pid(self) -> int:
@@ -121,41 +100,38 @@ class Supervise:
     def wait_for(self, kind: str, timeout: float = 20.0, where: Callable[[dict[str, Any]], bool] | None = None,
                  after: int = 0) -> dict[str, Any]:
         """The first event of `kind` (optionally matching `where`) at index >= `after`; fails the test on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for event in self.events[after:]:
-                    if event["event"] == kind and (where is None or where(event)):
-                        return event
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no {kind!r} event within {timeout}s; log:\n" + "\n".join(self.lines[-40:]))
-                self._changed.wait(min(remaining, 0.2))
+        index = self.log.first("events", lambda event: event["event"] == kind and (where is None or where(event)),
+                               after, timeout)
+        if index is None:
+            raise AssertionError(f"no {kind!r} event within {timeout}s; log:\n" + self.log.tail())
+        return self.log.events[index]
+
+    def wait_line(self, match: Callable[[str], bool], timeout: float = 20.0, after: int = 0) -> str:
+        """The first stderr line at index >= `after` that `match`es; fails the test on timeout."""
+        index = self.log.first("lines", match, after, timeout)
+        if index is None:
+            raise AssertionError(f"no such line within {timeout}s; log:\n" + self.log.tail())
+        return self.log.lines[index]
 
     def mark(self) -> int:
         """Index to pass as `after=` so a wait only sees events from now on."""
-        with self._changed:
-            return len(self.events)
+        return self.log.marks()[1]
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        with self._changed:
-            return [event for event in self.events if event["event"] == kind]
+        with self.log.changed:
+            return [event for event in self.log.events if event["event"] == kind]
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
     def upgrade(self, timeout: float = 30.0) -> dict[str, Any]:
-        """SIGHUP and wait for the verdict: the `promoted` or `rolled-back` event."""
+        """SIGHUP and wait for the verdict: the `promoted`, `rolled-back` or `upgrade-refused` event."""
         mark = self.mark()
         self.signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.events[mark:]:
-                if event["event"] in ("promoted", "rolled-back", "upgrade-refused"):
-                    return event
-            if time.monotonic() > deadline:
-                raise AssertionError("upgrade gave no verdict; log:\n" + "\n".join(self.lines[-40:]))
-            time.sleep(0.02)
+        index = self.log.first("events", lambda event: event["event"] in VERDICTS, mark, timeout)
+        if index is None:
+            raise AssertionError("upgrade gave no verdict; log:\n" + self.log.tail())
+        return self.log.events[index]
 
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """`supervise ctl ARGS` against this supervisor's control socket."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.testing.ports import free_port
+from supervisor.testing.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAY = ROOT / "examples" / "ansible" / "upgrade.yml"

@@ -816,16 +816,10 @@ def test_event_loops_run_a_child_to_ready(supervise: Callable[..., Supervise], l
 def test_text_log_format_is_for_people(supervise: Callable[..., Supervise]) -> None:
     port = free_port()
     sup = supervise(["--log-format", "text", "-l", f"127.0.0.1:{port}", *FAST, "--", *stub()])  # last one wins
-    deadline = time.monotonic() + 10
-    while not any("gen 1" in line and "serving" in line for line in sup.lines):
-        assert time.monotonic() < deadline, "\n".join(sup.lines)
-        time.sleep(0.02)
+    sup.wait_line(lambda line: "gen 1" in line and "serving" in line, timeout=10)
     sup.signal(signal.SIGTERM)
     assert sup.wait_exit(10) == 0
-    deadline = time.monotonic() + 5
-    while not any(line.endswith("stopped") for line in sup.lines):  # the last line, read by the harness thread
-        assert time.monotonic() < deadline, "\n".join(sup.lines)
-        time.sleep(0.02)
+    sup.wait_line(lambda line: line.endswith("stopped"), timeout=5)  # the last line, read by the harness thread
     mine = [line for line in sup.lines if not line.startswith("stub:")]
     assert mine and not sup.events, "text format printed JSON events"
     assert any("gen 1" in line and "pid" in line for line in mine), "\n".join(mine)

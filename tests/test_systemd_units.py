@@ -41,7 +41,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.testing.ports import free_port
+from supervisor.testing.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"

@@ -12,28 +12,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from harness import Supervise, assert_lossless, free_port, http_get, pid_gone, start_load, write_release
+from supervisor.testing.release import Release
 
-
-@dataclass
-class Release:
-    """An executable script `run` in `directory` that starts the stub with the flags of this release."""
-
-    directory: Path
-
-    @property
-    def script(self) -> Path:
-        return self.directory / "run"
-
-    def deploy(self, *flags: str) -> None:
-        """Replace the script atomically, as a deploy tool would."""
-        write_release(self.directory, *flags)
+from harness import Supervise, assert_lossless, free_port, http_get, pid_gone, start_load
 
 
 @pytest.fixture

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Bounded HTTP/1.1 load generator for loopback targets (tests and benchmarks).
 
 Pure asyncio, no HTTP library: the zero-loss tests must see every connection-level failure exactly as the
@@ -43,11 +42,13 @@ class LoadStats:
     started: float = 0.0  # time.monotonic()
     stopped: float = 0.0  # time.monotonic()
     samples: list[tuple[float, float, bool]] = field(default_factory=list)  # (start, latency, ok)
+    kinds: list[str | None] = field(default_factory=list)  # parallel to `samples`: each one's error kind, or None
 
     def record(self, start: float, latency: float, error: str | None) -> None:
         """Count one finished request; `error` is None on success, else its kind."""
         self.requests += 1
         self.samples.append((start, latency, error is None))
+        self.kinds.append(error)
         if error is None:
             self.latencies.append(latency)
         else:

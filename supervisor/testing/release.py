@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from supervisor.testing.checkout import STUB
 
 
 def write_release(directory: Path, server: Path, *flags: str, only: dict[int, list[str]] | None = None,
@@ -25,3 +28,19 @@ def write_release(directory: Path, server: Path, *flags: str, only: dict[int, li
 
 def _quoted(items: list[str] | tuple[str, ...]) -> str:
     return " ".join(f"'{item}'" for item in items)
+
+
+@dataclass
+class Release:
+    """One release directory whose `run` script is rewritten for each deploy (of `server`, the stub by default)."""
+
+    directory: Path
+    server: Path = Path(STUB)
+
+    @property
+    def script(self) -> Path:
+        return self.directory / "run"
+
+    def deploy(self, *flags: str) -> None:
+        """Replace the script atomically with one that runs the server with `flags`, as a deploy tool would."""
+        write_release(self.directory, self.server, *flags)
