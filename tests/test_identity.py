@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
+import anyio
+
+from supervisor.events import Events
 from supervisor.history import History
 from supervisor.identity import Bounds, Identity, content_files, identify
 from supervisor.release import Release
+from supervisor.release_book import ReleaseBook
 
 
 def release(cwd: Path, *argv: str, version_file: str | None = None) -> Release:
@@ -98,3 +103,31 @@ def test_a_failure_is_pinned_only_on_a_release_that_can_be_told_apart(tmp_path: 
     history.last_known_bad = identity("serving").as_dict()
     history.good(identity("serving"))  # promoted: it is no longer known bad
     assert history.last_known_bad is None
+
+
+def test_the_event_loop_keeps_running_while_a_release_is_identified(tmp_path: Path) -> None:
+    """A release's files are hashed off the event loop: a 64 MiB executable (a Go binary, a bundled app) takes a
+    tenth of a second or more to hash, and the loop ticks all the while. Hashed on the loop, it would tick 0 times."""
+    executable = tmp_path / "server"
+    with open(executable, "wb") as handle:
+        handle.truncate(64 << 20)  # sparse: no disk is written, every byte still read and hashed
+    subject = Release((str(executable),), str(executable), str(tmp_path), str(tmp_path))
+    book = ReleaseBook(History(), Events(log_level="error", stream=io.StringIO()))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.001)
+            ticks += 1
+
+    async def identify_beside_ticks() -> Identity:
+        async with anyio.create_task_group() as group:
+            group.start_soon(tick)
+            identity = await book.identify(subject)
+            group.cancel_scope.cancel()
+        return identity
+
+    identity = anyio.run(identify_beside_ticks)
+    assert identity.known and identity == identify(subject)
+    assert ticks >= 5, f"the event loop ran {ticks} times while the release was hashed"
