@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
-import psutil
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from . import orphans
 from .cgroups import Cgroups
 from .commands import CommandRunner
 from .concurrency import gather
@@ -24,6 +24,7 @@ from .credentials import Credentials
 from .errors import UserError
 from .event_kinds import Kind
 from .events import Events
+from .exit_watch import ExitWatch
 from .generation import Generation
 from .identity import Identity
 from .instance import Instance, Launcher, notify_name
@@ -32,8 +33,7 @@ from .listener_guard import ListenerGuard
 from .listeners import Listener, ListenSpec, bind
 from .probe_spec import DEFAULT_PROBE, NO_LISTENER_PROBE
 from .probes import Probe, Result, build_probe
-from .proctree import children, descendants
-from .reaper import Reaper
+from .reaper import ExitStatus, Reaper
 from .release import Release, check_templates, next_release
 from .release_book import ReleaseBook
 from .rollout import Plan
@@ -42,6 +42,7 @@ from .states import InstanceState
 from .tally import Tally, TimedProbe
 
 SWEEP_INTERVAL = 1.0  # how often the fleet is swept (zombies, orphans, held sockets)
+_EXIT_GRACE = 1.0  # a retired generation's processes are gone: its last exits are only waiting to be reaped
 
 
 @dataclass(eq=False)
@@ -69,15 +70,16 @@ class Fleet:
     probe: Probe = field(init=False)
     commands: CommandRunner = field(init=False)
     guard: ListenerGuard = field(init=False)
-    _spawned: MemoryObjectSendStream[tuple[Generation, Instance]] = field(init=False)
-    _to_watch: MemoryObjectReceiveStream[tuple[Generation, Instance]] = field(init=False)
+    _watches: dict[Generation, ExitWatch] = field(default_factory=dict)  # each generation's, until it retires
+    _created: MemoryObjectSendStream[ExitWatch] = field(init=False)
+    _to_run: MemoryObjectReceiveStream[ExitWatch] = field(init=False)
     _lenient_logged: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd, self.child_fd_limit)
         self.probe = self.build_probe(self.settings, self.listeners)
         self.guard = ListenerGuard(self.events, self.all_listeners, lambda: [gen.number for gen in self.generations])
-        self._spawned, self._to_watch = anyio.create_memory_object_stream[tuple[Generation, Instance]](float("inf"))
+        self._created, self._to_run = anyio.create_memory_object_stream[ExitWatch](float("inf"))
 
     @property
     def processes(self) -> int:
@@ -110,16 +112,19 @@ class Fleet:
         return f"generation {instance.number}" + (f" instance {instance.index}" if several else "")
 
     async def run(self) -> None:
-        """For the supervisor's life: watch every spawned instance's exit (the watchers belong to the fleet) and
-        the held sockets' hangups."""
-        with self._spawned, self._to_watch:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
-                async for generation, instance in self._to_watch:
-                    group.start_soon(self._report_exit, generation, instance)
+        """For the supervisor's life: run each generation's exit watch (the fleet owns them on the generations'
+        behalf; retire() ends one) and watch the held sockets' hangups."""
+        with self._created, self._to_run:
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
+                    async for watch in self._to_run:
+                        group.start_soon(watch.run)
+            finally:
+                for watch in self._watches.values():
+                    watch.close()
 
-    async def _report_exit(self, generation: Generation, instance: Instance) -> None:
-        status = await instance.exit.wait()
+    def _report_exit(self, generation: Generation, instance: Instance, status: ExitStatus) -> None:
         expected = not generation.exited(instance, status) or self.stopping
         self.events.emit(Kind.EXITED, f"{self.label(instance)} {status.describe()}" + ("" if expected else " unexpectedly"),
                          level="info" if expected else "warning", gen=generation.number, pids=(instance.leader,),
@@ -208,6 +213,8 @@ class Fleet:
                             self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
         generation = Generation(number, plan.release, plan.listeners, launcher, identity=self.book.known(plan.release))
         self.generations.append(generation)
+        self._watches[generation] = watch = ExitWatch(generation, self._report_exit)
+        self._created.send_nowait(watch)
         return generation
 
     def spawn(self, generation: Generation, index: int) -> Instance:
@@ -218,7 +225,7 @@ class Fleet:
         self.events.emit(Kind.SPAWNED, f"{self.label(instance)} started: {release.describe()}", gen=generation.number,
                          pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
                          cwd=release.cwd, release=generation.identity.name if generation.identity else None)
-        self._spawned.send_nowait((generation, instance))
+        self._watches[generation].add(instance)
         return instance
 
     def announce_ready(self, generation: Generation, instance: Instance, result: Result, probe: Probe) -> None:
@@ -271,6 +278,7 @@ class Fleet:
             self.events.emit(Kind.DRAIN_TIMEOUT, f"generation {generation.number} still running after "
                              f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
                              level="warning", gen=generation.number, pids=sorted(killed))
+        await self._end_watch(generation)
         generation.close()
         if self.cgroups is not None:
             await self.cgroups.retire(generation.number)  # escaped grandchildren included
@@ -282,6 +290,15 @@ class Fleet:
         self.events.emit(Kind.RETIRED, f"generation {generation.number} gone after {elapsed:.3f}s", gen=generation.number,
                          elapsed=round(elapsed, 6), killed=sorted(killed))
         return killed
+
+    async def _end_watch(self, generation: Generation) -> None:
+        """A retired generation's exit watchers end: the exits of its processes, all gone, are reaped and
+        reported first."""
+        watch = self._watches.get(generation)
+        if watch is not None:
+            self.reaper.reap()
+            await watch.end(_EXIT_GRACE)
+            self._watches.pop(generation, None)
 
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None:
         """Drain some instances of a generation (the others keep serving), each killed after --drain-timeout."""
@@ -299,8 +316,9 @@ class Fleet:
                                  f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
                                  level="warning", gen=instance.number, instance=instance.index, pids=killed)
             generation.forget(instance)
-            self.events.emit(Kind.INSTANCE_RETIRED, f"{self.label(instance)} gone after {anyio.current_time() - began:.3f}s",
-                             gen=instance.number, instance=instance.index, elapsed=round(anyio.current_time() - began, 6))
+            elapsed = anyio.current_time() - began
+            self.events.emit(Kind.INSTANCE_RETIRED, f"{self.label(instance)} gone after {elapsed:.3f}s",
+                             gen=instance.number, instance=instance.index, elapsed=round(elapsed, 6))
 
         await gather(*(partial(retire_one, instance) for instance in instances))
 
@@ -342,52 +360,12 @@ class Fleet:
 
     def kill_descendants(self) -> None:
         """Last sweep at exit: every generation is gone, so any process still below us is a leftover."""
-        for process in descendants(psutil.Process()):
-            try:
-                process.kill()
-            except psutil.Error:
-                continue
-            self.events.emit(Kind.LEFTOVER_KILLED, f"killed pid {process.pid}: still running after every generation was stopped",
-                             level="warning", pids=(process.pid,))
+        orphans.kill_descendants(self.events)
         self.reaper.reap()
 
     def adopt_orphans(self) -> None:
-        """Processes re-parented to us (we are their subreaper) go back to the generation their environment names.
-
-        One whose generation is already finished must not outlive it: it is killed here.
-        """
-        known = set(self.reaper.children)
-        for generation in self.generations:
-            known.update(generation.members)
-        try:
-            ours = children(psutil.Process())
-        except OSError:  # out of fds: /proc cannot be read now; the next sweep looks again
-            return
-        for process in ours:
-            if process.pid in known:
-                continue
-            try:
-                environ = process.environ()
-            except psutil.Error:
-                continue
-            number, index = environ.get("SUPERVISE_GENERATION", ""), environ.get("SUPERVISE_INSTANCE", "0")
-            owner = next((instance for generation in self.generations if str(generation.number) == number
-                          for instance in sorted(generation.instances, key=lambda item: item.alive)
-                          if str(instance.index) == index), None)  # a dead instance's first: its orphans outlived it
-            if owner is not None:
-                owner.remember(process.pid)
-                owner.refresh()
-            elif number.isdigit() and int(number) < self.next_number:
-                self._kill_leftover(process, int(number))
-
-    def _kill_leftover(self, process: psutil.Process, number: int) -> None:
-        try:
-            for member in [*process.children(recursive=True), process]:
-                member.kill()
-        except psutil.Error:
-            return
-        self.events.emit(Kind.LEFTOVER_KILLED, f"killed pid {process.pid}: left over from finished generation {number}",
-                         level="warning", gen=number, pids=(process.pid,))
+        """Processes re-parented to us go back to their generation, or are killed if it is finished."""
+        orphans.adopt(self.generations, set(self.reaper.children), self.next_number, self.events)
 
     def _lenient_probe_used(self, number: int) -> None:
         if not self._lenient_logged:
