@@ -128,7 +128,7 @@ class _Assembler:
     lines: list[tuple[int, int | str, str | None, str | None]] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)
 
-    def emit(self, code: int, k: int | str = 0, jt: str | None = None, jf: str | None = None) -> None:
+    def op(self, code: int, k: int | str = 0, jt: str | None = None, jf: str | None = None) -> None:
         """One instruction; a label as `k` is an unconditional jump's target (`ja` keeps its offset in k)."""
         self.lines.append((code, k, jt, jf))
 
@@ -176,25 +176,25 @@ def weighted(shares: Sequence[int], probes: Mapping[int, int] | None = None) -> 
 
 def _probe_section(code: _Assembler, probes: Mapping[int, int]) -> None:
     """Load the client's source port into A, then return probes[port] if it is there; else go on to "shares"."""
-    code.emit(_LD | _B | _ABS, _SKF_NET_OFF)  # IP version nibble: a dual-stack IPv6 socket receives IPv4 too
-    code.emit(_ALU | _RSH, 4)
-    code.emit(_JMP | _JEQ, 4, jf="not-ipv4")
-    code.emit(_LDX | _B | _MSH, _SKF_NET_OFF)  # X = IPv4 header length (IHL * 4): it may carry options
-    code.emit(_LD | _H | _IND, _SKF_NET_OFF)  # A = source port, the first field of the TCP or UDP header
-    code.emit(_JMP | _JA, "ports")
+    code.op(_LD | _B | _ABS, _SKF_NET_OFF)  # IP version nibble: a dual-stack IPv6 socket receives IPv4 too
+    code.op(_ALU | _RSH, 4)
+    code.op(_JMP | _JEQ, 4, jf="not-ipv4")
+    code.op(_LDX | _B | _MSH, _SKF_NET_OFF)  # X = IPv4 header length (IHL * 4): it may carry options
+    code.op(_LD | _H | _IND, _SKF_NET_OFF)  # A = source port, the first field of the TCP or UDP header
+    code.op(_JMP | _JA, "ports")
     code.label("not-ipv4")
-    code.emit(_JMP | _JEQ, 6, jf="shares")
+    code.op(_JMP | _JEQ, 6, jf="shares")
     # An IPv6 header with extension headers puts the port elsewhere: reading offset 40 there could match a probe
     # port by chance and send a user's connection to a passive member, so such packets take the shares.
-    code.emit(_LD | _B | _ABS, _SKF_NET_OFF + 6)
-    code.emit(_JMP | _JEQ, _IPPROTO_TCP, jt="ipv6-port")
-    code.emit(_JMP | _JEQ, _IPPROTO_UDP, jf="shares")
+    code.op(_LD | _B | _ABS, _SKF_NET_OFF + 6)
+    code.op(_JMP | _JEQ, _IPPROTO_TCP, jt="ipv6-port")
+    code.op(_JMP | _JEQ, _IPPROTO_UDP, jf="shares")
     code.label("ipv6-port")
-    code.emit(_LD | _H | _ABS, _SKF_NET_OFF + _IPV6_HEADER)
+    code.op(_LD | _H | _ABS, _SKF_NET_OFF + _IPV6_HEADER)
     code.label("ports")
     for port, member in sorted(probes.items()):
-        code.emit(_JMP | _JEQ, port, jf=f"after-{port}")
-        code.emit(_RET, member)
+        code.op(_JMP | _JEQ, port, jf=f"after-{port}")
+        code.op(_RET, member)
         code.label(f"after-{port}")
 
 
@@ -203,18 +203,18 @@ def _share_section(code: _Assembler, shares: Sequence[int]) -> None:
     running sums of the shares (members with share 0 have no interval, so they are never returned)."""
     chosen = [(member, share) for member, share in enumerate(shares) if share > 0]
     if len(chosen) == 1:
-        code.emit(_RET, chosen[0][0])  # one member takes all: no random number needed
+        code.op(_RET, chosen[0][0])  # one member takes all: no random number needed
         return
     # The random u32 modulo the total is biased by at most total / 2**32: nothing for shares as small as these.
-    code.emit(_LD | _W | _ABS, _SKF_AD_RANDOM)
-    code.emit(_ALU | _MOD, sum(shares))
+    code.op(_LD | _W | _ABS, _SKF_AD_RANDOM)
+    code.op(_ALU | _MOD, sum(shares))
     bound = 0
     for member, share in chosen[:-1]:
         bound += share
-        code.emit(_JMP | _JGE, bound, jt=f"above-{member}")  # A >= bound: a later member's interval
-        code.emit(_RET, member)
+        code.op(_JMP | _JGE, bound, jt=f"above-{member}")  # A >= bound: a later member's interval
+        code.op(_RET, member)
         code.label(f"above-{member}")
-    code.emit(_RET, chosen[-1][0])
+    code.op(_RET, chosen[-1][0])
 
 
 Key = TypeVar("Key", bound=Hashable)
