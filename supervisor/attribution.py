@@ -3,8 +3,8 @@
 Old and new generations accept from one shared listening socket, so a probe's connection may be taken by
 either. We find the server side of our probe connection (same 4-tuple, reversed), wait until some process has
 accepted it (a queued connection has inode 0: no file, no owner yet), then look for that socket inode among the
-fds of the generation's processes. Lookup is one exact netlink sock_diag query — O(1) even with a hundred
-thousand TIME_WAIT sockets on a loaded host — with /proc/net/tcp{,6} as the fallback.
+fds of the generation's processes. Lookup is one exact netlink sock_diag query (sock_diag.py) — O(1) even with a
+hundred thousand TIME_WAIT sockets on a loaded host — with /proc/net/tcp{,6} as the fallback.
 """
 
 from __future__ import annotations
@@ -15,55 +15,29 @@ import socket
 import struct
 from collections.abc import Iterable
 
+from . import sock_diag
 from .proctree import proc_is_ours
-
-_NETLINK_INET_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
-_NLMSG_HEADER = struct.Struct("=IHHII")
-# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid
-_REQUEST = struct.Struct("=BBBBI")
-_SOCKID = struct.Struct("!HH16s16s")
-_SOCKID_TAIL = struct.Struct("=III")  # interface, cookie[2]
-_DIAG_MSG = struct.Struct("=BBBB")
-_MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
-_NO_COOKIE = 0xFFFFFFFF
-
-
-def _packed(family: int, address: str) -> bytes:
-    raw = socket.inet_pton(family, address)
-    return raw.ljust(16, b"\0")
 
 
 def _netlink_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """Inode of the established socket with this local/remote pair, via sock_diag; None if not found."""
-    request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-    request += _SOCKID.pack(local[1], remote[1], _packed(family, local[0]), _packed(family, remote[0]))
-    request += _SOCKID_TAIL.pack(0, _NO_COOKIE, _NO_COOKIE)
-    header = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_INET_DIAG) as nl:
-        nl.sendto(header + request, (0, 0))
-        reply = nl.recv(8192)
-    length, kind = _NLMSG_HEADER.unpack_from(reply)[:2]
-    if kind == _NLMSG_ERROR or length < _NLMSG_HEADER.size + _DIAG_MSG.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size:
-        return None
-    offset = _NLMSG_HEADER.size + _DIAG_MSG.size + _SOCKID.size + _SOCKID_TAIL.size
-    return _MSG_TAIL.unpack_from(reply, offset)[4]
+    """Inode of the socket with this local/remote pair, via sock_diag; None if not found (with the connection
+    gone, the kernel answers with the listening socket: see sock_diag.lookup)."""
+    found = sock_diag.lookup(family, socket.IPPROTO_TCP, local, remote)
+    return None if found is None else found.inode
 
 
 def _proc_hex(family: int, address: str) -> str:
     words = socket.inet_pton(family, address)
-    return "".join("%08X" % word for word in struct.unpack(f"={len(words) // 4}I", words))
+    return "".join(f"{word:08X}" for word in struct.unpack(f"={len(words) // 4}I", words))
 
 
 def _proc_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     """The same lookup by reading /proc/net/tcp or tcp6 (slower: the whole table is read)."""
     table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
     pattern = re.compile(
-        r"^\s*\d+: %s:%04X %s:%04X \S\S \S+ \S+ \S+ +\d+ +\d+ (\d+)"
-        % (_proc_hex(family, local[0]), local[1], _proc_hex(family, remote[0]), remote[1]),
-        re.M,
+        rf"^\s*\d+: {_proc_hex(family, local[0])}:{local[1]:04X} {_proc_hex(family, remote[0])}:{remote[1]:04X}"
+        r" \S\S \S+ \S+ \S+ +\d+ +\d+ (\d+)",
+        re.MULTILINE,
     )
     try:
         with open(table) as handle:
