@@ -17,7 +17,7 @@ from . import attribution
 from .instance import Instance
 from .listeners import Listener
 from .probe_spec import ProbeSpec
-from .probes import Result, Subject, Target, TcpProbe, Verdict
+from .probes import Result, Route, Subject, Target, TcpProbe, Verdict
 from .readiness import Failed, wait_all_ready
 from .states import FailureKind
 
@@ -41,12 +41,12 @@ class AcceptProbe:
         return await probe.check(subject)
 
 
-def accept_probe(listeners: Sequence[Listener], timeout: float) -> AcceptProbe | None:
-    """The probe proving acceptance on `listeners`; None when nothing can be proven (no TCP listener, or no way
-    to tell which process accepted a connection)."""
+def accept_probe(listeners: Sequence[Listener], timeout: float, route: Route | None = None) -> AcceptProbe | None:
+    """The probe proving acceptance on `listeners` (its connections steered by `route`, where they are); None when
+    nothing can be proven (no TCP listener, or no way to tell which process accepted a connection)."""
     if not attribution.available():
         return None
-    probes = [TcpProbe(_SPEC, Target(*listener.probe_address(), shared=True), timeout)
+    probes = [TcpProbe(_SPEC, Target(*listener.probe_address(), shared=True, route=route), timeout)
               for listener in listeners if listener.kind == "tcp" and listener.sock.fileno() != -1]
     return AcceptProbe(probes) if probes else None
 

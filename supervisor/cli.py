@@ -88,6 +88,14 @@ def _integer(key: str) -> Checked:
 @click.option("--drain-signal", default="TERM", show_default=True, metavar="SIGNAL", help="Signal that asks a generation to finish and exit.")
 @click.option("--drain-timeout", type=_duration("drain_timeout"), default="30s", show_default=True,
               help="How long a draining generation may take before its whole process tree is killed.")
+@click.option("--drain-delay", type=_duration("drain_delay"), default="1s", show_default=True,
+              help="A generation no longer given new connections is signalled only once its accept queue has been "
+                   "empty for this long: then nothing it accepted is left unread (steered cutover).")
+@click.option("--cutover", type=click.Choice(schema.choices("cutover")), default="steered", show_default=True,
+              help="steered: each generation gets its own socket on every TCP address and a reuseport BPF program "
+                   "decides which one gets new connections: a new generation gets none until it is proven ready, "
+                   "the old one is drained without a signal and can be undrained if the new one fails. shared: "
+                   "every generation accepts from one socket (unix sockets and systemd-passed ones always do).")
 @click.option("--max-restarts", type=_integer("max_restarts"), default=5, show_default=True,
               help="Restarts of a dying instance allowed within --restart-window (counted per instance); one more "
                    "failure exits non-zero when no instance is serving (else it retries every 30s).")

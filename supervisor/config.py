@@ -60,6 +60,8 @@ class Settings:
     health_threshold: int = 3
     drain_signal: signal.Signals = signal.SIGTERM
     drain_timeout: float = 30.0
+    drain_delay: float = 1.0
+    cutover: str = "steered"
     name: str = "supervise"
     control: Path | None = None
     state_dir: Path | None = None
@@ -97,9 +99,9 @@ class Settings:
 
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
 _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
-          "change_settle")
-_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "restart_window",
-              "change_settle")
+          "change_settle", "cutover")
+_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "drain_delay",
+              "restart_window", "change_settle")
 _COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
 _PATHS = ("control", "state_dir", "pidfile")
 _FILE_LIMIT = 1 << 20  # bytes: a config file is a page of settings, not a data set
@@ -180,6 +182,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         log_format=values.get("log_format") or "text",
         log_level=values.get("log_level") or "info",
         loop=values.get("loop") or "auto",
+        cutover=values.get("cutover") or "steered",
         strategy=build_strategy(values.get("strategy"), values.get("batch"), values.get("max_surge"),
                                 values.get("success_percent", 100)),
         sources=sources,

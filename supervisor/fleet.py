@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -30,7 +30,7 @@ from .identity import Identity
 from .instance import Instance, Launcher, notify_name
 from .leftovers import marker
 from .listener_guard import ListenerGuard
-from .listeners import Listener, ListenSpec, bind
+from .listeners import Listener, ListenSpec, bind, sibling
 from .probe_spec import DEFAULT_PROBE, NO_LISTENER_PROBE
 from .probes import Probe, Result, build_probe
 from .reaper import ExitStatus, Reaper
@@ -38,10 +38,12 @@ from .release import Release, check_templates, next_release
 from .release_book import ReleaseBook
 from .rollout import Plan
 from .spawn import SpawnError
-from .states import InstanceState
+from .states import InstanceState, TrafficState
 from .tally import Tally, TimedProbe
+from .traffic import Traffic
 
 SWEEP_INTERVAL = 1.0  # how often the fleet is swept (zombies, orphans, held sockets)
+_PASSIVE_GRACE = 1.0  # seconds a failed generation that never got a connection but probes may take to exit
 _EXIT_GRACE = 1.0  # a retired generation's processes are gone: its last exits are only waiting to be reaped
 
 
@@ -58,6 +60,7 @@ class Fleet:
     tally: Tally
     wake: Callable[[], None]
     refill: Callable[[Generation, Sequence[int]], Awaitable[None]]  # start indexes, retried as restarts are
+    traffic: Traffic  # which generation's socket gets new connections
     credentials: Credentials | None = None
     child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
     cgroups: Cgroups | None = None  # a cgroup per generation, where cgroup v2 can be used
@@ -78,7 +81,8 @@ class Fleet:
     def __post_init__(self) -> None:
         self.commands = CommandRunner(self.reaper, os.environ, self.release.cwd, self.child_fd_limit)
         self.probe = self.build_probe(self.settings, self.listeners)
-        self.guard = ListenerGuard(self.events, self.all_listeners, lambda: [gen.number for gen in self.generations])
+        self.guard = ListenerGuard(self.events, self.all_listeners, lambda: [gen.number for gen in self.generations],
+                                   self.traffic.rejoined)
         self._created, self._to_run = anyio.create_memory_object_stream[ExitWatch](float("inf"))
 
     @property
@@ -104,6 +108,7 @@ class Fleet:
             settings.probe_timeout,
             self.commands,
             self._lenient_probe_used,
+            self.traffic,
         ), self.tally)
 
     def label(self, instance: Instance) -> str:
@@ -156,7 +161,7 @@ class Fleet:
             except SpawnError:
                 self._close_unused(listeners)
                 raise
-        return Plan(settings, probe, release, listeners, self.scaled or settings.processes, unbound)
+        return Plan(settings, probe, release, listeners, self.scaled or settings.processes, unbound, self.traffic)
 
     def _listeners_for(self, settings: Settings, bind_new: bool) -> tuple[tuple[Listener, ...], tuple[ListenSpec, ...]]:
         """The listeners `settings` asks for: the ones we hold are reused, new ones bound now (or, not binding,
@@ -166,10 +171,12 @@ class Fleet:
         unbound: list[ListenSpec] = []
         try:
             for spec in settings.listen:
-                if spec in held:
-                    chosen.append(held[spec])
+                if spec in held:  # a steered one: the next generation's own socket on it
+                    steered = bind_new and self.traffic.steered(held[spec])
+                    chosen.append(sibling(held[spec]) if steered else held[spec])
                 elif bind_new:
-                    chosen.append(bind(spec, settings.backlog, settings.nodelay, settings.unix_mode))
+                    chosen.append(bind(spec, settings.backlog, settings.nodelay, settings.unix_mode,
+                                       self.traffic.steerable(spec, adopted=False)))
                 else:
                     unbound.append(spec)
         except UserError:
@@ -195,10 +202,11 @@ class Fleet:
         for generation in self.generations:
             in_use.update(generation.listeners)
         for listener in candidates:
-            if listener not in in_use and listener.sock.fileno() != -1:
-                self.events.emit(Kind.LISTENER_CLOSED, f"closed listener {listener.name} ({listener.address}): no "
-                                 "generation uses it any more", name=listener.name, address=listener.address)
-                listener.close()
+            if listener in in_use or listener.sock.fileno() == -1 or self.traffic.leave(listener):
+                continue  # (a generation's own socket of a steered listener: it left the listener's group)
+            self.events.emit(Kind.LISTENER_CLOSED, f"closed listener {listener.name} ({listener.address}): no "
+                             "generation uses it any more", name=listener.name, address=listener.address)
+            listener.close()
 
     async def identify(self, release: Release, fresh: bool = False) -> Identity:
         return await self.book.identify(release, fresh)
@@ -213,6 +221,9 @@ class Fleet:
                             self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
         generation = Generation(number, plan.release, plan.listeners, launcher, identity=self.book.known(plan.release))
         self.generations.append(generation)
+        active = any(self.traffic.states.get(other.number) == TrafficState.ACTIVE for other in self.generations)
+        self.traffic.join(number, plan.listeners, plan.settings.backlog,
+                          TrafficState.PASSIVE if active else TrafficState.ACTIVE)
         self._watches[generation] = watch = ExitWatch(generation, self._report_exit)
         self._created.send_nowait(watch)
         return generation
@@ -239,6 +250,15 @@ class Fleet:
         """Start `count` more instances of an old generation (a rollback putting back what a batch replaced)."""
         await self.refill(generation, generation.free_indexes(count))
 
+    def steer(self, states: Mapping[Generation, TrafficState]) -> None:
+        """Which new connections each generation gets from now on, all changed at once (traffic.py); an active
+        one in proportion to its ready instances."""
+        self.traffic.set({generation.number: (state, len(generation.ready())) for generation, state in states.items()})
+
+    def was_active(self, generation: Generation) -> bool:
+        """Whether `generation` was ever given new connections (a passive one only ever got probes)."""
+        return self.traffic.ever_active(generation.number)
+
     def promote(self, generation: Generation, plan: Plan | None = None) -> None:
         """Make `generation` the one that serves (signals are forwarded to it, it is replaced if it dies); the
         settings it was deployed with become the supervisor's."""
@@ -261,22 +281,33 @@ class Fleet:
                 f"since it started (identity {generation.identity.name} → {now.name})")
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
-        """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it."""
+        """Stop every instance of a generation: drain (signal, wait, kill the rest) or kill at once; then forget it.
+
+        A generation whose new connections go elsewhere (steered) is signalled only once its accept queue has
+        been empty for --drain-delay; one that was never given any (it failed while passive) gets a short grace."""
         began = anyio.current_time()
+        timeout = self.settings.drain_timeout
+        if graceful and not self.stopping and self.traffic.elsewhere(generation.number):
+            if not self.traffic.ever_active(generation.number) and self.traffic.exclusive(generation.listeners):
+                timeout = min(timeout, _PASSIVE_GRACE)
+            elif not await self.traffic.quiet(generation.number, self.settings.drain_delay, timeout):
+                self.events.emit(Kind.DRAIN_UNQUIET, f"generation {generation.number} still got connections "
+                                 f"{timeout:g}s after it stopped being given new ones; draining it anyway",
+                                 level="warning", gen=generation.number)
         self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.running():
             self.events.emit(Kind.DRAINING, f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
-                             f"to {self.settings.drain_timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
+                             f"to {timeout:g}s)", gen=generation.number, pids=generation.pids(fresh=True))
         killed: list[int] = []
 
         async def stop(instance: Instance) -> None:
-            killed.extend(await self._stop(instance, graceful))
+            killed.extend(await self._stop(instance, graceful, timeout))
 
         await gather(*(partial(stop, instance) for instance in list(generation.instances)))
         elapsed = anyio.current_time() - began
         if killed and graceful:
             self.events.emit(Kind.DRAIN_TIMEOUT, f"generation {generation.number} still running after "
-                             f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
+                             f"{timeout:g}s: killed pids {', '.join(map(str, sorted(killed)))}",
                              level="warning", gen=generation.number, pids=sorted(killed))
         await self._end_watch(generation)
         generation.close()
@@ -310,7 +341,7 @@ class Fleet:
                 self.events.emit(Kind.DRAINING, f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
                                  f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
                                  pids=instance.pids(fresh=True))
-            killed = await self._stop(instance, graceful=True)
+            killed = await self._stop(instance, True, self.settings.drain_timeout)
             if killed:
                 self.events.emit(Kind.DRAIN_TIMEOUT, f"{self.label(instance)} still running after "
                                  f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
@@ -322,10 +353,10 @@ class Fleet:
 
         await gather(*(partial(retire_one, instance) for instance in instances))
 
-    async def _stop(self, instance: Instance, graceful: bool) -> list[int]:
-        """Drain one instance's tree, or kill it now; the pids that had to be killed."""
+    async def _stop(self, instance: Instance, graceful: bool, timeout: float) -> list[int]:
+        """Drain one instance's tree (killed after `timeout`), or kill it now; the pids that had to be killed."""
         if graceful and instance.running():
-            return await instance.drain(self.settings.drain_signal, self.settings.drain_timeout)
+            return await instance.drain(self.settings.drain_signal, timeout)
         instance.enter(InstanceState.DRAINING)
         killed = instance.kill()
         await instance.wait_gone(5.0)

@@ -69,6 +69,7 @@ class ListenerGuard:
     events: Events
     held: Callable[[], Iterable[Listener]]
     alive: Callable[[], Iterable[int]]
+    revived: Callable[[Listener], None] = lambda listener: None  # it listens again: it rejoined its reuseport group
     baselines: dict[Listener, Baseline] = field(default_factory=dict)
     lost: set[Listener] = field(default_factory=set)  # could not listen again: said once, retried quietly
 
@@ -118,6 +119,7 @@ class ListenerGuard:
                                  address=listener.address, reason=reason, generations=gens)
             return False
         self.lost.discard(listener)
+        self.revived(listener)
         self.events.emit(Kind.LISTENER_REVIVED, f"listener {listener.name} ({listener.address}) revived: {reason}; "
                          f"listening again with backlog {backlog} (generations alive: {', '.join(map(str, gens))})",
                          level=level, name=listener.name, address=listener.address, reason=reason,

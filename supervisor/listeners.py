@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import StartupError, UserError
@@ -154,7 +155,7 @@ def _resolve(spec: ListenSpec) -> tuple[socket.AddressFamily, tuple]:
     return family, address
 
 
-def _bind_inet(spec: ListenSpec, backlog: int, nodelay: bool) -> socket.socket:
+def _bind_inet(spec: ListenSpec, backlog: int, nodelay: bool, reuseport: bool) -> socket.socket:
     family, address = _resolve(spec)
     kind = socket.SOCK_DGRAM if spec.kind == "udp" else socket.SOCK_STREAM
     sock = socket.socket(family, kind)
@@ -166,12 +167,37 @@ def _bind_inet(spec: ListenSpec, backlog: int, nodelay: bool) -> socket.socket:
             # Accepted sockets inherit TCP_NODELAY from the listener; servers handed a bare fd never set it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
+        if reuseport:
+            # Set only after the bind, which is the "port in use" check: with SO_REUSEPORT before it, a second
+            # supervise (or any server of the same user that sets it) would silently share the port with us.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if kind == socket.SOCK_STREAM:
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise StartupError(_describe_bind_error(spec, exc)) from None
     return sock
+
+
+def sibling(listener: Listener) -> Listener:
+    """Another socket on a steered listener's address, bound but not yet listening: the next generation's own,
+    which joins the listener's SO_REUSEPORT group when it listens (traffic.py)."""
+    held = listener.sock
+    sock = socket.socket(held.family, held.type)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if held.family == socket.AF_INET6:
+            v6only = held.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        nodelay = held.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+        sock.bind(held.getsockname())
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot open another socket on {listener.address} for the next generation: "
+                           f"{exc.strerror or exc}") from None
+    return Listener(listener.name, listener.kind, sock, listener.spec)
 
 
 def _unix_path(spec: ListenSpec) -> str:
@@ -220,12 +246,12 @@ def _bind_unix(spec: ListenSpec, backlog: int, mode: int | None) -> tuple[socket
         raise StartupError(_describe_bind_error(spec, exc)) from None
 
 
-def bind(spec: ListenSpec, backlog: int, nodelay: bool, unix_mode: int | None) -> Listener:
-    """Bind one listener as its spec says."""
+def bind(spec: ListenSpec, backlog: int, nodelay: bool, unix_mode: int | None, reuseport: bool = False) -> Listener:
+    """Bind one listener as its spec says; `reuseport`: it is steered (each generation gets a sibling)."""
     if spec.kind == "unix":
         sock, inode = _bind_unix(spec, backlog, unix_mode)
         return Listener(spec.name, "unix", sock, spec, unix_inode=inode)
-    return Listener(spec.name, spec.kind, _bind_inet(spec, backlog, nodelay), spec)
+    return Listener(spec.name, spec.kind, _bind_inet(spec, backlog, nodelay, reuseport), spec)
 
 
 def inherited_from_systemd(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, socket.socket]]:
@@ -263,7 +289,8 @@ def _same_address(spec: ListenSpec, sock: socket.socket) -> bool:
 
 
 def open_listeners(
-    specs: tuple[ListenSpec, ...], backlog: int, nodelay: bool, unix_mode: int | None, inherited: list[tuple[str, socket.socket]]
+    specs: tuple[ListenSpec, ...], backlog: int, nodelay: bool, unix_mode: int | None, inherited: list[tuple[str, socket.socket]],
+    steered: Callable[[ListenSpec], bool] = lambda spec: False,
 ) -> list[Listener]:
     """Adopt what systemd passed (matched by name, then by address) and bind the rest, in --listen order.
 
@@ -279,7 +306,7 @@ def open_listeners(
                 pool.remove(match)
                 opened.append(Listener(spec.name, _kind_of(match[1]), match[1], spec, adopted=True))
             else:
-                opened.append(bind(spec, backlog, nodelay, unix_mode))
+                opened.append(bind(spec, backlog, nodelay, unix_mode, steered(spec)))
         opened.extend(Listener(name, _kind_of(sock), sock, None, adopted=True) for name, sock in pool)
     except BaseException:
         for listener in opened:

@@ -2,7 +2,8 @@
 
 A verdict must be about the generation under test. The http and tcp probes therefore only count a connection
 that a process of that generation accepted (see attribution.py); one taken by the old generation through the
-shared socket is INCONCLUSIVE, never READY.
+shared socket is INCONCLUSIVE, never READY. Where connections are steered (traffic.py), a probe's connection is
+sent to the socket of the generation under test by its source port, and the attribution only confirms it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import enum
 import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -81,13 +83,21 @@ class Probe(Protocol):
     async def check(self, subject: Subject) -> Result: ...
 
 
+class Route(Protocol):
+    """Steers a probe's connection to the socket of the generation under test (traffic.py)."""
+
+    def probe_port(self, sock: socket.socket, host: str, port: int, number: int) -> AbstractContextManager[None]: ...
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where a network probe connects, and whether that address is one of our shared listeners."""
+    """Where a network probe connects, whether that address is one of our listeners (which any generation may
+    answer), and how its connections are steered to the generation under test, if they can be."""
 
     host: str
     port: int
     shared: bool
+    route: Route | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -110,7 +120,8 @@ async def _connect(target: Target, subject: Subject, timeout: float) -> Accepted
     family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        outcome = await _accepted_by(sock, target, subject, timeout)
+        with target.route.probe_port(sock, target.host, target.port, subject.number) if target.route else nullcontext():
+            outcome = await _accepted_by(sock, target, subject, timeout)
     except BaseException:
         sock.close()
         raise
@@ -284,6 +295,7 @@ def build_probe(
     timeout: float,
     run: CommandRunner,
     on_lenient: Callable[[int], None] | None = None,
+    route: Route | None = None,
 ) -> Probe:
     """A probe object for `spec`. `default_target` is the first TCP listener (as a local probe reaches it)."""
     if spec.kind in ("http", "tcp"):
@@ -294,7 +306,8 @@ def build_probe(
             port = spec.port or default_target[1]
         else:
             host, port = spec.host, spec.port
-        target = Target(_numeric_host(host), port, shared=port in shared_ports)
+        shared = port in shared_ports
+        target = Target(_numeric_host(host), port, shared, route if shared else None)
         if spec.kind == "http":
             return HttpProbe(spec, target, timeout, on_lenient)
         return TcpProbe(spec, target, timeout)

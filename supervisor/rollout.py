@@ -10,7 +10,7 @@ serving as if nothing had happened.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,11 +28,11 @@ from .health import watch
 from .identity import Identity
 from .instance import Instance
 from .listeners import Listener, ListenSpec
-from .probes import Probe, Result
+from .probes import Probe, Result, Route
 from .readiness import Failed, start_cohort
 from .release import Release
 from .spawn import SpawnError, out_of_fds
-from .states import FailureKind, Phase, RolloutResult
+from .states import FailureKind, Phase, RolloutResult, TrafficState
 from .strategy import Strategy, drain_count
 
 
@@ -49,6 +49,7 @@ class Plan:
     listeners: tuple[Listener, ...]
     processes: int = 1
     unbound: tuple[ListenSpec, ...] = ()  # listeners a dry run would bind (a real upgrade has bound them)
+    route: Route | None = None  # how a probe reaches the generation under test (traffic.py), where it can
 
 
 class Host(Protocol):
@@ -70,6 +71,8 @@ class Host(Protocol):
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
     async def restore(self, generation: Generation, count: int) -> None: ...
+    def steer(self, states: Mapping[Generation, TrafficState]) -> None: ...
+    def was_active(self, generation: Generation) -> bool: ...
 
 
 @dataclass
@@ -249,15 +252,26 @@ class Rollout:
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
             raise Failed(first.reason + counts, first.kind)
         self._mark("ready")
+        self._admit(final=len(new.ready()) >= plan.processes)
         if settings.watch > 0:
             self._enter(Phase.WATCHING)
             beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
             self.host.events.emit(Kind.WATCHING, f"watching generation {new.number} for {settings.watch:g}s{beside}",
                                   gen=new.number, instances=[instance.index for instance in ready])
-            proof = Proof(accept_probe(plan.listeners, settings.probe_timeout), ready, settings.probe_timeout,
+            proof = Proof(accept_probe(plan.listeners, settings.probe_timeout, plan.route), ready, settings.probe_timeout,
                           plan.processes > 1)
             await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold, proof)
         return ready
+
+    def _admit(self, final: bool) -> None:
+        """A batch is proven ready: new connections go to it, beside the old generation's instances in proportion
+        until the last batch; then the old generation is drained — given none, but running and warm, so a failure
+        in the watch window can give them back to it at once. (Where nothing is steered, this changes nothing.)"""
+        assert self.new is not None
+        states = {self.new: TrafficState.ACTIVE}
+        if self.old is not None:
+            states[self.old] = TrafficState.DRAINED if final else TrafficState.ACTIVE
+        self.host.steer(states)
 
     async def _replace_old(self, ready: list[Instance]) -> None:
         """A batch is in: drain as many old instances as became ready — but only those above N: when the old
@@ -276,6 +290,7 @@ class Rollout:
             self._enter(Phase.DRAINING)
             with anyio.CancelScope(shield=True):  # an abort waits for the drain: the instance is already told to stop
                 await self.host.retire_instances(self.old, victims)
+            self.host.steer({self.old: TrafficState.ACTIVE})  # its share: what it has left
             await anyio.sleep(0)  # a checkpoint: an abort that came during the drain lands here, before a next batch
 
     async def _promote_and_drain(self) -> Outcome:
@@ -305,6 +320,7 @@ class Rollout:
         new_number = self.new.number if self.new else None
         old_number = self.old.number if self.old else None
         if self.new is not None:
+            self._undrain()
             await self._restore_old()
         if self.plan is not None:
             self.host.discard(self.plan)
@@ -316,6 +332,13 @@ class Rollout:
         await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason))
         self._enter(Phase.IDLE)
         return self._outcome(RolloutResult.ROLLED_BACK, reason, kind)
+
+    def _undrain(self) -> None:
+        """New connections go back to the old generation at once — its processes unchanged, nothing restarted —
+        and the new one gets none from here on (it finishes what it has while it drains)."""
+        assert self.new is not None
+        if self.old is not None and self.host.was_active(self.new):
+            self.host.steer({self.old: TrafficState.ACTIVE, self.new: TrafficState.DRAINED})
 
     async def _restore_old(self) -> None:
         """Put back every old instance a batch replaced — each ready before a new one is drained — then drop the

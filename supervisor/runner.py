@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-from . import leftovers, libc
+from . import leftovers, libc, steering
 from .cgroups import Cgroups
 from .config import Settings
 from .control.server import ControlServer
@@ -29,6 +29,7 @@ from .rundir import RuntimeDir, own_directory, runtime_parent
 from .safefile import write_atomically
 from .spawn import ExecutableNotFound
 from .supervisor import Supervisor
+from .traffic import Traffic
 
 
 def _backend_options(loop: str) -> dict[str, object]:
@@ -107,8 +108,10 @@ def _run(settings: Settings, events: Events) -> int:
     _check_directories(settings)
     parent = runtime_parent()
     leftovers.remove(settings.name, settings.listen, {os.getuid(), *([credentials.uid] if credentials else [])}, events)
-    listeners: list[Listener] = open_listeners(
-        settings.listen, settings.backlog, settings.nodelay, settings.unix_mode, inherited_from_systemd(os.environ))
+    inherited = inherited_from_systemd(os.environ)
+    traffic = Traffic(events, steer=settings.cutover == "steered" and steering.supported())
+    listeners: list[Listener] = open_listeners(settings.listen, settings.backlog, settings.nodelay, settings.unix_mode,
+                                               inherited, lambda spec: traffic.steerable(spec, adopted=False))
     runtime_dir: RuntimeDir | None = None
     control = ControlServer(settings.control_path)
     cgroups = Cgroups.setup(settings.name, events)
@@ -129,7 +132,7 @@ def _run(settings: Settings, events: Events) -> int:
         supervisor = Supervisor(settings, listeners, events, release, book,
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
                                 child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups,
-                                runtime_dir=str(runtime_dir.path), control=control)
+                                runtime_dir=str(runtime_dir.path), control=control, traffic=traffic)
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:

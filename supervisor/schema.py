@@ -252,6 +252,8 @@ SETTINGS: dict[str, Kind] = {
     "health_threshold": Integer(1, 1000),
     "drain_signal": Text(32, parser=parse_signal),
     "drain_timeout": Duration(0, _DAY),
+    "drain_delay": Duration(0, _HOUR),
+    "cutover": Choice(("steered", "shared")),
     "max_restarts": Integer(0, 1000),
     "restart_window": Duration(0.1, _DAY),
     "processes": Integer(1, MAX_PROCESSES),

@@ -19,6 +19,16 @@ class InstanceState(StrEnum):
     EXITED = "exited"
 
 
+class TrafficState(StrEnum):
+    """Which new connections a generation gets (traffic.py): passive → active → drained → retiring; a drained
+    generation can be made active again (undrained)."""
+
+    PASSIVE = "passive"
+    ACTIVE = "active"
+    DRAINED = "drained"
+    RETIRING = "retiring"
+
+
 class Phase(StrEnum):
     """Where an upgrade is (rollout.py)."""
 

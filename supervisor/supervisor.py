@@ -47,6 +47,7 @@ from .states import Phase, RolloutResult
 from .tally import Tally
 from .ticket import Ticket
 from .triggers import ChangeTrigger
+from .traffic import Traffic
 from .workers import Worker
 
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -67,6 +68,7 @@ class Supervisor:
     cgroups: InitVar[Cgroups | None] = None  # a cgroup per generation, where cgroup v2 can be used
     runtime_dir: InitVar[str] = ""  # where the notify sockets go (rundir.py)
     control: Service | None = None  # serves this supervisor as a ControlPort (port.py)
+    traffic: InitVar[Traffic | None] = None  # who gets new connections (traffic.py); None: nothing steered
     reaper: Reaper = field(default_factory=Reaper)
     rollout: Rollout | None = None
     forced: bool = False
@@ -85,13 +87,14 @@ class Supervisor:
 
     def __post_init__(self, settings: Settings, listeners: list[Listener], release: Release,
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
-                      cgroups: Cgroups | None, runtime_dir: str) -> None:
+                      cgroups: Cgroups | None, runtime_dir: str, traffic: Traffic | None) -> None:
         def refill(generation: Generation, indexes: Sequence[int]) -> Awaitable[None]:
             return self.restarts.fill(generation, indexes)  # the fleet is built before the restarts that need it
 
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
                            wake=self.desired.observed, refill=refill, credentials=credentials,
-                           child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir)
+                           child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir,
+                           traffic=traffic or Traffic(self.events, steer=False))
         self.restarts = Restarts(self.fleet, self.events, self.book, self.desired, RestartBudget(),
                                  upgrade_first=lambda: self.upgrade_first)
         self.events.subscribe(self.tally.on_event)

@@ -29,7 +29,7 @@ from supervisor.readiness import Cohort, wait_all_ready
 from supervisor.reaper import ChildExit, ExitStatus, Reaper
 from supervisor.release import Release
 from supervisor.rollout import Outcome, Plan, Rollout
-from supervisor.states import InstanceState
+from supervisor.states import InstanceState, TrafficState
 from supervisor.strategy import build_strategy
 
 _FIRST_PID = 5_000_000  # above any Linux pid_max (2**22): a signal sent by mistake reaches nobody
@@ -178,6 +178,8 @@ class FakeFleet:
     ready_counts: list[int] = field(default_factory=list)  # ready instances of all generations after each change
     drains_below: list[str] = field(default_factory=list)  # drains of a ready instance that left too few ready
     floor: int = 0  # what the count of ready instances must never drop below: N, or fewer if the old was short
+    traffic: dict[int, TrafficState] = field(default_factory=dict)  # each generation's, as the rollout steered it
+    steering: list[str] = field(default_factory=list)  # "2 active ×1", in order
     _group: TaskGroup | None = None
     _pids: int = _FIRST_PID
     _attempts: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -289,6 +291,14 @@ class FakeFleet:
 
     def discard(self, plan: Plan) -> None:
         self.actions.append("discard")
+
+    def steer(self, states: Mapping[Generation, TrafficState]) -> None:
+        for generation, state in states.items():
+            self.traffic[generation.number] = state
+        self.steering.append(", ".join(f"{gen.number} {state} ×{len(gen.ready())}" for gen, state in states.items()))
+
+    def was_active(self, generation: Generation) -> bool:
+        return self.traffic.get(generation.number, TrafficState.PASSIVE) != TrafficState.PASSIVE
 
     async def retire(self, generation: Generation, graceful: bool) -> list[int]:
         self.actions.append(f"retire {generation.number}")

@@ -1,0 +1,247 @@
+"""Who gets new connections: each generation's own socket on a listener's address, all in one SO_REUSEPORT group,
+and the classic BPF program on the group (steering.py) that picks the socket of every new connection.
+
+A generation's traffic state: passive (started; only the supervisor's probe connections reach it, steered by
+their source port) → active (proven ready: new connections, in proportion to its ready instances) → drained (a
+newer generation is active: no new connection, but it keeps running and finishing what it has, warm, and can be
+made active again at once) → retiring (its accept queue is empty and has stayed empty: now it may be signalled).
+
+Only TCP listeners supervise binds itself are steered. A unix socket (no reuseport groups), a socket adopted from
+systemd, UDP (datagrams are not connections: a drained socket would still get the replies' peers' next ones) and
+`--cutover shared` keep one socket shared by every generation, as before steering; each is said once.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from . import steering
+from .event_kinds import Kind
+from .events import Events
+from .listener_guard import accept_queue, listening
+from .listeners import Listener, ListenSpec
+from .states import TrafficState
+
+_QUIET_POLL = 0.02  # seconds between looks at a drained socket's accept queue
+
+
+@dataclass(eq=False)
+class Group:
+    """One steered listener: the kernel's order of its members (generation numbers), each member's socket, and the
+    probe source ports steered to a member."""
+
+    name: str
+    members: steering.ReuseportGroup[int] = field(default_factory=steering.ReuseportGroup)
+    sockets: dict[int, Listener] = field(default_factory=dict)
+    probes: dict[int, int] = field(default_factory=dict)
+    program: str = ""  # the attached program's description, for the log and status
+
+
+@dataclass
+class Traffic:
+    """The steered listeners' groups and every generation's traffic state; it attaches the program whenever
+    either changes. `steer` False (shared cutover, or a kernel without reuseport BPF) steers nothing."""
+
+    events: Events
+    steer: bool
+    groups: dict[ListenSpec, Group] = field(default_factory=dict)
+    states: dict[int, TrafficState] = field(default_factory=dict)
+    weights: dict[int, int] = field(default_factory=dict)  # an active generation's ready instances
+    quiet_since: dict[int, float] = field(default_factory=dict)  # when a generation stopped getting new connections
+    shared: dict[str, str] = field(default_factory=dict)  # listener name → why it is shared by every generation
+
+    def steerable(self, spec: ListenSpec | None, adopted: bool) -> bool:
+        """Whether a listener gets a socket per generation; the reason it does not is said once."""
+        reason = None
+        if not self.steer:
+            reason = "steering is off (--cutover shared, or this kernel cannot attach a reuseport program)"
+        elif spec is None or adopted:
+            reason = "it was passed in by systemd socket activation"
+        elif spec.kind == "unix":
+            reason = "unix sockets have no SO_REUSEPORT groups"
+        elif spec.kind == "udp":
+            reason = "UDP is not steered"
+        if reason is not None and spec is not None and spec.name not in self.shared:
+            self.shared[spec.name] = reason
+            self.events.emit(Kind.STEERING_FALLBACK, f"listener {spec.name} ({spec}) is shared by every generation: "
+                             f"{reason}; upgrades stay lossless, but a new generation takes connections as soon as it "
+                             "accepts, and the old one until it is signalled", name=spec.name, reason=reason)
+        return reason is None
+
+    def steered(self, listener: Listener) -> bool:
+        return listener.spec is not None and listener.spec in self.groups
+
+    def join(self, number: int, listeners: tuple[Listener, ...], backlog: int, state: TrafficState) -> None:
+        """Generation `number` joins the groups of its steered listeners in `state`. The program that leaves it out
+        is attached before its socket listens, so not one connection reaches it by the kernel's hash."""
+        self.states[number] = state
+        for listener in listeners:
+            if listener.spec is None or not self.steerable(listener.spec, listener.adopted):
+                continue
+            group = self.groups.setdefault(listener.spec, Group(listener.name))
+            if group.sockets:
+                self._attach(group)
+            if not listening(listener.sock):
+                listener.sock.listen(backlog)
+            group.members.join(number)
+            group.sockets[number] = listener
+            self._attach(group)
+
+    def set(self, changes: Mapping[int, tuple[TrafficState, int]]) -> None:
+        """Generations are now in these states (active ones share in proportion to their weight), all at once:
+        one program per group, so no connection sees a moment between two of the changes."""
+        previous = {number: self.states.get(number) for number in changes}
+        for number, (state, weight) in changes.items():
+            self.states[number], self.weights[number] = state, weight
+            if state != TrafficState.ACTIVE and previous[number] == TrafficState.ACTIVE:
+                self.quiet_since[number] = anyio.current_time()
+        for group in self.groups.values():
+            if any(number in group.sockets for number in changes):
+                self._attach(group)
+        for number, (state, _) in changes.items():
+            if previous[number] != state and any(number in group.sockets for group in self.groups.values()):
+                self.events.emit(Kind.TRAFFIC, f"generation {number}: {state} ({self.describe(number)})", gen=number,
+                                 state=state, previous=previous[number], share=self.share(number))
+
+    def leave(self, listener: Listener) -> bool:
+        """Close a generation's socket (the supervisor's copy: the generation is gone) and take it out of its
+        group; False when it is not a steered member (the caller closes it)."""
+        group = self.groups.get(listener.spec) if listener.spec is not None else None
+        number = next((number for number, sock in group.sockets.items() if sock is listener), None) if group else None
+        if group is None:
+            return False
+        if number is None:  # prepared for a generation that never started: it never listened
+            listener.close()
+            return True
+        self.states[number] = TrafficState.RETIRING
+        self._attach(group)  # it gets nothing from here on: the kernel renumbers at the close
+        listener.close()
+        group.members.leave(number)
+        del group.sockets[number]
+        if group.sockets:
+            self._attach(group)
+        if not any(number in other.sockets for other in self.groups.values()):
+            self.states.pop(number, None)
+            self.weights.pop(number, None)
+            self.quiet_since.pop(number, None)
+        return True
+
+    def rejoined(self, listener: Listener) -> None:
+        """A member a child shut down listens again (listener_guard revived it): it left the group and joined at
+        the end, so the kernel's order changed."""
+        group = self.groups.get(listener.spec) if listener.spec is not None else None
+        number = next((number for number, sock in group.sockets.items() if sock is listener), None) if group else None
+        if group is not None and number is not None:
+            group.members.leave(number)
+            group.members.join(number)
+            self._attach(group)
+
+    def exclusive(self, number: int, listeners: tuple[Listener, ...]) -> bool:
+        """Whether every connection listener of a generation is steered: then while passive it got nothing but
+        probes, and can be removed at once when it fails."""
+        connections = [listener for listener in listeners if listener.kind != "udp"]
+        return bool(connections) and all(self.steered(listener) for listener in connections)
+
+    def elsewhere(self, number: int) -> bool:
+        """Whether another generation is active: then `number`'s new connections go there."""
+        return any(state == TrafficState.ACTIVE for other, state in self.states.items() if other != number)
+
+    def ever_active(self, number: int) -> bool:
+        return self.states.get(number, TrafficState.PASSIVE) != TrafficState.PASSIVE
+
+    # -- what a probe and a drain need ------------------------------------------------------------------------
+
+    @contextmanager
+    def probe_port(self, sock: socket.socket, host: str, port: int, number: int) -> Iterator[None]:
+        """Bind a probe's client socket to a source port steered to generation `number`'s socket on the listener
+        at host:port (nothing when that listener is not steered): the probe reaches the generation under test,
+        whoever else is active. The port is steered only until the connection is set up (the kernel picks the
+        socket at the handshake) and is released at once: later, another client may get that port."""
+        group = self._group_at(host, port)
+        if group is None or number not in group.sockets or len(group.probes) >= steering.MAX_PROBE_PORTS:
+            yield
+            return
+        sock.bind((host, 0))
+        source = int(sock.getsockname()[1])
+        group.probes[source] = number
+        self._attach(group, probing=True)
+        try:
+            yield
+        finally:
+            group.probes.pop(source, None)
+            if group.sockets:
+                self._attach(group, probing=True)
+
+    async def quiet(self, number: int, delay: float, timeout: float) -> bool:
+        """Wait until no new connection has reached generation `number`'s sockets for `delay` seconds and their
+        accept queues are empty (then nothing it accepted is unread when it is signalled); False on `timeout`."""
+        sockets = [group.sockets[number] for group in self.groups.values() if number in group.sockets]
+        if not sockets:
+            return True
+        last_busy = self.quiet_since.get(number, anyio.current_time())
+        with anyio.move_on_after(timeout):
+            while True:
+                now = anyio.current_time()
+                if any((accept_queue(listener.sock) or (0, 0))[0] for listener in sockets):
+                    last_busy = now
+                elif now - last_busy >= delay:
+                    return True
+                await anyio.sleep(_QUIET_POLL)
+        return False
+
+    # -- what status shows --------------------------------------------------------------------------------------
+
+    def share(self, number: int) -> float:
+        """The fraction of new connections generation `number` gets (0..1)."""
+        shares = self._shares(self.states.keys())
+        total = sum(shares.values())
+        return round(shares.get(number, 0) / total, 4) if total else 0.0
+
+    def describe(self, number: int) -> str:
+        return f"{self.share(number):.0%} of new connections"
+
+    def queued(self, number: int) -> dict[str, int]:
+        """Connections waiting in each of generation `number`'s steered sockets, by listener name."""
+        found: dict[str, int] = {}
+        for group in self.groups.values():
+            listener = group.sockets.get(number)
+            queue = accept_queue(listener.sock) if listener is not None else None
+            if queue is not None:
+                found[group.name] = queue[0]
+        return found
+
+    # -- the program ----------------------------------------------------------------------------------------------
+
+    def _shares(self, members: Iterable[int]) -> dict[int, int]:
+        """Active generations by their weight; when none is active (a moment at start, or every generation
+        drained), every member gets an equal part rather than none at all."""
+        members = list(members)
+        active = {number: max(1, self.weights.get(number, 1)) for number in members
+                  if self.states.get(number) == TrafficState.ACTIVE}
+        return active or {number: 1 for number in members if self.states.get(number) != TrafficState.RETIRING}
+
+    def _attach(self, group: Group, probing: bool = False) -> None:
+        """Attach the program for the group's members, shares and probe ports (through any member: the program
+        belongs to the group); a change of the shares is logged, a probe's port coming and going is not."""
+        shares = self._shares(group.members.order())
+        if not shares:  # only a retiring member is left: nothing to choose between
+            return
+        program = group.members.program(shares, group.probes)
+        through = next(iter(group.sockets.values()))
+        steering.attach(through.sock, program)
+        if not probing and program.description != group.program:
+            group.program = program.description
+            self.events.emit(Kind.STEERING, f"listener {group.name}: {program.description}", level="debug",
+                             name=group.name, program=program.description)
+
+    def _group_at(self, host: str, port: int) -> Group | None:
+        """The group a probe to host:port reaches."""
+        for group in self.groups.values():
+            if any(listener.probe_address() == (host, port) for listener in group.sockets.values()):
+                return group
+        return None
