@@ -68,9 +68,8 @@ class StalledReader(Supervise):
                 break
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                self._take(line)
-        with self._changed:
-            self._changed.notify_all()
+                self.log.take(line)
+        self.log.end()
 
     def stall(self) -> int:
         """Stop reading and fill the pipe to the brim; returns the bytes written into it."""
