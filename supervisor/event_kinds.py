@@ -62,6 +62,7 @@ class Kind(StrEnum):
     TRAFFIC = "traffic"
     STEERING = "steering"
     STEERING_FALLBACK = "steering-fallback"
+    CONNECTIONS_RESCUED = "connections-rescued"
     CGROUPS = "cgroups"
     CGROUPS_UNAVAILABLE = "cgroups-unavailable"
     CGROUP_KILLED = "cgroup-killed"

@@ -123,9 +123,11 @@ class Fleet:
             try:
                 async with anyio.create_task_group() as group:
                     group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
+                    group.start_soon(self.traffic.rescue.run)
                     async for watch in self._to_run:
                         group.start_soon(watch.run)
             finally:
+                self.traffic.rescue.close()
                 for watch in self._watches.values():
                     watch.close()
 
@@ -202,11 +204,14 @@ class Fleet:
         for generation in self.generations:
             in_use.update(generation.listeners)
         for listener in candidates:
-            if listener in in_use or listener.sock.fileno() == -1 or self.traffic.leave(listener):
-                continue  # (a generation's own socket of a steered listener: it left the listener's group)
-            self.events.emit(Kind.LISTENER_CLOSED, f"closed listener {listener.name} ({listener.address}): no "
-                             "generation uses it any more", name=listener.name, address=listener.address)
+            if listener in in_use or listener.sock.fileno() == -1:
+                continue
+            address = listener.address
+            if self.traffic.leave(listener) and self.traffic.held(listener):
+                continue  # a generation's own socket of a steered listener: another generation's holds the address
             listener.close()
+            self.events.emit(Kind.LISTENER_CLOSED, f"closed listener {listener.name} ({address}): no generation uses "
+                             "it any more", name=listener.name, address=address)
 
     async def identify(self, release: Release, fresh: bool = False) -> Identity:
         return await self.book.identify(release, fresh)
@@ -291,9 +296,9 @@ class Fleet:
             if not self.traffic.ever_active(generation.number) and self.traffic.exclusive(generation.listeners):
                 timeout = min(timeout, _PASSIVE_GRACE)
             elif not await self.traffic.quiet(generation.number, self.settings.drain_delay, timeout):
-                self.events.emit(Kind.DRAIN_UNQUIET, f"generation {generation.number} still got connections "
-                                 f"{timeout:g}s after it stopped being given new ones; draining it anyway",
-                                 level="warning", gen=generation.number)
+                self.events.emit(Kind.DRAIN_UNQUIET, f"generation {generation.number} still has connections waiting "
+                                 "in its socket that it does not accept; draining it anyway (they are relayed to the "
+                                 "serving generation once it is gone)", level="warning", gen=generation.number)
         self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.running():
             self.events.emit(Kind.DRAINING, f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "

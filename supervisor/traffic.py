@@ -25,6 +25,7 @@ from .event_kinds import Kind
 from .events import Events
 from .listener_guard import accept_queue, listening
 from .listeners import Listener, ListenSpec
+from .rescue import Rescue
 from .states import TrafficState
 
 _QUIET_POLL = 0.02  # seconds between looks at a drained socket's accept queue
@@ -54,24 +55,34 @@ class Traffic:
     weights: dict[int, int] = field(default_factory=dict)  # an active generation's ready instances
     quiet_since: dict[int, float] = field(default_factory=dict)  # when a generation stopped getting new connections
     shared: dict[str, str] = field(default_factory=dict)  # listener name → why it is shared by every generation
+    rescue: Rescue = field(init=False)  # relays what a retired generation left in its socket (run by the fleet)
+
+    def __post_init__(self) -> None:
+        self.rescue = Rescue(self.events)
 
     def steerable(self, spec: ListenSpec | None, adopted: bool) -> bool:
-        """Whether a listener gets a socket per generation; the reason it does not is said once."""
-        reason = None
+        """Whether a listener gets a socket per generation (see unsteered for why not)."""
+        return self.unsteered(spec, adopted) is None
+
+    def unsteered(self, spec: ListenSpec | None, adopted: bool) -> str | None:
+        """Why a listener is shared by every generation; None when it is steered."""
         if not self.steer:
-            reason = "steering is off (--cutover shared, or this kernel cannot attach a reuseport program)"
-        elif spec is None or adopted:
-            reason = "it was passed in by systemd socket activation"
-        elif spec.kind == "unix":
-            reason = "unix sockets have no SO_REUSEPORT groups"
-        elif spec.kind == "udp":
-            reason = "UDP is not steered"
-        if reason is not None and spec is not None and spec.name not in self.shared:
-            self.shared[spec.name] = reason
-            self.events.emit(Kind.STEERING_FALLBACK, f"listener {spec.name} ({spec}) is shared by every generation: "
-                             f"{reason}; upgrades stay lossless, but a new generation takes connections as soon as it "
-                             "accepts, and the old one until it is signalled", name=spec.name, reason=reason)
-        return reason is None
+            return "steering is off (--cutover shared, or this kernel cannot attach a reuseport program)"
+        if spec is None or adopted:
+            return "it was passed in by systemd socket activation"
+        if spec.kind == "unix":
+            return "unix sockets have no SO_REUSEPORT groups"
+        if spec.kind == "udp":
+            return "UDP is not steered"
+        return None
+
+    def _say_shared(self, listener: Listener, reason: str) -> None:
+        """Once per listener, when a generation first uses it: it is shared, and why."""
+        if listener.name not in self.shared:
+            self.shared[listener.name] = reason
+            self.events.emit(Kind.STEERING_FALLBACK, f"listener {listener.name} ({listener.address}) is shared by "
+                             f"every generation: {reason} (a new generation gets connections as soon as it accepts, "
+                             "the old one until it is signalled)", name=listener.name, reason=reason)
 
     def steered(self, listener: Listener) -> bool:
         return listener.spec is not None and listener.spec in self.groups
@@ -81,7 +92,9 @@ class Traffic:
         is attached before its socket listens, so not one connection reaches it by the kernel's hash."""
         self.states[number] = state
         for listener in listeners:
-            if listener.spec is None or not self.steerable(listener.spec, listener.adopted):
+            reason = self.unsteered(listener.spec, listener.adopted)
+            if reason is not None or listener.spec is None:
+                self._say_shared(listener, reason or "")
                 continue
             group = self.groups.setdefault(listener.spec, Group(listener.name))
             if group.sockets:
@@ -120,6 +133,11 @@ class Traffic:
             return True
         self.states[number] = TrafficState.RETIRING
         self._attach(group)  # it gets nothing from here on: the kernel renumbers at the close
+        heir = next((other for other in group.members.order() if self.states.get(other) == TrafficState.ACTIVE), None)
+        if heir is not None:
+            host, port = listener.probe_address()
+            self.rescue.take(listener.sock, number, (host, port),
+                             lambda sock: self.probe_port(sock, host, port, heir))
         listener.close()
         group.members.leave(number)
         del group.sockets[number]
@@ -131,6 +149,11 @@ class Traffic:
             self.quiet_since.pop(number, None)
         return True
 
+    def held(self, listener: Listener) -> bool:
+        """Whether a generation's socket is still open on a steered listener's address."""
+        group = self.groups.get(listener.spec) if listener.spec is not None else None
+        return group is not None and bool(group.sockets)
+
     def rejoined(self, listener: Listener) -> None:
         """A member a child shut down listens again (listener_guard revived it): it left the group and joined at
         the end, so the kernel's order changed."""
@@ -141,7 +164,7 @@ class Traffic:
             group.members.join(number)
             self._attach(group)
 
-    def exclusive(self, number: int, listeners: tuple[Listener, ...]) -> bool:
+    def exclusive(self, listeners: tuple[Listener, ...]) -> bool:
         """Whether every connection listener of a generation is steered: then while passive it got nothing but
         probes, and can be removed at once when it fails."""
         connections = [listener for listener in listeners if listener.kind != "udp"]
@@ -179,15 +202,22 @@ class Traffic:
 
     async def quiet(self, number: int, delay: float, timeout: float) -> bool:
         """Wait until no new connection has reached generation `number`'s sockets for `delay` seconds and their
-        accept queues are empty (then nothing it accepted is unread when it is signalled); False on `timeout`."""
+        accept queues are empty (then nothing it accepted is unread when it is signalled); False on `timeout`,
+        or when connections wait there for `delay` and none is taken (it no longer accepts)."""
         sockets = [group.sockets[number] for group in self.groups.values() if number in group.sockets]
         if not sockets:
             return True
         last_busy = self.quiet_since.get(number, anyio.current_time())
+        waiting, moved = -1, anyio.current_time()
         with anyio.move_on_after(timeout):
             while True:
                 now = anyio.current_time()
-                if any((accept_queue(listener.sock) or (0, 0))[0] for listener in sockets):
+                queued = sum((accept_queue(listener.sock) or (0, 0))[0] for listener in sockets)
+                if queued != waiting:
+                    waiting, moved = queued, now
+                if queued and now - moved >= delay:
+                    return False  # it takes none of them: its exit hands them on (rescue.py)
+                if queued:
                     last_busy = now
                 elif now - last_busy >= delay:
                     return True

@@ -144,18 +144,22 @@ def test_failed_release_rolls_back_without_losing_requests(case: str, release: R
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("cutover", ["steered", "shared"])
 @pytest.mark.parametrize("ready", [None, "http/readyz"])
-def test_readiness_is_not_fooled_by_the_old_generation(ready: str | None, release: Release, port: int, running: list[Supervise]) -> None:
-    """The new generation never accepts; only the old one answers /readyz (200) on the shared port."""
+def test_readiness_is_not_fooled_by_the_old_generation(ready: str | None, cutover: str, release: Release, port: int,
+                                                        running: list[Supervise]) -> None:
+    """The new generation never accepts; only the old one answers /readyz (200) on the address. Shared: the probe's
+    connections are taken by the old generation, and told apart; steered: they never reach it."""
     release.deploy("--tag", "old")
-    options = ["--ready-timeout", "1.5s"] + (["--ready", ready] if ready else [])
+    options = ["--ready-timeout", "1.5s", "--cutover", cutover] + (["--ready", ready] if ready else [])
     sup = supervise(release, port, *options)
     running.append(sup)
     sup.wait_for("serving")
     release.deploy("--tag", "new", "--start-delay", "60")
     verdict = sup.upgrade()
     assert verdict["event"] == "rolled-back", verdict
-    assert "not ready after 1.5s" in verdict["reason"] and "another generation" in verdict["reason"], verdict["reason"]
+    assert "not ready after 1.5s" in verdict["reason"], verdict["reason"]
+    assert ("another generation" in verdict["reason"]) == (cutover == "shared"), verdict["reason"]
     assert tag_of(port) == "old"
 
 

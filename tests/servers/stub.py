@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exit-at-start", type=int, metavar="CODE", help="exit at once with CODE")
     parser.add_argument("--start-delay", type=float, default=0.0, metavar="S", help="sleep before accepting")
     parser.add_argument("--never-ready", action="store_true", help="/readyz always 503")
+    parser.add_argument("--warm-up", type=float, default=0.0, metavar="S",
+                        help="accept at once, but answer 503 to every path (/readyz too) for S s after start")
     parser.add_argument("--no-readyz", action="store_true", help="/readyz is 404")
     parser.add_argument("--sick-after", type=float, metavar="S",
                         help="/readyz 503 from S s after it first answered 200 (ready first, however slow the start)")
@@ -389,6 +391,8 @@ def send_response(conn: socket.socket, status: int, body: bytes, content_type: s
 
 def route(stub: Stub, request: Request) -> tuple[int, bytes, str]:
     """Status, body and content type for a request."""
+    if time.monotonic() - stub.started < stub.options.warm_up:
+        return 503, f"warming up {stub.options.tag} gen={stub.generation} pid={os.getpid()}\n".encode(), TEXT
     if request.path == "/":
         return 200, f"ok {stub.options.tag} gen={stub.generation} pid={os.getpid()}\n".encode(), TEXT
     if request.path == "/readyz":
