@@ -15,7 +15,7 @@ from functools import partial
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import orphans
+from . import holding, orphans
 from .cgroups import Cgroups
 from .commands import CommandRunner
 from .concurrency import gather
@@ -30,7 +30,7 @@ from .identity import Identity
 from .instance import Instance, Launcher, notify_name
 from .leftovers import marker
 from .listener_guard import ListenerGuard
-from .listeners import Listener, ListenSpec, bind, sibling
+from .listeners import Listener
 from .probe_spec import DEFAULT_PROBE, NO_LISTENER_PROBE
 from .probes import Probe, Result, build_probe
 from .reaper import ExitStatus, Reaper
@@ -43,7 +43,6 @@ from .tally import Tally, TimedProbe
 from .traffic import Traffic
 
 SWEEP_INTERVAL = 1.0  # how often the fleet is swept (zombies, orphans, held sockets)
-_PASSIVE_GRACE = 1.0  # seconds a failed generation that never got a connection but probes may take to exit
 _EXIT_GRACE = 1.0  # a retired generation's processes are gone: its last exits are only waiting to be reaped
 
 
@@ -98,6 +97,7 @@ class Fleet:
     def wind_down(self) -> None:
         """The supervisor is stopping: every exit from here on is expected."""
         self.stopping = True
+        self.traffic.stopping = True
 
     def build_probe(self, settings: Settings, listeners: Sequence[Listener]) -> Probe:
         tcp = [listener for listener in listeners if listener.kind == "tcp"]
@@ -148,7 +148,7 @@ class Fleet:
             self.book.forget()
         try:
             settings = reread(self.settings)
-            listeners, unbound = self._listeners_for(settings, bind_new=not dry_run)
+            listeners, unbound = holding.for_settings(settings, self.all_listeners(), self.traffic, bind_new=not dry_run)
         except UserError as exc:
             raise UserError(invalid(exc)) from None
         try:
@@ -165,30 +165,6 @@ class Fleet:
                 raise
         return Plan(settings, probe, release, listeners, self.scaled or settings.processes, unbound, self.traffic)
 
-    def _listeners_for(self, settings: Settings, bind_new: bool) -> tuple[tuple[Listener, ...], tuple[ListenSpec, ...]]:
-        """The listeners `settings` asks for: the ones we hold are reused, new ones bound now (or, not binding,
-        returned as specs)."""
-        held = {listener.spec: listener for listener in self.all_listeners() if listener.spec is not None}
-        chosen: list[Listener] = []
-        unbound: list[ListenSpec] = []
-        try:
-            for spec in settings.listen:
-                if spec in held:  # a steered one: the next generation's own socket on it
-                    steered = bind_new and self.traffic.steered(held[spec])
-                    chosen.append(sibling(held[spec]) if steered else held[spec])
-                elif bind_new:
-                    chosen.append(bind(spec, settings.backlog, settings.nodelay, settings.unix_mode,
-                                       self.traffic.steerable(spec, adopted=False)))
-                else:
-                    unbound.append(spec)
-        except UserError:
-            for listener in chosen:
-                if listener not in held.values():
-                    listener.close()
-            raise
-        chosen.extend(listener for listener in self.listeners if listener.spec is None)  # adopted, never in a file
-        return tuple(chosen), tuple(unbound)
-
     def all_listeners(self) -> list[Listener]:
         found = list(self.listeners)
         for generation in self.generations:
@@ -200,18 +176,8 @@ class Fleet:
         self._close_unused(plan.listeners)
 
     def _close_unused(self, candidates: Sequence[Listener]) -> None:
-        in_use = set(self.listeners)
-        for generation in self.generations:
-            in_use.update(generation.listeners)
-        for listener in candidates:
-            if listener in in_use or listener.sock.fileno() == -1:
-                continue
-            address = listener.address
-            if self.traffic.leave(listener) and self.traffic.held(listener):
-                continue  # a generation's own socket of a steered listener: another generation's holds the address
-            listener.close()
-            self.events.emit(Kind.LISTENER_CLOSED, f"closed listener {listener.name} ({address}): no generation uses "
-                             "it any more", name=listener.name, address=address)
+        in_use = set(self.listeners).union(*(generation.listeners for generation in self.generations))
+        holding.close_unused(candidates, in_use, self.traffic, self.events)
 
     async def identify(self, release: Release, fresh: bool = False) -> Identity:
         return await self.book.identify(release, fresh)
@@ -291,14 +257,9 @@ class Fleet:
         A generation whose new connections go elsewhere (steered) is signalled only once its accept queue has
         been empty for --drain-delay; one that was never given any (it failed while passive) gets a short grace."""
         began = anyio.current_time()
-        timeout = self.settings.drain_timeout
-        if graceful and not self.stopping and self.traffic.elsewhere(generation.number):
-            if not self.traffic.ever_active(generation.number) and self.traffic.exclusive(generation.listeners):
-                timeout = min(timeout, _PASSIVE_GRACE)
-            elif not await self.traffic.quiet(generation.number, self.settings.drain_delay, timeout):
-                self.events.emit(Kind.DRAIN_UNQUIET, f"generation {generation.number} still has connections waiting "
-                                 "in its socket that it does not accept; draining it anyway (they are relayed to the "
-                                 "serving generation once it is gone)", level="warning", gen=generation.number)
+        timeout = self.traffic.drain_timeout(generation.number, generation.listeners, self.settings.drain_timeout)
+        if graceful and not self.stopping:
+            await self.traffic.settle(generation.number, self.settings.drain_delay, timeout)
         self.adopt_orphans()  # a process whose parent died since the last scan is still this generation's
         if graceful and generation.running():
             self.events.emit(Kind.DRAINING, f"draining generation {generation.number} ({self.settings.drain_signal.name}, up "
@@ -339,17 +300,18 @@ class Fleet:
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None:
         """Drain some instances of a generation (the others keep serving), each killed after --drain-timeout."""
         self.adopt_orphans()
+        timeout = self.traffic.drain_timeout(generation.number, generation.listeners, self.settings.drain_timeout)
 
         async def retire_one(instance: Instance) -> None:
             began = anyio.current_time()
             if instance.running():
                 self.events.emit(Kind.DRAINING, f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
-                                 f"{self.settings.drain_timeout:g}s)", gen=instance.number, instance=instance.index,
+                                 f"{timeout:g}s)", gen=instance.number, instance=instance.index,
                                  pids=instance.pids(fresh=True))
-            killed = await self._stop(instance, True, self.settings.drain_timeout)
+            killed = await self._stop(instance, True, timeout)
             if killed:
                 self.events.emit(Kind.DRAIN_TIMEOUT, f"{self.label(instance)} still running after "
-                                 f"{self.settings.drain_timeout:g}s: killed pids {', '.join(map(str, killed))}",
+                                 f"{timeout:g}s: killed pids {', '.join(map(str, killed))}",
                                  level="warning", gen=instance.number, instance=instance.index, pids=killed)
             generation.forget(instance)
             elapsed = anyio.current_time() - began
@@ -385,6 +347,7 @@ class Fleet:
         """The reaper worker: reap zombies, keep process trees current, clear leftovers and stale socket files."""
         self.reaper.reap()
         self.guard.check()  # listening, and with the backlog it had? (a hangup is seen at once by watch_hangups)
+        self.traffic.check_members()
         for generation in self.generations:
             generation.refresh()
         self.adopt_orphans()

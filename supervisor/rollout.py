@@ -25,6 +25,7 @@ from .event_kinds import Kind
 from .events import Events
 from .generation import Generation
 from .health import watch
+from .hook_env import hook_environment
 from .identity import Identity
 from .instance import Instance
 from .listeners import Listener, ListenSpec
@@ -360,19 +361,7 @@ class Rollout:
         await self.host.retire(new, graceful=True)
 
     def _hook_env(self, reason: str) -> dict[str, str]:
-        """What a hook is told: both generations, their main pids (the first instance's, and every living
-        instance's by index) and the reason of a rollback."""
-        return {
-            "SUPERVISE_OLD_GENERATION": str(self.old.number) if self.old else "",
-            "SUPERVISE_OLD_PID": str(self.old.leader or "") if self.old else "",
-            "SUPERVISE_OLD_PIDS": " ".join(map(str, self.old.leaders())) if self.old else "",
-            "SUPERVISE_NEW_GENERATION": str(self.new.number) if self.new else "",
-            "SUPERVISE_NEW_PID": str(self.new.leader or "") if self.new else "",
-            "SUPERVISE_NEW_PIDS": " ".join(map(str, self.new.leaders())) if self.new else "",
-            "SUPERVISE_REASON": reason,
-            **_release_env("NEW", self.identity),
-            **_release_env("OLD", self.old.identity if self.old else None),
-        }
+        return hook_environment(self.old, self.new, self.identity, reason)
 
     async def _hook(self, name: str, command: str | None, env: dict[str, str]) -> str | None:
         """Run one hook with `env` (from _hook_env) in its environment; returns why it failed, or None."""
@@ -392,12 +381,6 @@ async def batch_step(host: Host, old: Generation | None, strategy: Strategy, pro
     step = strategy.step(processes)
     changed = await host.changed_in_place(old) if step < processes and old is not None else None
     return (processes, changed) if changed else (step, None)
-
-
-def _release_env(which: str, identity: Identity | None) -> dict[str, str]:
-    """SUPERVISE_NEW_RELEASE (the version, else the digest) and SUPERVISE_NEW_VERSION (the version file's, or empty)."""
-    return {f"SUPERVISE_{which}_RELEASE": identity.name if identity else "",
-            f"SUPERVISE_{which}_VERSION": (identity.version or "") if identity else ""}
 
 
 def _indexes(instances: list[Instance]) -> str:

@@ -21,6 +21,7 @@ from .listeners import Listener
 from .rollout import Rollout
 from .states import InstanceState
 from .tally import Histogram, Tally
+from .traffic import Traffic
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class InstanceView:
 
 
 @dataclass(frozen=True)
+class TrafficView:
+    """Which new connections a generation gets (traffic.py), and what waits in its own sockets."""
+
+    state: str  # passive, active, drained, retiring
+    share: float  # of new connections, 0..1
+    queued: dict[str, int]  # connections waiting to be accepted, by listener
+
+
+@dataclass(frozen=True)
 class GenerationView:
     number: int
     state: str
@@ -64,6 +74,7 @@ class GenerationView:
     cwd: str
     release: dict[str, Any] | None  # its identity (identity.py), when known
     instances: tuple[InstanceView, ...]
+    traffic: TrafficView | None = None  # None: none of its listeners is steered
 
     def ready(self) -> tuple[InstanceView, ...]:
         """Its instances proved ready and not draining (as Generation.ready())."""
@@ -106,6 +117,7 @@ class TallyView:
     phases: dict[str, HistogramView]
     probes: dict[str, HistogramView]
     log_dropped: int
+    probes_elsewhere: int
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,8 @@ class SupervisorView:
     processes: int  # instances wanted
     strategy: str
     orphans_reaped: int
+    cutover: str = "shared"  # steered: each generation has its own socket (traffic.py)
+    unsteered: dict[str, str] = dataclasses.field(default_factory=dict)  # listener → why it is shared
 
 
 @dataclass(frozen=True)
@@ -166,14 +180,22 @@ def _measured(processes: Iterable[psutil.Process]) -> tuple[ProcessView, ...]:
     return tuple(found)
 
 
-def of_generation(generation: Generation, serving: bool, measure: bool) -> GenerationView:
+def of_traffic(traffic: Traffic, number: int) -> TrafficView | None:
+    state = traffic.states.get(number)
+    if state is None or not any(number in group.sockets for group in traffic.groups.values()):
+        return None
+    return TrafficView(state, traffic.share(number), traffic.queued(number))
+
+
+def of_generation(generation: Generation, serving: bool, measure: bool, traffic: Traffic | None = None) -> GenerationView:
     release = generation.release
     instances = sorted(generation.instances, key=lambda instance: instance.index)
     return GenerationView(generation.number, generation.state, serving, generation.leader, tuple(generation.pids()),
                           generation.started_at, generation.ready_at, generation.last_watchdog, tuple(release.argv),
                           release.executable, release.cwd,
                           generation.identity.as_dict() if generation.identity else None,
-                          tuple(of_instance(instance, measure) for instance in instances))
+                          tuple(of_instance(instance, measure) for instance in instances),
+                          of_traffic(traffic, generation.number) if traffic else None)
 
 
 def of_listeners(listeners: Iterable[Listener]) -> tuple[ListenerView, ...]:
@@ -184,7 +206,7 @@ def of_listeners(listeners: Iterable[Listener]) -> tuple[ListenerView, ...]:
 
 def of_tally(tally: Tally, log_dropped: int) -> TallyView:
     return TallyView(dict(tally.upgrades), dict(tally.rollbacks), tally.restarts, dict(tally.revivals),
-                     _histograms(tally.phases), _histograms(tally.probes), log_dropped)
+                     _histograms(tally.phases), _histograms(tally.probes), log_dropped, tally.probes_elsewhere)
 
 
 def _histograms(histograms: dict[str, Histogram]) -> dict[str, HistogramView]:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h; Python's socket module does not name it
+SO_DETACH_REUSEPORT_BPF = 68
 BPF_MAXINSNS = 4096  # the kernel refuses a longer classic program
 # Each probe port costs two instructions, tested one after another on every new connection, and the jump past all
 # of them must fit a cBPF jump offset (one byte: 255 instructions). 64 keeps that in reach, the program cheap and
@@ -104,6 +105,11 @@ def attach(sock: socket.socket, program: Program) -> None:
     fprog = _SockFprog(len(program.instructions), ctypes.addressof(instructions))
     # The kernel copies the instructions during the call; `instructions` is referenced until it returns.
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+
+
+def detach(sock: socket.socket) -> None:
+    """Take the program off the reuseport group of `sock`: the kernel hashes over every member again."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
 
 
 def supported() -> bool:

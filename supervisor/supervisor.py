@@ -46,8 +46,8 @@ from .snapshot import GenerationView, Snapshot, SupervisorView, of_generation, o
 from .states import Phase, RolloutResult
 from .tally import Tally
 from .ticket import Ticket
-from .triggers import ChangeTrigger
 from .traffic import Traffic
+from .triggers import ChangeTrigger
 from .workers import Worker
 
 _FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -256,9 +256,10 @@ class Supervisor:
         state = "stopping" if fleet.stopping else (rollout.state if rollout else Phase.IDLE)
         view = SupervisorView(os.getpid(), fleet.settings.name, __version__, self.started_at, self.started_wall, state,
                               fleet.stopping, str(fleet.settings.control_path), self.busy, fleet.processes,
-                              fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped)
+                              fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped,
+                              "steered" if fleet.traffic.steer else "shared", dict(fleet.traffic.shared))
         return Snapshot(anyio.current_time(), view, of_listeners(fleet.listeners),
-                        tuple(of_generation(generation, generation is fleet.serving, measure)
+                        tuple(of_generation(generation, generation is fleet.serving, measure, fleet.traffic)
                               for generation in fleet.generations),
                         of_rollout(rollout) if rollout else None, tuple(book.history.as_dict()["records"]),
                         book.history.last_known_good, book.history.last_known_bad, book.history.save_error,

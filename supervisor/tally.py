@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .event_kinds import Kind
 from .events import Event
 from .probe_spec import ProbeSpec
-from .probes import Probe, Result, Subject
+from .probes import Probe, Result, Subject, Verdict
 
 _PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -53,6 +53,7 @@ class Tally:
     revivals: Counter[str] = field(default_factory=Counter)  # listener name → times it was made to listen again
     phases: dict[str, Histogram] = field(default_factory=dict)
     probes: dict[str, Histogram] = field(default_factory=dict)
+    probes_elsewhere: int = 0  # probe connections another generation (or no instance under test) accepted
 
     def on_event(self, event: Event) -> None:
         if event.kind == Kind.PROMOTED:
@@ -96,4 +97,6 @@ class TimedProbe:
         began = time.perf_counter()
         result = await self.inner.check(subject)
         self.tally.observe_probe(self.inner.spec.kind, time.perf_counter() - began)
+        if result.verdict is Verdict.INCONCLUSIVE:
+            self.tally.probes_elsewhere += 1
         return result

@@ -13,6 +13,7 @@ systemd, UDP (datagrams are not connections: a drained socket would still get th
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from . import steering
+from . import census, steering
 from .event_kinds import Kind
 from .events import Events
 from .listener_guard import accept_queue, listening
@@ -29,6 +30,7 @@ from .rescue import Rescue
 from .states import TrafficState
 
 _QUIET_POLL = 0.02  # seconds between looks at a drained socket's accept queue
+_PASSIVE_GRACE = 1.0  # seconds a failed generation that never got a connection but probes may take to exit
 
 
 @dataclass(eq=False)
@@ -41,6 +43,7 @@ class Group:
     sockets: dict[int, Listener] = field(default_factory=dict)
     probes: dict[int, int] = field(default_factory=dict)
     program: str = ""  # the attached program's description, for the log and status
+    foreign: str = ""  # a socket not ours joined the group: it is no longer steered (what joined)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Traffic:
     quiet_since: dict[int, float] = field(default_factory=dict)  # when a generation stopped getting new connections
     shared: dict[str, str] = field(default_factory=dict)  # listener name → why it is shared by every generation
     rescue: Rescue = field(init=False)  # relays what a retired generation left in its socket (run by the fleet)
+    stopping: bool = False  # the supervisor is stopping: nothing takes over a generation's connections
 
     def __post_init__(self) -> None:
         self.rescue = Rescue(self.events)
@@ -98,6 +102,7 @@ class Traffic:
                 continue
             group = self.groups.setdefault(listener.spec, Group(listener.name))
             if group.sockets:
+                self.check_members()
                 self._attach(group)
             if not listening(listener.sock):
                 listener.sock.listen(backlog)
@@ -186,7 +191,8 @@ class Traffic:
         whoever else is active. The port is steered only until the connection is set up (the kernel picks the
         socket at the handshake) and is released at once: later, another client may get that port."""
         group = self._group_at(host, port)
-        if group is None or number not in group.sockets or len(group.probes) >= steering.MAX_PROBE_PORTS:
+        if (group is None or group.foreign or number not in group.sockets
+                or len(group.probes) >= steering.MAX_PROBE_PORTS):
             yield
             return
         sock.bind((host, 0))
@@ -199,6 +205,21 @@ class Traffic:
             group.probes.pop(source, None)
             if group.sockets:
                 self._attach(group, probing=True)
+
+    def drain_timeout(self, number: int, listeners: tuple[Listener, ...], configured: float) -> float:
+        """How long a generation may take to exit once signalled: --drain-timeout, but a short grace for one that
+        only ever got probes (it failed while passive: nothing of a user's is in flight there)."""
+        passive = not self.ever_active(number) and self.elsewhere(number) and not self.stopping
+        return min(configured, _PASSIVE_GRACE) if passive and self.exclusive(listeners) else configured
+
+    async def settle(self, number: int, delay: float, timeout: float) -> None:
+        """Before a generation is signalled: if another is active now, wait until this one's sockets are quiet."""
+        if self.stopping or not self.ever_active(number) or not self.elsewhere(number):
+            return
+        if not await self.quiet(number, delay, timeout):
+            self.events.emit(Kind.DRAIN_UNQUIET, f"generation {number} still has connections waiting in its socket "
+                             "that it does not accept; draining it anyway (they are relayed to the serving generation "
+                             "once it is gone)", level="warning", gen=number)
 
     async def quiet(self, number: int, delay: float, timeout: float) -> bool:
         """Wait until no new connection has reached generation `number`'s sockets for `delay` seconds and their
@@ -255,11 +276,30 @@ class Traffic:
                   if self.states.get(number) == TrafficState.ACTIVE}
         return active or {number: 1 for number in members if self.states.get(number) != TrafficState.RETIRING}
 
+    def check_members(self) -> None:
+        """Stop steering a group that a socket not ours has joined (a process of our user bound the address with
+        SO_REUSEPORT): it shifts the kernel's order under the program, which would then misroute. The kernel
+        hashes over every member again, as it would without supervise."""
+        for group in self.groups.values():
+            if group.foreign or not group.sockets:
+                continue
+            sock = next(iter(group.sockets.values())).sock
+            ours = {os.fstat(listener.sock.fileno()).st_ino for listener in group.sockets.values()}
+            found = census.foreign_members(sock.family, sock.getsockname()[0], sock.getsockname()[1], ours)
+            if found:
+                group.foreign = ", ".join(f"socket inode {member.inode} of uid {member.uid}" for member in found)
+                group.program = ""
+                steering.detach(sock)
+                self.events.emit(Kind.STEERING_FALLBACK, f"listener {group.name}: a socket that is not ours joined "
+                                 f"its SO_REUSEPORT group ({group.foreign}): no longer steered, every member gets "
+                                 "connections by the kernel's hash (another server of this user on the same port?)",
+                                 level="warning", name=group.name, reason="foreign member", foreign=group.foreign)
+
     def _attach(self, group: Group, probing: bool = False) -> None:
         """Attach the program for the group's members, shares and probe ports (through any member: the program
         belongs to the group); a change of the shares is logged, a probe's port coming and going is not."""
         shares = self._shares(group.members.order())
-        if not shares:  # only a retiring member is left: nothing to choose between
+        if not shares or group.foreign:  # only a retiring member is left, or the group is not ours alone
             return
         program = group.members.program(shares, group.probes)
         through = next(iter(group.sockets.values()))

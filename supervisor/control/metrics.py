@@ -45,6 +45,10 @@ def render(snapshot: Snapshot) -> bytes:
                                   "did not take them and the buffer was full")
     dropped.add_metric([], tally.log_dropped)
     families.append(dropped)
+    elsewhere = CounterMetricFamily("supervise_probe_answered_elsewhere", "Probe connections accepted by another "
+                                    "generation than the one under test (with steered cutover: only by a bug)")
+    elsewhere.add_metric([], tally.probes_elsewhere)
+    families.append(elsewhere)
     families.append(_histograms("supervise_upgrade_phase_seconds", "Duration of each upgrade phase", "phase", tally.phases,
                                 HistogramMetricFamily))
     families.append(_histograms("supervise_probe_seconds", "Duration of one probe attempt", "kind", tally.probes,

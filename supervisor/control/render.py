@@ -111,7 +111,7 @@ def _part(title: str, render: Callable[[dict[str, Any]], list[str]], status: dic
 
 def _process_lines(status: dict[str, Any]) -> list[str]:
     generations = status.get("generations") or []
-    lines = ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
+    lines = ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "TRAFFIC", "STATUS"],
                         [_generation_row(generation) for generation in generations])]
     if any(len(generation.get("instances") or []) > 1 for generation in generations):
         lines += ["", *table(["GEN", "#", "STATE", "PID", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
@@ -129,16 +129,30 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
     if (supervisor.get("processes") or 1) > 1:
         lines.append(f"instances   {supervisor.get('ready_instances', '?')} ready of {supervisor.get('processes')} wanted; "
                      f"upgrades: {supervisor.get('strategy', '?')}")
+    unsteered = supervisor.get("unsteered") or {}
     for listener in status.get("listeners") or []:
-        lines.append(f"listening   {listener.get('name', '?')} {listener.get('address', '?')}")
+        name = listener.get("name", "?")
+        how = f"  (shared by every generation: {unsteered[name]})" if name in unsteered else ""
+        lines.append(f"listening   {name} {listener.get('address', '?')}{how}")
+    if supervisor.get("cutover"):
+        lines.append(f"cutover     {supervisor['cutover']}")
     if supervisor.get("release"):
         lines.append(f"release     {_release(supervisor['release'])}")
     return lines
 
 
 def _generation_row(generation: dict[str, Any]) -> list[str]:
+    cells = _process_cells(generation)
     return [str(generation.get("number", "?")), str(generation.get("state", "?")), pid_list(generation.get("pids")),
-            *_process_cells(generation)]
+            *cells[:-1], _traffic(generation.get("traffic")), cells[-1]]
+
+
+def _traffic(traffic: Any) -> str:
+    """`active 100%`, `drained 0% (3 queued)`; `shared` when no listener of the generation is steered."""
+    if not isinstance(traffic, dict):
+        return "shared"
+    queued = sum(value for value in (traffic.get("queued") or {}).values() if isinstance(value, int))
+    return f"{traffic.get('state', '?')} {traffic.get('share', 0):.0%}" + (f" ({queued} queued)" if queued else "")
 
 
 def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[str]:

@@ -15,7 +15,8 @@ def status(snapshot: Snapshot) -> dict[str, Any]:
                        "uptime": _age(now, supervisor.started_at), "started_at": supervisor.started_wall,
                        "state": supervisor.state, "control": supervisor.control, "restarts": snapshot.tally.restarts,
                        "orphans_reaped": supervisor.orphans_reaped, "processes": supervisor.processes,
-                       "strategy": supervisor.strategy,
+                       "strategy": supervisor.strategy, "cutover": supervisor.cutover,
+                       "unsteered": dict(supervisor.unsteered),
                        "ready_instances": sum(len(generation.ready()) for generation in snapshot.generations),
                        "operation": supervisor.operation, "release": serving.release if serving else None},
         "listeners": [{"name": listener.name, "address": listener.address, "kind": listener.kind,
@@ -45,7 +46,10 @@ def _generation(now: float, generation: GenerationView) -> dict[str, Any]:
             "watchdog_age": _age(now, generation.last_watchdog),
             "instances": instances,
             "argv": list(generation.argv), "executable": generation.executable,
-            "cwd": generation.cwd, "release": generation.release}
+            "cwd": generation.cwd, "release": generation.release,
+            "traffic": None if generation.traffic is None else {
+                "state": generation.traffic.state, "share": generation.traffic.share,
+                "queued": dict(generation.traffic.queued)}}
 
 
 def _instance(now: float, instance: InstanceView) -> dict[str, Any]:
