@@ -91,6 +91,9 @@ def _integer(key: str) -> Checked:
 @click.option("--drain-delay", type=_duration("drain_delay"), default="1s", show_default=True,
               help="A generation no longer given new connections is signalled only once its accept queue has been "
                    "empty for this long: then nothing it accepted is left unread (steered cutover).")
+@click.option("--ramp", type=_duration("ramp"), default="0s", show_default=True,
+              help="Slow start: a new generation's share of new connections grows from 0 to all of them over this "
+                   "long once it is ready (steered cutover), while the old one takes the rest.")
 @click.option("--cutover", type=click.Choice(schema.choices("cutover")), default="steered", show_default=True,
               help="steered: each generation gets its own socket on every TCP address and a reuseport BPF program "
                    "decides which one gets new connections: a new generation gets none until it is proven ready, "

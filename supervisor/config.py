@@ -61,6 +61,7 @@ class Settings:
     drain_signal: signal.Signals = signal.SIGTERM
     drain_timeout: float = 30.0
     drain_delay: float = 1.0
+    ramp: float = 0.0
     cutover: str = "steered"
     name: str = "supervise"
     control: Path | None = None
@@ -100,7 +101,7 @@ class Settings:
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
 _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
           "change_settle", "cutover")
-_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "drain_delay",
+_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "drain_delay", "ramp",
               "restart_window", "change_settle")
 _COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
 _PATHS = ("control", "state_dir", "pidfile")

@@ -42,6 +42,7 @@ from .states import InstanceState, TrafficState
 from .tally import Tally, TimedProbe
 from .traffic import Traffic
 
+_WEIGHT = 1000  # an instance's weight in the program: fine enough steps for a ramp
 SWEEP_INTERVAL = 1.0  # how often the fleet is swept (zombies, orphans, held sockets)
 _EXIT_GRACE = 1.0  # a retired generation's processes are gone: its last exits are only waiting to be reaped
 
@@ -221,10 +222,13 @@ class Fleet:
         """Start `count` more instances of an old generation (a rollback putting back what a batch replaced)."""
         await self.refill(generation, generation.free_indexes(count))
 
-    def steer(self, states: Mapping[Generation, TrafficState]) -> None:
+    def steer(self, states: Mapping[Generation, TrafficState], parts: Mapping[Generation, float] | None = None) -> None:
         """Which new connections each generation gets from now on, all changed at once (traffic.py); an active
-        one in proportion to its ready instances."""
-        self.traffic.set({generation.number: (state, len(generation.ready())) for generation, state in states.items()})
+        one in proportion to its ready instances, times its part (0..1) of that where one is given (a ramp)."""
+        parts = parts or {}
+        self.traffic.set({generation.number: (state, max(1, round(_WEIGHT * parts.get(generation, 1.0)
+                                                                  * len(generation.ready()))))
+                          for generation, state in states.items()})
 
     def was_active(self, generation: Generation) -> bool:
         """Whether `generation` was ever given new connections (a passive one only ever got probes)."""

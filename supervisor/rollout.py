@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import anyio
 
 from .acceptance import Proof, accept_probe
 from .commands import CommandRunner
-from .concurrency import first_completed
+from .concurrency import first_completed, gather
 from .config import Settings
 from .errors import UserError
 from .event_kinds import Kind
@@ -35,6 +36,8 @@ from .release import Release
 from .spawn import SpawnError, out_of_fds
 from .states import FailureKind, Phase, RolloutResult, TrafficState
 from .strategy import Strategy, drain_count
+
+_RAMP_STEP = 0.05  # seconds between steps of a --ramp
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class Host(Protocol):
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
     async def restore(self, generation: Generation, count: int) -> None: ...
-    def steer(self, states: Mapping[Generation, TrafficState]) -> None: ...
+    def steer(self, states: Mapping[Generation, TrafficState], parts: Mapping[Generation, float] | None = None) -> None: ...
     def was_active(self, generation: Generation) -> bool: ...
 
 
@@ -253,23 +256,37 @@ class Rollout:
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
             raise Failed(first.reason + counts, first.kind)
         self._mark("ready")
-        self._admit(final=len(new.ready()) >= plan.processes)
-        if settings.watch > 0:
-            self._enter(Phase.WATCHING)
-            beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
-            self.host.events.emit(Kind.WATCHING, f"watching generation {new.number} for {settings.watch:g}s{beside}",
-                                  gen=new.number, instances=[instance.index for instance in ready])
-            proof = Proof(accept_probe(plan.listeners, settings.probe_timeout, plan.route), ready, settings.probe_timeout,
-                          plan.processes > 1)
-            await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold, proof)
+        await gather(partial(self._admit, len(new.ready()) >= plan.processes), partial(self._watch, ready))
         return ready
 
-    def _admit(self, final: bool) -> None:
+    async def _watch(self, ready: list[Instance]) -> None:
+        """The watch window of a batch: health checks, and proof that each new instance accepts connections."""
+        plan, settings, new = self.plan, self.settings, self.new
+        assert plan is not None and new is not None
+        if settings.watch <= 0:
+            return
+        self._enter(Phase.WATCHING)
+        beside = f" beside generation {self.old.number}" if self.old and self.old.alive else ""
+        self.host.events.emit(Kind.WATCHING, f"watching generation {new.number} for {settings.watch:g}s{beside}",
+                              gen=new.number, instances=[instance.index for instance in ready])
+        proof = Proof(accept_probe(plan.listeners, settings.probe_timeout, plan.route), ready, settings.probe_timeout,
+                      plan.processes > 1)
+        await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold, proof)
+
+    async def _admit(self, final: bool) -> None:
         """A batch is proven ready: new connections go to it, beside the old generation's instances in proportion
         until the last batch; then the old generation is drained — given none, but running and warm, so a failure
-        in the watch window can give them back to it at once. (Where nothing is steered, this changes nothing.)"""
+        in the watch window can give them back to it at once. With --ramp the new generation's part grows from 0
+        to its full share over that time first (a slow start). (Where nothing is steered, this changes nothing.)"""
         assert self.new is not None
-        states = {self.new: TrafficState.ACTIVE}
+        both = {self.new: TrafficState.ACTIVE}
+        if self.old is not None and self.old.alive:
+            both[self.old] = TrafficState.ACTIVE
+            began, ramp = self.clock(), self.settings.ramp
+            while (part := (self.clock() - began) / ramp if ramp > 0 else 1.0) < 1.0:
+                self.host.steer(both, {self.new: part})
+                await anyio.sleep(_RAMP_STEP)
+        states = dict(both)
         if self.old is not None:
             states[self.old] = TrafficState.DRAINED if final else TrafficState.ACTIVE
         self.host.steer(states)

@@ -253,6 +253,7 @@ SETTINGS: dict[str, Kind] = {
     "drain_signal": Text(32, parser=parse_signal),
     "drain_timeout": Duration(0, _DAY),
     "drain_delay": Duration(0, _HOUR),
+    "ramp": Duration(0, _HOUR),
     "cutover": Choice(("steered", "shared")),
     "max_restarts": Integer(0, 1000),
     "restart_window": Duration(0.1, _DAY),

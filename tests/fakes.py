@@ -292,10 +292,13 @@ class FakeFleet:
     def discard(self, plan: Plan) -> None:
         self.actions.append("discard")
 
-    def steer(self, states: Mapping[Generation, TrafficState]) -> None:
+    def steer(self, states: Mapping[Generation, TrafficState], parts: Mapping[Generation, float] | None = None) -> None:
         for generation, state in states.items():
             self.traffic[generation.number] = state
-        self.steering.append(", ".join(f"{gen.number} {state} ×{len(gen.ready())}" for gen, state in states.items()))
+        parts = parts or {}
+        self.steering.append(", ".join(f"{gen.number} {state} ×{len(gen.ready())}"
+                                       + (f" part {parts[gen]:.2f}" if gen in parts else "")
+                                       for gen, state in states.items()))
 
     def was_active(self, generation: Generation) -> bool:
         return self.traffic.get(generation.number, TrafficState.PASSIVE) != TrafficState.PASSIVE
