@@ -61,7 +61,8 @@ def generation_of(body: str) -> int:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cutover", ["steered", "shared"])
-def test_no_answer_of_a_warming_release_reaches_a_client(cutover: str, release: Release, running: list[Supervise]) -> None:
+def test_no_answer_of_a_warming_release_reaches_a_client(cutover: str, release: Release,
+                                                         running: list[Supervise]) -> None:
     """v2 accepts at once but answers 503 to everything for 1.5 s. Steered, no client sees one of those (it gets
     no connection until its /readyz says 200); shared, the load client does, which proves the test can fail."""
     port = free_port()

@@ -49,7 +49,8 @@ async def test_rolling_shares_by_ready_instances_until_the_last_batch() -> None:
 async def test_a_ramp_grows_the_new_share_before_the_old_generation_is_drained() -> None:
     result, fleet = await upgrade(settings(2, ramp=2.0, watch=1.0))
     assert result == RolloutResult.PROMOTED
-    parts = [float(found.group(1)) for step in fleet.steering if (found := re.search(r"2 active ×2 part ([\d.]+)", step))]
+    found = [re.search(r"2 active ×2 part ([\d.]+)", step) for step in fleet.steering]
+    parts = [float(match.group(1)) for match in found if match]
     assert len(parts) >= 30 and parts[0] == 0.0 and parts == sorted(parts) and parts[-1] <= 1.0, parts
     assert all("1 active ×2" in step for step in fleet.steering[:-1])
     assert fleet.steering[-1] == "2 active ×2, 1 drained ×2"  # after 2 s, though the watch was 1 s
