@@ -31,14 +31,18 @@ class Preview:
     surge: str | None = None  # why all instances would start at once although the strategy asks for batches
     error: str | None = None
     exec_failed: bool = False  # `error` is the release's: it would be rolled back at once
+    steered: bool = False  # each generation has its own socket on the TCP listeners (traffic.py)
+    shared: tuple[tuple[str, str], ...] = ()  # (listener, why) for those every generation shares
 
 
 async def preview(host: Host, old: Generation | None, number: int, held: Sequence[Listener], force: bool,
-                  release: Release | None = None) -> Preview:
+                  release: Release | None = None, steered: bool = False,
+                  shared: Sequence[tuple[str, str]] = ()) -> Preview:
     """Dry-run an upgrade from `old` (serving with the `held` listeners) to generation `number` of `release`, or of
     what is on disk now."""
     start = Preview(number, old.number if old else None,
-                    tuple(instance.index for instance in old.drain_order()) if old else (), ())
+                    tuple(instance.index for instance in old.drain_order()) if old else (), (), steered=steered,
+                    shared=tuple(shared))
     try:
         plan = host.prepare(release, dry_run=True)
     except SpawnError as exc:

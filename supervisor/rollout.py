@@ -10,7 +10,7 @@ serving as if nothing had happened.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -21,6 +21,7 @@ from .acceptance import Proof, accept_probe
 from .commands import CommandRunner
 from .concurrency import first_completed, gather
 from .config import Settings
+from .cutover import Steering, admit, undrain
 from .errors import UserError
 from .event_kinds import Kind
 from .events import Events
@@ -36,8 +37,6 @@ from .release import Release
 from .spawn import SpawnError, out_of_fds
 from .states import FailureKind, Phase, RolloutResult, TrafficState
 from .strategy import Strategy, drain_count
-
-_RAMP_STEP = 0.05  # seconds between steps of a --ramp
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Plan:
     route: Route | None = None  # how a probe reaches the generation under test (traffic.py), where it can
 
 
-class Host(Protocol):
+class Host(Steering, Protocol):
     """What the rollout needs from the fleet that owns the generations (fleet.py; the fast layer fakes it)."""
 
     settings: Settings
@@ -75,8 +74,6 @@ class Host(Protocol):
     async def retire(self, generation: Generation, graceful: bool) -> list[int]: ...
     async def retire_instances(self, generation: Generation, instances: list[Instance]) -> None: ...
     async def restore(self, generation: Generation, count: int) -> None: ...
-    def steer(self, states: Mapping[Generation, TrafficState], parts: Mapping[Generation, float] | None = None) -> None: ...
-    def was_active(self, generation: Generation) -> bool: ...
 
 
 @dataclass
@@ -256,7 +253,9 @@ class Rollout:
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
             raise Failed(first.reason + counts, first.kind)
         self._mark("ready")
-        await gather(partial(self._admit, len(new.ready()) >= plan.processes), partial(self._watch, ready))
+        final = len(new.ready()) >= plan.processes
+        await gather(partial(admit, self.host, new, self.old, final, settings.ramp, self.clock),
+                     partial(self._watch, ready))
         return ready
 
     async def _watch(self, ready: list[Instance]) -> None:
@@ -272,24 +271,6 @@ class Rollout:
         proof = Proof(accept_probe(plan.listeners, settings.probe_timeout, plan.route), ready, settings.probe_timeout,
                       plan.processes > 1)
         await watch(plan.probe, new, settings.watch, settings.health_interval, settings.health_threshold, proof)
-
-    async def _admit(self, final: bool) -> None:
-        """A batch is proven ready: new connections go to it, beside the old generation's instances in proportion
-        until the last batch; then the old generation is drained — given none, but running and warm, so a failure
-        in the watch window can give them back to it at once. With --ramp the new generation's part grows from 0
-        to its full share over that time first (a slow start). (Where nothing is steered, this changes nothing.)"""
-        assert self.new is not None
-        both = {self.new: TrafficState.ACTIVE}
-        if self.old is not None and self.old.alive:
-            both[self.old] = TrafficState.ACTIVE
-            began, ramp = self.clock(), self.settings.ramp
-            while (part := (self.clock() - began) / ramp if ramp > 0 else 1.0) < 1.0:
-                self.host.steer(both, {self.new: part})
-                await anyio.sleep(_RAMP_STEP)
-        states = dict(both)
-        if self.old is not None:
-            states[self.old] = TrafficState.DRAINED if final else TrafficState.ACTIVE
-        self.host.steer(states)
 
     async def _replace_old(self, ready: list[Instance]) -> None:
         """A batch is in: drain as many old instances as became ready — but only those above N: when the old
@@ -338,7 +319,7 @@ class Rollout:
         new_number = self.new.number if self.new else None
         old_number = self.old.number if self.old else None
         if self.new is not None:
-            self._undrain()
+            undrain(self.host, self.new, self.old)
             await self._restore_old()
         if self.plan is not None:
             self.host.discard(self.plan)
@@ -350,13 +331,6 @@ class Rollout:
         await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason))
         self._enter(Phase.IDLE)
         return self._outcome(RolloutResult.ROLLED_BACK, reason, kind)
-
-    def _undrain(self) -> None:
-        """New connections go back to the old generation at once — its processes unchanged, nothing restarted —
-        and the new one gets none from here on (it finishes what it has while it drains)."""
-        assert self.new is not None
-        if self.old is not None and self.host.was_active(self.new):
-            self.host.steer({self.old: TrafficState.ACTIVE, self.new: TrafficState.DRAINED})
 
     async def _restore_old(self) -> None:
         """Put back every old instance a batch replaced — each ready before a new one is drained — then drop the

@@ -268,7 +268,8 @@ class Supervisor:
 
     async def preview(self, force: bool) -> Preview:
         fleet = self.fleet
-        return await preview(fleet, fleet.serving, fleet.next_number, fleet.listeners, force)
+        return await preview(fleet, fleet.serving, fleet.next_number, fleet.listeners, force,
+                             steered=fleet.traffic.steer, shared=tuple(fleet.traffic.shared.items()))
 
     async def settled(self) -> None:
         settings = self.fleet.settings

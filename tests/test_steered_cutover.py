@@ -203,6 +203,9 @@ def test_each_fallback_is_said_and_upgrades_as_before(release: Release, running:
     assert stats.failures == 0, stats.summary()
     status = sup.ctl("status")
     assert "shared by every generation: unix" in status.stdout and "active 100%" in status.stdout, status.stdout
+    dry = sup.ctl("upgrade", "--dry-run")
+    assert "cutover steered" in dry.stdout and "listener listen1 is shared" in dry.stdout, dry.stdout
+    assert "cutover shared" in shared.ctl("upgrade", "--dry-run").stdout
 
 
 @pytest.mark.timeout(60)

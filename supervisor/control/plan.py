@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import Settings
 from ..preview import Preview
 from ..strategy import Strategy, drain_count
 
@@ -29,6 +30,7 @@ def plan(preview: Preview) -> dict[str, Any]:
     batches = _batches(strategy, processes, list(preview.old_order))
     many = f", {processes} instances" if processes > 1 else ""
     steps.append(f"start generation {number}: {release.describe()} (in {release.cwd}){many}")
+    steps.extend(_cutover(preview, settings, number, old))
     ready = (f"wait up to {settings.ready_timeout:g}s for readiness: {probe_text}, answered by generation {number}'s "
              f"own processes; polls from 10ms to {settings.health_interval:g}s")
     watch = (f"watch {settings.watch:g}s beside generation {old if old else '-'}: health check every "
@@ -55,11 +57,25 @@ def plan(preview: Preview) -> dict[str, Any]:
     return {"command": list(release.argv), "executable": release.executable, "cwd": release.cwd,
             "fingerprint": identity.digest, "release": identity.as_dict(), "known_bad": preview.known_bad,
             "probe": probe_text, "processes": processes,
+            "cutover": "steered" if preview.steered else "shared", "shared_listeners": dict(preview.shared),
             "strategy": strategy.describe(processes), "batches": batches,
             "timeouts": {"ready": settings.ready_timeout, "probe": settings.probe_timeout, "watch": settings.watch,
                          "drain": settings.drain_timeout, "hook": hooks.timeout},
             "hooks": {"pre_upgrade": hooks.pre_upgrade, "post_upgrade": hooks.post_upgrade, "on_rollback": hooks.on_rollback},
             "steps": steps}
+
+
+def _cutover(preview: Preview, settings: Settings, number: int, old: int | None) -> list[str]:
+    """How new connections move from the old generation to the new one."""
+    shared = "; ".join(f"listener {name} is shared by every generation ({why})" for name, why in preview.shared)
+    if not preview.steered:
+        return [f"cutover shared: {shared}" if shared else "cutover shared: every generation accepts from one socket"]
+    ramp = f", its share growing from 0 over {settings.ramp:g}s" if settings.ramp > 0 else ""
+    return [f"cutover steered: generation {number} gets its own socket and no user connection until it is ready "
+            f"(probes reach it by their source port); then new connections go to it{ramp}, and generation "
+            f"{old if old else '-'} gets none but keeps running (undrained at once if generation {number} fails), "
+            f"and is signalled once its socket has had no connection waiting for {settings.drain_delay:g}s"
+            + (f"; {shared}" if shared else "")]
 
 
 def _batches(strategy: Strategy, processes: int, old: list[int]) -> list[dict[str, Any]]:
