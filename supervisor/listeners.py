@@ -1,8 +1,9 @@
-"""Listening sockets: parsed from --listen, bound once (or adopted from systemd) and held for the supervisor's life.
+"""Listening sockets: parsed from --listen, bound once (or adopted from systemd) and held by the supervisor.
 
-Every generation inherits these same sockets. Holding one socket in the supervisor, rather than letting each
-generation bind its own with SO_REUSEPORT, is what makes upgrades lossless: connections queued in the accept
-backlog belong to the socket, not to a process, so a generation exiting never takes them with it.
+A generation inherits a socket on every listener, and the supervisor keeps its copy while the generation lives:
+connections queued in an accept backlog belong to the socket, not to a process, so a generation exiting never
+takes them with it. A TCP listener supervise binds itself is steered (traffic.py): each later generation gets a
+`sibling` on the same address, in the first socket's SO_REUSEPORT group. Others are shared by every generation.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class Rescue:
     """Relays stranded connections; `run` owns the relays (the fleet runs it for the supervisor's life)."""
 
     events: Events
-    timeout: float = 30.0  # the longest one relay may last (--drain-timeout)
+    timeout: float = 30.0  # the longest one relay may last: a request and its answer, not a session
     _jobs: MemoryObjectSendStream[Stranded] = field(init=False)
     _to_relay: MemoryObjectReceiveStream[Stranded] = field(init=False)
 
