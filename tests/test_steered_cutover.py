@@ -152,6 +152,8 @@ def test_probe_connections_reach_only_the_generation_under_test(release: Release
     assert metrics.returncode == 0, metrics.stderr
     elsewhere = [line for line in metrics.stdout.splitlines() if line.startswith("supervise_probe_answered_elsewhere")]
     assert elsewhere and all(line.split()[-1] in ("0", "0.0") for line in elsewhere), elsewhere
+    assert 'supervise_generation_traffic_share{gen="5",state="active"} 1.0' in metrics.stdout, metrics.stdout
+    assert 'supervise_generation_accept_queue{gen="5",listener="listen0"}' in metrics.stdout, metrics.stdout
     probes = [line for line in metrics.stdout.splitlines() if line.startswith('supervise_probe_seconds_count')]
     assert probes and float(probes[0].split()[-1]) >= 4, probes
     assert stats.failures == 0, stats.summary()

@@ -55,6 +55,7 @@ def render(snapshot: Snapshot) -> bytes:
                                 HistogramMetricFamily))
     families.extend(_process_families(snapshot, GaugeMetricFamily, CounterMetricFamily))
     families.extend(_queue_families(snapshot, GaugeMetricFamily))
+    families.extend(_traffic_families(snapshot, GaugeMetricFamily))
     families.append(_release_family(snapshot, GaugeMetricFamily))
     uptime = GaugeMetricFamily("supervise_uptime_seconds", "Seconds since the supervisor started")
     uptime.add_metric([], snapshot.taken_at - snapshot.supervisor.started_at)
@@ -91,6 +92,21 @@ def _process_families(snapshot: Snapshot, gauge: Any, counter: Any) -> list[Any]
                 rss.add_metric(values, process.rss)
                 cpu.add_metric(values, process.cpu_seconds)
     return [rss, cpu, ready, wanted]
+
+
+def _traffic_families(snapshot: Snapshot, gauge: Any) -> list[Any]:
+    """Steered cutover: each generation's share of new connections (its traffic state as a label) and what
+    waits in its own socket of each listener."""
+    share = gauge("supervise_generation_traffic_share", "Share of new connections each generation gets (0..1), by "
+                  "its traffic state: passive, active, drained, retiring", labels=["gen", "state"])
+    queued = gauge("supervise_generation_accept_queue", "Connections waiting in a generation's own socket of each "
+                   "steered listener", labels=["gen", "listener"])
+    for generation in snapshot.generations:
+        if generation.traffic is not None:
+            share.add_metric([str(generation.number), generation.traffic.state], generation.traffic.share)
+            for listener, waiting in generation.traffic.queued.items():
+                queued.add_metric([str(generation.number), listener], waiting)
+    return [share, queued]
 
 
 def _release_family(snapshot: Snapshot, gauge: Any) -> Any:
