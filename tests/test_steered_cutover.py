@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,3 +246,28 @@ def test_port_in_use_is_still_refused(release: Release, tmp_path: Path) -> None:
         finally:
             sup.stop()
     assert any("address already in use" in line for line in sup.lines), sup.lines
+
+
+@pytest.mark.timeout(60)
+def test_a_socket_passed_in_by_systemd_is_shared_and_said(release: Release, running: list[Supervise]) -> None:
+    """Socket activation: the socket supervise was given is every generation's, as before steering."""
+    web = socket.create_server(("127.0.0.1", 0))
+    port = web.getsockname()[1]
+    activate = (f"import os, sys; os.dup2({web.fileno()}, 3); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web'); "
+                "os.execv(sys.argv[1], sys.argv[1:])")
+    release.deploy("--tag", "v1")
+    sup = Supervise(["-l", f"web=127.0.0.1:{port}", *QUICK, "--watch", "300ms", "--", str(release.script)],
+                    wrapper=[sys.executable, "-c", activate], pass_fds=(web.fileno(),)).start()
+    running.append(sup)
+    web.close()
+    sup.wait_for("serving")
+    load = load_on("127.0.0.1", port)
+    try:
+        release.deploy("--tag", "v2")
+        assert sup.upgrade()["event"] == "promoted"
+    finally:
+        stats = load.stop()
+    (said,) = sup.of_kind("steering-fallback")
+    assert said["name"] == "web" and "socket activation" in said["reason"], said
+    assert stats.failures == 0, stats.summary()
