@@ -52,8 +52,9 @@ class Rescue:
     def take(self, sock: socket.socket, number: int, target: tuple[str, int], steer: Steer) -> int:
         """Accept every connection waiting in `sock` (no process of its generation holds it any more, so nothing
         else accepts from it) and relay each; how many there were."""
-        taken = 0
-        while select.select([sock], [], [], 0)[0]:
+        taken, poller = 0, select.poll()  # not select(): our fds may be numbered above FD_SETSIZE
+        poller.register(sock.fileno(), select.POLLIN)
+        while poller.poll(0):
             try:
                 conn, _ = sock.accept()
             except OSError:
