@@ -68,12 +68,14 @@ class Traffic:
         """Whether a listener gets a socket per generation (see unsteered for why not)."""
         return self.unsteered(spec, adopted) is None
 
-    def unsteered(self, spec: ListenSpec | None, adopted: bool) -> str | None:
+    def unsteered(self, spec: ListenSpec | None, adopted: bool, sock: socket.socket | None = None) -> str | None:
         """Why a listener is shared by every generation; None when it is steered."""
         if not self.steer:
             return "steering is off (--cutover shared, or this kernel cannot attach a reuseport program)"
-        if spec is None or adopted:
-            return "it was passed in by systemd socket activation"
+        if spec is None:
+            return "it was passed in by systemd socket activation, and no --listen names it"
+        if adopted:
+            return _adopted_unsteered(sock)
         if spec.kind == "unix":
             return "unix sockets have no SO_REUSEPORT groups"
         if spec.kind == "udp":
@@ -96,7 +98,7 @@ class Traffic:
         is attached before its socket listens, so not one connection reaches it by the kernel's hash."""
         self.states[number] = state
         for listener in listeners:
-            reason = self.unsteered(listener.spec, listener.adopted)
+            reason = self.unsteered(listener.spec, listener.adopted, listener.sock)
             if reason is not None or listener.spec is None:
                 self._say_shared(listener, reason or "")
                 continue
@@ -315,3 +317,21 @@ class Traffic:
             if any(listener.probe_address() == (host, port) for listener in group.sockets.values()):
                 return group
         return None
+
+
+def _adopted_unsteered(sock: socket.socket | None) -> str | None:
+    """A socket systemd passed in can be steered only if more can join its group: it is TCP, carries SO_REUSEPORT
+    (ReusePort=yes in the .socket unit) and belongs to our user (the kernel admits only the same user's sockets)."""
+    passed = "it was passed in by systemd socket activation"
+    if sock is None or sock.family == socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        return passed
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return f"{passed} without SO_REUSEPORT (ReusePort=yes in its .socket unit lets supervise steer it)"
+    found = census.listening(sock.family, sock.getsockname()[1])
+    if found is None:
+        return f"{passed}, and the kernel cannot tell whose it is"
+    inode = os.fstat(sock.fileno()).st_ino
+    owner = next((each.uid for each in found if each.inode == inode), None)
+    if owner != os.geteuid():
+        return f"{passed}, and it belongs to uid {owner}: only its owner's sockets can join its group"
+    return None

@@ -249,11 +249,15 @@ def test_port_in_use_is_still_refused(release: Release, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_socket_passed_in_by_systemd_is_shared_and_said(release: Release, running: list[Supervise]) -> None:
-    """Socket activation: the socket supervise was given is every generation's, as before steering."""
-    web = socket.create_server(("127.0.0.1", 0))
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "ReusePort=yes"])
+def test_a_socket_passed_in_by_systemd_is_steered_only_with_reuseport(reuse_port: bool, release: Release,
+                                                                      running: list[Supervise]) -> None:
+    """Socket activation: a socket systemd made with ReusePort=yes is steered like one supervise bound (a warming
+    release costs nothing); a plain one is every generation's, as before steering, and said."""
+    web = socket.create_server(("127.0.0.1", 0), reuse_port=reuse_port)
     port = web.getsockname()[1]
-    activate = (f"import os, sys; os.dup2({web.fileno()}, 3); "
+    # Like systemd: the socket at fd 3 and nowhere else (a second copy would keep it in the group once retired).
+    activate = (f"import os, sys; os.dup2({web.fileno()}, 3); os.close({web.fileno()}); "
                 "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web'); "
                 "os.execv(sys.argv[1], sys.argv[1:])")
     release.deploy("--tag", "v1")
@@ -264,10 +268,15 @@ def test_a_socket_passed_in_by_systemd_is_shared_and_said(release: Release, runn
     sup.wait_for("serving")
     load = load_on("127.0.0.1", port)
     try:
-        release.deploy("--tag", "v2")
+        release.deploy("--tag", "v2", *(["--warm-up", "1"] if reuse_port else []))
         assert sup.upgrade()["event"] == "promoted"
+        sup.wait_for("retired", where=lambda event: event["gen"] == 1)
     finally:
         stats = load.stop()
-    (said,) = sup.of_kind("steering-fallback")
-    assert said["name"] == "web" and "socket activation" in said["reason"], said
+    said = sup.of_kind("steering-fallback")
+    if reuse_port:
+        assert said == [] and sup.of_kind("traffic"), said
+    else:
+        assert len(said) == 1 and said[0]["name"] == "web" and "ReusePort=yes" in said[0]["reason"], said
     assert stats.failures == 0, stats.summary()
+    assert generation_of(http_get(port)[1]) == 2
