@@ -16,11 +16,14 @@ from .errors import UserError
 _EPILOG = """
 \b
 How an upgrade works (SIGHUP, or `systemctl reload`):
-  1. a new generation of COMMAND starts beside the serving one, inheriting the same sockets;
+  1. a new generation of COMMAND starts beside the serving one, with its own socket on each TCP
+     address (--cutover steered): no user connection reaches it yet;
   2. it must pass --ready (answered by *its* processes, not the old ones) within --ready-timeout;
-  3. both serve through the --watch window while the new one is health-checked;
-  4. the old generation gets --drain-signal and --drain-timeout to finish, then SIGKILL.
-  Any failure before step 4 kills only the new generation: the old one never stopped serving.
+  3. new connections go to it (over --ramp), the old one keeps running through the --watch
+     window while the new one is health-checked, and takes them back if it fails;
+  4. once nothing waited in its socket for --drain-delay, the old generation gets
+     --drain-signal and --drain-timeout to finish, then SIGKILL.
+  Any failure before step 4 removes only the new generation: the old one never stopped serving.
 
 \b
 What the child gets: the sockets at fds 3, 4, ... in --listen order, and
