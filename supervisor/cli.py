@@ -83,7 +83,8 @@ def _integer(key: str) -> Checked:
 @click.option("--ready-timeout", type=_duration("ready_timeout"), default="60s", show_default=True, help="How long a new generation may take to become ready.")
 @click.option("--probe-timeout", type=_duration("probe_timeout"), default="2s", show_default=True, help="Timeout of one probe attempt.")
 @click.option("--watch", type=_duration("watch"), default="5s", show_default=True,
-              help="After ready, how long old and new serve side by side while the new one is health-checked.")
+              help="After ready, how long the new generation takes the traffic and is health-checked while the old "
+                   "one keeps running, to take it back at once if the new one fails (shared cutover: both serve).")
 @click.option("--health-interval", type=_duration("health_interval"), default="1s", show_default=True,
               help="Time between health checks (and the slowest readiness poll; polls start at 10ms).")
 @click.option("--health-threshold", type=_integer("health_threshold"), default=3, show_default=True,
