@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write every figure to this file")
     parser.add_argument("--quick", action="store_true", help="K=3, shorter windows, 30 fd upgrades, no keep-alive "
                         "baselines, no wrk, no gunicorn io:S row: about 3 minutes on 2 busy cores, under 2 with "
-                        "--cutover-only. Full: section 6 alone (--cutover-only) about 10 minutes, sections 1-5 add theirs")
+                        "--cutover-only. Full: about 14 minutes, 10 of them section 6 (--cutover-only)")
     parser.add_argument("--cutover-only", action="store_true", help="run only section 6, steered vs shared cutover")
     parser.add_argument("--startup", type=float, default=1.0, help="seconds the slowed start-ups of section 6 "
                         "sleep (io) or burn CPU (cpu) (default 1)")
