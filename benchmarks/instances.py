@@ -33,8 +33,8 @@ from typing import Any
 import psutil
 
 from supervisor.testing.checkout import APP
-from supervisor.testing.net import free_port
 from supervisor.testing.loadgen import LoadGenerator
+from supervisor.testing.net import free_port
 
 HOST = "127.0.0.1"
 STRATEGIES = {"surge": [], "rolling": ["--strategy", "rolling", "--batch", "1"]}

@@ -4,7 +4,8 @@
 
 Same routes and answers as the aiohttp demo (`/`, `/readyz`), no framework. Each worker prints one line when
 it has imported the app (gunicorn does not say when a worker can serve), which the benchmark uses as the
-worker's "ready" instant.
+worker's "ready" instant. With SLOW_START=io:SECONDS or cpu:SECONDS (gunicorn `--env`, kept across its USR2
+re-exec) the import takes that long first: see slow_start.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
+
+if os.environ.get("SLOW_START"):
+    from slow_start import start_up  # benchmarks/ is on gunicorn's --pythonpath
+
+    start_up(os.environ["SLOW_START"])
 
 # One write() per line: print() writes the text and the newline separately, and the workers share stderr.
 os.write(sys.stderr.fileno(), f"wsgi_app: pid {os.getpid()} loaded\n".encode())

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.testing.net import free_port
 from supervisor.testing.loadgen import KEEPALIVE_RESET
+from supervisor.testing.net import free_port
 
 from .processes import HOST, Load, Proc
 from .samples import Samples, spread
@@ -31,6 +31,7 @@ class Config:
     fd_upgrades: int
     wrk: bool
     quick: bool
+    startup: float  # seconds of the slowed start-ups of the cutover rows
 
 
 def measure(system: System, cfg: Config, keepalive: bool, control: bool = False) -> dict[str, Any]:

@@ -142,9 +142,9 @@ What is measured
 """
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], print_cutover: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+    """Everything measured (sections 1-5 when they ran, then section 6 by `print_cutover`), the targets, the notes."""
     cfg = report["config"]
-    runs = report["runs"]
     print("\n" + "=" * 100)
     print(f"supervise: upgrades under load — {report['machine']['cpus']} cores, Python {report['machine']['python']}, "
           f"127.0.0.1, K={cfg['upgrades']} upgrades per run, C={cfg['concurrency']} clients, steady {cfg['seconds']:g}s")
@@ -152,6 +152,21 @@ def print_report(report: dict[str, Any]) -> None:
           f"supervisor: {report['machine']['loop']}; load average before/after: {report['machine']['loadavg_before']} / "
           f"{report['machine']['loadavg_after']}")
     print("=" * 100)
+    if report["runs"]:
+        print_classic(report)
+    print_cutover(report["cutover"], cfg)
+    print("\nTargets")
+    for target in report["targets"]:
+        print(f"  [{'PASS' if target['ok'] else 'FAIL'}] {target['name']}: {target['measured']}")
+    if report["runs"]:
+        print(NOTES.rstrip())
+    print(f"\ntotal wall time {report['wall_s']:.0f}s")
+
+
+def print_classic(report: dict[str, Any]) -> None:
+    """Sections 1-5."""
+    cfg = report["config"]
+    runs = report["runs"]
     close = [runs["supervise-notify-close"], runs["supervise-http-close"], runs["naive-close"], runs["gunicorn-close"]]
     print_comparison("1. New connection per request (zero-loss case)", close, close[0])
     reference = close[0]
@@ -219,9 +234,3 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{fmt(item['upgrade_s']['median'], 3):>13}" + (f"  {errors_text(d['errors'])}" if d["errors"] else ""))
     elif report.get("wrk_skipped"):
         print(f"\n5. wrk cross-check skipped: {report['wrk_skipped']}")
-
-    print("\nTargets")
-    for target in report["targets"]:
-        print(f"  [{'PASS' if target['ok'] else 'FAIL'}] {target['name']}: {target['measured']}")
-    print(NOTES.rstrip())
-    print(f"\ntotal wall time {report['wall_s']:.0f}s")

@@ -16,7 +16,6 @@ from .samples import Samples
 from .source import Source
 from .systems import VERDICTS
 
-
 ROLLBACK_CASES: list[tuple[str, list[str] | None, str]] = [
     ("crash at start", ["--exit-at-start", "3"], "exited with status 3 during readiness"),
     ("exec failure (mode 0644)", None, "exec failed"),

@@ -1,22 +1,23 @@
 """The systems driven under load: something serving examples/app.py (or its twin) on a port that can be
-upgraded — supervise with a notify or an http readiness probe, a naive restart, gunicorn's HUP reload."""
+upgraded — supervise (a notify or an http readiness probe, either cutover, examples/app.py or another server)
+and a naive restart; gunicorn's own reloads are in gunicorn.py."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from supervisor.testing.net import free_port
 
-from .processes import HOST, BenchError, Proc
+from .processes import HOST, Proc
 from .source import PYTHON, ROOT, Source
 
 BENCH_DIR = ROOT / "benchmarks"
@@ -45,21 +46,41 @@ def parse_ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-class Supervised(System):
-    """supervise -l 127.0.0.1:PORT --ready notify|http/readyz --watch 0 -- python examples/app.py"""
+@dataclass(frozen=True)
+class Launch:
+    """What supervise runs, when not plain examples/app.py: the command after `--` (`{fd}` as supervise
+    replaces it), the children's --chdir, and the name the report gives it."""
 
-    def __init__(self, source: Source, probe: str, http_interval: float) -> None:
+    name: str
+    command: tuple[str, ...]
+    chdir: Path | None = None
+
+
+class Supervised(System):
+    """supervise -l 127.0.0.1:PORT --ready notify|http/readyz --watch 0 [--cutover C] -- python examples/app.py
+    (or `launch`'s command). Without `cutover` supervise's default applies."""
+
+    def __init__(self, source: Source, probe: str, http_interval: float, cutover: str | None = None,
+                 launch: Launch | None = None) -> None:
         super().__init__(source)
         self.probe = probe
         self.http_interval = http_interval
-        self.label = f"supervise ({probe})"
+        self.cutover = cutover
+        self.launch = launch
+        name = launch.name if launch else f"supervise ({probe})"
+        self.label = f"{name} {cutover}" if cutover else name
         self.proc: Proc | None = None
 
     def argv(self) -> list[str]:
         ready = ["--ready", "notify"] if self.probe == "notify" else [
             "--ready", "http/readyz", "--health-interval", f"{self.http_interval:g}s"]
-        return self.source.supervise(self.port, *ready, "--watch", "0", "--ready-timeout", "30s", "--drain-timeout", "30s",
-                                     command=[PYTHON, str(self.source.app)])
+        options = [*ready, "--watch", "0", "--ready-timeout", "30s", "--drain-timeout", "30s"]
+        if self.cutover:
+            options += ["--cutover", self.cutover]
+        if self.launch and self.launch.chdir:
+            options += ["--chdir", str(self.launch.chdir)]
+        command = list(self.launch.command) if self.launch else [PYTHON, str(self.source.app)]
+        return self.source.supervise(self.port, *options, command=command)
 
     def start(self) -> None:
         self.proc = Proc(self.label, self.argv(), cwd=self.source.root)  # `python -m supervisor` imports it from there
@@ -110,7 +131,7 @@ class Supervised(System):
         return record
 
     def cpu(self) -> float | None:
-        return _cpu(self.proc.pid) if self.proc else None
+        return cpu_seconds(self.proc.pid) if self.proc else None
 
     def stop(self) -> dict[str, Any]:
         if self.proc is None:
@@ -118,7 +139,7 @@ class Supervised(System):
         family = self.proc.family()
         code = self.proc.stop(grace=40.0)
         stopped = self.proc.find_events(lambda e: e["event"] == "stopped")
-        survivors = [p.pid for p in family if _alive(p)]
+        survivors = [p.pid for p in family if alive(p)]
         return {"exit_code": code, "stopped_event": bool(stopped), "survivors": survivors,
                 "interleaved_json_lines": len(self.proc.interleaved), "interleaved_examples": self.proc.interleaved[:2]}
 
@@ -127,7 +148,7 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _cpu(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     try:
         times = psutil.Process(pid).cpu_times()
     except psutil.Error:
@@ -135,7 +156,7 @@ def _cpu(pid: int) -> float | None:
     return times.user + times.system
 
 
-def _alive(process: psutil.Process) -> bool:
+def alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -184,83 +205,3 @@ class NaiveRestart(System):
 
     def stop(self) -> dict[str, Any]:
         return {"exit_code": self.proc.stop() if self.proc else None}
-
-
-class GunicornHup(System):
-    """gunicorn --bind 127.0.0.1:PORT --workers W benchmarks/wsgi_app.py; upgrade = kill -HUP master."""
-
-    label = "gunicorn HUP"
-
-    def __init__(self, source: Source, workers: int) -> None:
-        super().__init__(source)
-        self.workers = workers
-        self.proc: Proc | None = None
-
-    def start(self) -> None:
-        argv = [PYTHON, "-m", "gunicorn", "--bind", f"{HOST}:{self.port}", "--workers", str(self.workers),
-                "--worker-class", "sync", "--graceful-timeout", "30", "--timeout", "30", "--log-level", "info",
-                "--no-control-socket", "--worker-tmp-dir", str(self.source.workdir), "--pythonpath", str(BENCH_DIR), "wsgi_app:app"]
-        self.proc = Proc(self.label, argv, cwd=self.source.workdir)
-        deadline = time.monotonic() + 30
-        while len(_mentions(self.proc, _LOADED, 0)) < self.workers:
-            if time.monotonic() > deadline:
-                raise BenchError("gunicorn workers did not start:\n" + self.proc.tail())
-            time.sleep(0.05)
-
-    def upgrade(self) -> dict[str, Any]:
-        proc = self.proc
-        assert proc is not None
-        old = {p.pid for p in psutil.Process(proc.pid).children()}
-        line_mark, _ = proc.marks()
-        signalled = time.monotonic()
-        os.kill(proc.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while True:
-            # Lines of different processes can arrive glued together: look for every mention in every line.
-            booted = _mentions(proc, _BOOTED, line_mark)
-            loaded = {pid: t for pid, t in _mentions(proc, _LOADED, line_mark).items() if pid not in old}
-            exited = {pid: t for pid, t in _mentions(proc, _EXITING, line_mark).items() if pid in old}
-            if len(loaded) >= self.workers and len(exited) >= len(old):
-                break
-            if time.monotonic() > deadline:
-                raise BenchError("gunicorn HUP did not complete:\n" + proc.tail())
-            proc.wait_change(0.05)
-        ready = max(loaded.values())
-        gone = max(exited.values())
-        psutil.wait_procs(_processes(old), timeout=30)  # the "Worker exiting" line comes just before the exit
-        done = max(ready, gone)
-        phases = {"spawned": min(booted.values()) - signalled if booted else None, "ready_signal": ready - signalled,
-                  "promoted": None, "old_gone": gone - signalled}
-        return {"t_signal": signalled, "verdict": "reloaded",
-                "phases": {k: (None if v is None else round(v, 6)) for k, v in phases.items()},
-                "t_done": done, "signal_to_done_s": round(done - signalled, 6)}
-
-    def cpu(self) -> float | None:
-        return _cpu(self.proc.pid) if self.proc else None
-
-    def stop(self) -> dict[str, Any]:
-        return {"exit_code": self.proc.stop() if self.proc else None}
-
-
-_BOOTED = re.compile(r"Booting worker with pid: (\d+)")
-_LOADED = re.compile(r"wsgi_app: pid (\d+) loaded")
-_EXITING = re.compile(r"Worker exiting \(pid: (\d+)\)")
-
-
-def _mentions(proc: Proc, pattern: re.Pattern[str], after: int) -> dict[int, float]:
-    """pid → when the first line mentioning it (per `pattern`) was read, among lines after `after`."""
-    found: dict[int, float] = {}
-    for stamp, line in proc.find_lines(lambda line: True, after=after):
-        for match in pattern.finditer(line):
-            found.setdefault(int(match.group(1)), stamp)
-    return found
-
-
-def _processes(pids: Iterable[int]) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
-    return found

@@ -14,7 +14,6 @@ from .processes import HOST, REQUEST_TIMEOUT, BenchError, Proc
 from .samples import spread
 from .systems import System
 
-
 WRK_SCRIPT = """
 done = function(summary, latency, requests)
   local e = summary.errors
