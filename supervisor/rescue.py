@@ -86,6 +86,10 @@ class Rescue:
         except OSError as exc:
             self.events.emit(Kind.CONNECTIONS_RESCUED, f"a connection generation {job.number} left could not be "
                              f"relayed: {exc.strerror or exc}", level="warning", gen=job.number, count=0)
+        except Exception as exc:  # noqa: BLE001 - a relay is one client's; a bug in it must never stop the fleet
+            self.events.emit(Kind.CONNECTIONS_RESCUED, f"a connection generation {job.number} left could not be "
+                             f"relayed: internal error ({type(exc).__name__}: {exc})", level="error", gen=job.number,
+                             count=0)
         finally:
             conn.close()
             upstream.close()

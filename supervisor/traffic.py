@@ -148,6 +148,7 @@ class Traffic:
         listener.close()
         group.members.leave(number)
         del group.sockets[number]
+        group.probes = {port: key for port, key in group.probes.items() if key != number}
         if group.sockets:
             self._attach(group)
         if not any(number in other.sockets for other in self.groups.values()):
@@ -303,7 +304,8 @@ class Traffic:
         shares = self._shares(group.members.order())
         if not shares or group.foreign:  # only a retiring member is left, or the group is not ours alone
             return
-        program = group.members.program(shares, group.probes)
+        members = set(group.members.order())  # a probe still in flight to a generation that has left: not steered
+        program = group.members.program(shares, {port: key for port, key in group.probes.items() if key in members})
         through = next(iter(group.sockets.values()))
         steering.attach(through.sock, program)
         if not probing and program.description != group.program:

@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # only real processes, sockets and signals can and is marked `real`: `pytest -m "not real"` runs this layer alone.
 FAST = {"test_desired", "test_dry_run", "test_event_kinds", "test_exit_watch", "test_identity", "test_parsers",
         "test_readiness", "test_restart_budget", "test_rollout_paths", "test_snapshot", "test_sock_diag", "test_states",
-        "test_steering", "test_steering_paths"}
+        "test_steering", "test_steering_paths", "test_traffic"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
