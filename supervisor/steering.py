@@ -33,6 +33,7 @@ Rules for the caller, which follow from these facts:
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 import struct
 from collections.abc import Hashable, Mapping, Sequence
@@ -58,6 +59,7 @@ _JA, _JEQ, _JGE = 0x00, 0x10, 0x30
 _SKF_NET_OFF = -0x100000
 _SKF_AD_RANDOM = -0x1000 + 56
 _IPV6_HEADER = 40
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPPROTO_TCP, _IPPROTO_UDP = 6, 17
 
 
@@ -155,12 +157,14 @@ class _Assembler:
             for at, (code, k, jt, jf) in enumerate(self.lines))
 
 
-def weighted(shares: Sequence[int], probes: Mapping[int, int] | None = None) -> Program:
+def weighted(shares: Sequence[int], probes: Mapping[int, int] | None = None,
+             source: Address | None = None) -> Program:
     """The program that gives member i a new connection with probability shares[i] / sum(shares) (a share of 0:
     never), except that a connection from a client source port in `probes` goes to member probes[port] whatever the
-    shares: that is how readiness probes reach a member that gets no other traffic. IPv4, IPv6, and IPv4 reaching a
-    dual-stack IPv6 socket are all read. Raises ValueError for shares that choose no member, or for an index out of
-    range (the kernel would silently hash it)."""
+    shares: that is how readiness probes reach a member that gets no other traffic. With `source`, only a
+    connection from that address is a probe's (another host's client that happens to use the same port number
+    takes the shares). IPv4, IPv6, and IPv4 reaching a dual-stack IPv6 socket are all read. Raises ValueError for
+    shares that choose no member, or for an index out of range (the kernel would silently hash it)."""
     shares, probes = tuple(shares), dict(probes or {})
     if not shares or any(not isinstance(share, int) or share < 0 for share in shares) or sum(shares) == 0:
         raise ValueError(f"shares must be non-negative integers, at least one of them positive: {list(shares)}")
@@ -173,18 +177,22 @@ def weighted(shares: Sequence[int], probes: Mapping[int, int] | None = None) -> 
             raise ValueError(f"probe port {port} -> member {member}: port 1-65535 and member 0-{len(shares) - 1}")
     code = _Assembler()
     if probes:
-        _probe_section(code, probes)
+        _probe_section(code, probes, source)
     code.label("shares")
     _share_section(code, shares)
     description = f"shares {list(shares)}" + (f", probe ports {dict(sorted(probes.items()))}" if probes else "")
+    description += f" from {source}" if probes and source is not None else ""
     return Program(code.assemble(), description)
 
 
-def _probe_section(code: _Assembler, probes: Mapping[int, int]) -> None:
-    """Load the client's source port into A, then return probes[port] if it is there; else go on to "shares"."""
+def _probe_section(code: _Assembler, probes: Mapping[int, int], source: Address | None) -> None:
+    """Load the client's source port into A, then return probes[port] if it is there; else go on to "shares".
+    With `source`, a packet from any other address goes on to "shares" at once."""
     code.op(_LD | _B | _ABS, _SKF_NET_OFF)  # IP version nibble: a dual-stack IPv6 socket receives IPv4 too
     code.op(_ALU | _RSH, 4)
     code.op(_JMP | _JEQ, 4, jf="not-ipv4")
+    if source is not None:
+        _source_check(code, source, 4, _SKF_NET_OFF + 12)  # IPv4: the source address after 12 bytes
     code.op(_LDX | _B | _MSH, _SKF_NET_OFF)  # X = IPv4 header length (IHL * 4): it may carry options
     code.op(_LD | _H | _IND, _SKF_NET_OFF)  # A = source port, the first field of the TCP or UDP header
     code.op(_JMP | _JA, "ports")
@@ -196,12 +204,26 @@ def _probe_section(code: _Assembler, probes: Mapping[int, int]) -> None:
     code.op(_JMP | _JEQ, _IPPROTO_TCP, jt="ipv6-port")
     code.op(_JMP | _JEQ, _IPPROTO_UDP, jf="shares")
     code.label("ipv6-port")
+    if source is not None:
+        _source_check(code, source, 6, _SKF_NET_OFF + 8)  # IPv6: the source address after 8 bytes
     code.op(_LD | _H | _ABS, _SKF_NET_OFF + _IPV6_HEADER)
     code.label("ports")
     for port, member in sorted(probes.items()):
         code.op(_JMP | _JEQ, port, jf=f"after-{port}")
         code.op(_RET, member)
         code.label(f"after-{port}")
+
+
+def _source_check(code: _Assembler, source: Address, version: int, offset: int) -> None:
+    """Go on to "shares" unless the packet (of IP `version`, its source address at `offset`) comes from `source`:
+    compared a 32-bit word at a time, in network order as `ld` reads it."""
+    if source.version != version:
+        code.op(_JMP | _JA, "shares")
+        return
+    packed = source.packed
+    for word in range(len(packed) // 4):
+        code.op(_LD | _W | _ABS, offset + 4 * word)
+        code.op(_JMP | _JEQ, int.from_bytes(packed[4 * word:4 * word + 4], "big"), jf="shares")
 
 
 def _share_section(code: _Assembler, shares: Sequence[int]) -> None:
@@ -261,14 +283,16 @@ class ReuseportGroup(Generic[Key]):
         """The members by index."""
         return tuple(self.members)
 
-    def program(self, shares: Mapping[Key, int], probes: Mapping[int, Key] | None = None) -> Program:
-        """The program that gives each member its share (a member not named: 0) and sends each probe port to its
-        member. Raises KeyError for a key that is no member, ValueError as `weighted` does."""
+    def program(self, shares: Mapping[Key, int], probes: Mapping[int, Key] | None = None,
+                source: Address | None = None) -> Program:
+        """The program that gives each member its share (a member not named: 0) and sends each probe port (from
+        `source`, when given) to its member. Raises KeyError for a key that is no member, ValueError as `weighted`
+        does."""
         probes = dict(probes or {})
         for key in [*shares, *probes.values()]:
             self.index(key)
         program = weighted([shares.get(key, 0) for key in self.members],
-                           {port: self.index(key) for port, key in probes.items()})
+                           {port: self.index(key) for port, key in probes.items()}, source)
         named = ", ".join(f"{key!r}: {shares.get(key, 0)}" for key in self.members)
         probed = ", ".join(f"{port} -> {key!r}" for port, key in sorted(probes.items()))
         return Program(program.instructions, f"shares {{{named}}}" + (f", probe ports {{{probed}}}" if probed else ""))

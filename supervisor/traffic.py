@@ -13,6 +13,7 @@ systemd, UDP (datagrams are not connections: a drained socket would still get th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,6 +45,7 @@ class Group:
     probes: dict[int, int] = field(default_factory=dict)
     program: str = ""  # the attached program's description, for the log and status
     foreign: str = ""  # a socket not ours joined the group: it is no longer steered (what joined)
+    probe_source: steering.Address | None = None  # where our probes connect from: only they are steered by port
 
 
 @dataclass
@@ -199,6 +201,7 @@ class Traffic:
             yield
             return
         sock.bind((host, 0))
+        group.probe_source = ipaddress.ip_address(host)
         source = int(sock.getsockname()[1])
         group.probes[source] = number
         self._attach(group, probing=True)
@@ -305,7 +308,8 @@ class Traffic:
         if not shares or group.foreign:  # only a retiring member is left, or the group is not ours alone
             return
         members = set(group.members.order())  # a probe still in flight to a generation that has left: not steered
-        program = group.members.program(shares, {port: key for port, key in group.probes.items() if key in members})
+        probes = {port: key for port, key in group.probes.items() if key in members}
+        program = group.members.program(shares, probes, group.probe_source)
         through = next(iter(group.sockets.values()))
         steering.attach(through.sock, program)
         if not probing and program.description != group.program:

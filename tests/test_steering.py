@@ -5,6 +5,7 @@ module's docstring states about the kernel is proved here."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import select
 import socket
 import struct
@@ -269,3 +270,29 @@ def test_udp_datagrams_are_steered_by_shares_and_probe_ports() -> None:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
                 client.sendto(b"user", ("127.0.0.1", port_of(members)))
                 assert members[0].recv(16) == b"user"
+
+
+@needs_kernel
+def test_with_a_source_only_a_probe_from_that_address_is_steered_by_its_port() -> None:
+    """Another client that happens to use a probe's port number, from another address, takes the shares."""
+    with reuseport_group(2, "0.0.0.0") as members:
+        port = port_of(members)
+        client, source_port = probe_client("127.0.0.1")
+        stranger = socket.socket()
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        stranger.bind(("127.0.0.2", source_port))  # the same port number, from another address
+        steering.attach(members[0], weighted([1, 0], {source_port: 1}, ipaddress.ip_address("127.0.0.1")))
+        assert land(members, "127.0.0.1", port, client) == 1
+        assert land(members, "127.0.0.1", port, stranger) == 0
+
+
+@needs_kernel
+def test_an_ipv6_probe_source_is_compared_word_by_word() -> None:
+    with reuseport_group(2, "::1") as members:
+        port = port_of(members)
+        client, source_port = probe_client("::1")
+        steering.attach(members[0], weighted([1, 0], {source_port: 1}, ipaddress.ip_address("::2")))
+        assert land(members, "::1", port, client) == 0  # not from ::2: the shares
+        again, source_port = probe_client("::1")
+        steering.attach(members[0], weighted([1, 0], {source_port: 1}, ipaddress.ip_address("::1")))
+        assert land(members, "::1", port, again) == 1
