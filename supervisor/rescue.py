@@ -73,8 +73,9 @@ class Rescue:
                     group.start_soon(self._relay, job)
 
     async def _relay(self, job: Stranded) -> None:
-        conn, upstream = job.conn, socket.socket(socket.AF_INET6 if ":" in job.target[0] else socket.AF_INET)
+        conn, upstream = job.conn, None
         try:
+            upstream = socket.socket(socket.AF_INET6 if ":" in job.target[0] else socket.AF_INET)  # EMFILE: said
             conn.setblocking(False)
             upstream.setblocking(False)
             with anyio.move_on_after(self.timeout):
@@ -92,7 +93,8 @@ class Rescue:
                              count=0)
         finally:
             conn.close()
-            upstream.close()
+            if upstream is not None:
+                upstream.close()
 
     def close(self) -> None:
         self._jobs.close()
