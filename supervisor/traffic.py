@@ -6,9 +6,10 @@ their source port) → active (proven ready: new connections, in proportion to i
 newer generation is active: no new connection, but it keeps running and finishing what it has, warm, and can be
 made active again at once) → retiring (its accept queue is empty and has stayed empty: now it may be signalled).
 
-Only TCP listeners supervise binds itself are steered. A unix socket (no reuseport groups), a socket adopted from
-systemd, UDP (datagrams are not connections: a drained socket would still get the replies' peers' next ones) and
-`--cutover shared` keep one socket shared by every generation, as before steering; each is said once.
+TCP listeners are steered: those supervise binds itself, and one systemd passed in with SO_REUSEPORT that is ours.
+A unix socket (no reuseport groups), another socket from systemd, UDP (not steered yet: a datagram is not a
+connection, so "drained" would mean something else there) and `--cutover shared` keep one socket shared by every
+generation, as before steering; each is said once. A group that a socket not ours joins is no longer steered.
 """
 
 from __future__ import annotations
