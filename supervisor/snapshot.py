@@ -182,12 +182,13 @@ def _measured(processes: Iterable[psutil.Process]) -> tuple[ProcessView, ...]:
 
 def of_traffic(traffic: Traffic, number: int) -> TrafficView | None:
     state = traffic.states.get(number)
-    if state is None or not any(number in group.sockets for group in traffic.groups.values()):
+    if state is None or not traffic.steers(number):
         return None
     return TrafficView(state, traffic.share(number), traffic.queued(number))
 
 
-def of_generation(generation: Generation, serving: bool, measure: bool, traffic: Traffic | None = None) -> GenerationView:
+def of_generation(generation: Generation, serving: bool, measure: bool,
+                  traffic: Traffic | None = None) -> GenerationView:
     release = generation.release
     instances = sorted(generation.instances, key=lambda instance: instance.index)
     return GenerationView(generation.number, generation.state, serving, generation.leader, tuple(generation.pids()),

@@ -127,15 +127,14 @@ class Traffic:
             if any(number in group.sockets for number in changes):
                 self._attach(group)
         for number, (state, _) in changes.items():
-            if previous[number] != state and any(number in group.sockets for group in self.groups.values()):
+            if previous[number] != state and self.steers(number):
                 self.events.emit(Kind.TRAFFIC, f"generation {number}: {state} ({self.describe(number)})", gen=number,
                                  state=state, previous=previous[number], share=self.share(number))
 
     def leave(self, listener: Listener) -> bool:
         """Close a generation's socket (the supervisor's copy: the generation is gone) and take it out of its
         group; False when it is not a steered member (the caller closes it)."""
-        group = self.groups.get(listener.spec) if listener.spec is not None else None
-        number = next((number for number, sock in group.sockets.items() if sock is listener), None) if group else None
+        group, number = self._member(listener)
         if group is None:
             return False
         if number is None:  # prepared for a generation that never started: it never listened
@@ -154,7 +153,7 @@ class Traffic:
         group.probes = {port: key for port, key in group.probes.items() if key != number}
         if group.sockets:
             self._attach(group)
-        if not any(number in other.sockets for other in self.groups.values()):
+        if not self.steers(number):
             self.states.pop(number, None)
             self.weights.pop(number, None)
             self.quiet_since.pop(number, None)
@@ -162,18 +161,27 @@ class Traffic:
 
     def held(self, listener: Listener) -> bool:
         """Whether a generation's socket is still open on a steered listener's address."""
-        group = self.groups.get(listener.spec) if listener.spec is not None else None
+        group, _ = self._member(listener)
         return group is not None and bool(group.sockets)
 
     def rejoined(self, listener: Listener) -> None:
         """A member a child shut down listens again (listener_guard revived it): it left the group and joined at
         the end, so the kernel's order changed."""
-        group = self.groups.get(listener.spec) if listener.spec is not None else None
-        number = next((number for number, sock in group.sockets.items() if sock is listener), None) if group else None
+        group, number = self._member(listener)
         if group is not None and number is not None:
             group.members.leave(number)
             group.members.join(number)
             self._attach(group)
+
+    def steers(self, number: int) -> bool:
+        """Whether generation `number` has a socket in any steered group."""
+        return any(number in group.sockets for group in self.groups.values())
+
+    def _member(self, listener: Listener) -> tuple[Group | None, int | None]:
+        """The steered group of a listener's address, and the generation whose socket `listener` is in it."""
+        group = self.groups.get(listener.spec) if listener.spec is not None else None
+        number = next((number for number, sock in group.sockets.items() if sock is listener), None) if group else None
+        return group, number
 
     def exclusive(self, listeners: tuple[Listener, ...]) -> bool:
         """Whether every connection listener of a generation is steered: then while passive it got nothing but
