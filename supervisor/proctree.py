@@ -13,6 +13,7 @@ it spawned itself (by pid, in our own namespace) and no tree is walked.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import cache
 
 import psutil
@@ -79,6 +80,11 @@ def children(process: psutil.Process) -> list[psutil.Process]:
             return process.children()
         except psutil.Error:
             return []
+    return processes(pids)
+
+
+def processes(pids: Iterable[int]) -> list[psutil.Process]:
+    """The processes of those pids that still exist."""
     found = []
     for pid in pids:
         try:

@@ -8,11 +8,12 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from supervisor.proctree import processes
 
 from .processes import HOST, BenchError, Proc
 from .source import PYTHON, Source
@@ -60,7 +61,7 @@ class GunicornHup(System):
             proc.wait_change(0.05)
         ready = max(loaded.values())
         gone = max(exited.values())
-        psutil.wait_procs(_processes(old), timeout=30)  # the "Worker exiting" line comes just before the exit
+        psutil.wait_procs(processes(old), timeout=30)  # the "Worker exiting" line comes just before the exit
         done = max(ready, gone)
         phases = {"spawned": min(booted.values()) - signalled if booted else None, "ready_signal": ready - signalled,
                   "promoted": None, "old_gone": gone - signalled}
@@ -86,16 +87,6 @@ def _mentions(proc: Proc, pattern: re.Pattern[str], after: int) -> dict[int, flo
     for stamp, line in proc.find_lines(lambda line: True, after=after):
         for match in pattern.finditer(line):
             found.setdefault(int(match.group(1)), stamp)
-    return found
-
-
-def _processes(pids: Iterable[int]) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
     return found
 
 
@@ -134,7 +125,7 @@ class GunicornUsr2(System):
         proc = self.proc
         assert proc is not None
         old = self.master
-        old_family = _processes([old, *(p.pid for p in _children(old))])
+        old_family = processes([old, *(p.pid for p in _children(old))])
         line_mark, _ = proc.marks()
         deadline = time.monotonic() + 60
         signalled = time.monotonic()
@@ -187,7 +178,7 @@ class GunicornUsr2(System):
     def stop(self) -> dict[str, Any]:
         if self.proc is None:
             return {}
-        family = _processes([self.master, *(p.pid for p in _children(self.master))])
+        family = processes([self.master, *(p.pid for p in _children(self.master))])
         try:
             os.kill(self.master, signal.SIGTERM)
         except ProcessLookupError:
