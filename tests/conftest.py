@@ -6,8 +6,11 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 
 import pytest
+
+from harness import Supervise
 
 # A test run started in the background by a non-interactive shell (as CI may be) ignores SIGINT and SIGQUIT,
 # and every process the tests start would inherit that: tests that send Ctrl-C to a child would then test
@@ -26,6 +29,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["XDG_RUNTIME_DIR"] = directory
     config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
     config.add_cleanup(_remove_abandoned_cgroups)
+
+
+@pytest.fixture
+def running() -> Iterator[list[Supervise]]:
+    """The supervisors a test started, each stopped (with everything it started) after the test."""
+    started: list[Supervise] = []
+    yield started
+    for supervise in started:
+        supervise.stop()
 
 
 # The fast layer: logic on a virtual clock or on plain data, no process started. Every other module proves what

@@ -37,15 +37,6 @@ O_NONBLOCK = os.O_NONBLOCK
 PADDING = ["x" * 100_000] * 3
 
 
-@pytest.fixture
-def running() -> Iterator[list[Supervise]]:
-    """Collects started supervisors and stops every one of them (and their children) after the test."""
-    started: list[Supervise] = []
-    yield started
-    for item in started:
-        item.stop()
-
-
 @dataclass
 class StalledReader(Supervise):
     """A supervisor whose stderr pipe the test stops reading (and fills) and later reads again."""

@@ -166,15 +166,6 @@ def supervise(server: Server, listen: str, *options: str) -> Supervise:
 
 
 @pytest.fixture
-def running() -> Iterator[list[Supervise]]:
-    """Supervisors started by a test, all stopped afterwards."""
-    started: list[Supervise] = []
-    yield started
-    for sup in started:
-        sup.stop()
-
-
-@pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory with a short path: unix socket paths are limited to 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="sv-real-"))

@@ -13,10 +13,8 @@ import pytest
 from supervisor.testing.loadgen import LoadGenerator
 
 from harness import Supervise, free_port
-from test_real_servers import (BY_NAME, Server, assert_nothing_lost, running, skip_unless_runnable, supervise,
+from test_real_servers import (BY_NAME, Server, assert_nothing_lost, skip_unless_runnable, supervise,
                                upgrade_and_retire, wait_for)
-
-__all__ = ["running"]  # the fixture, shared with test_real_servers.py
 
 
 @pytest.mark.timeout(120)

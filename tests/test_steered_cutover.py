@@ -12,7 +12,6 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -31,14 +30,6 @@ QUICK = ["--health-interval", "100ms", "--drain-timeout", "5s", "--ready", "http
 @pytest.fixture
 def release(tmp_path: Path) -> Release:
     return Release(tmp_path / "app")
-
-
-@pytest.fixture
-def running() -> Iterator[list[Supervise]]:
-    started: list[Supervise] = []
-    yield started
-    for sup in started:
-        sup.stop()
 
 
 def start(running: list[Supervise], release: Release, listen: str, *options: str) -> Supervise:

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -34,15 +33,6 @@ def port() -> int:
 
 def supervise(release: Release, port: int, *options: str) -> Supervise:
     return Supervise(["-l", f"127.0.0.1:{port}", "--drain-timeout", "5s", *options, "--", str(release.script)]).start()
-
-
-@pytest.fixture
-def running(request: pytest.FixtureRequest) -> Iterator[list[Supervise]]:
-    """Collects started supervisors and stops every one of them after the test."""
-    started: list[Supervise] = []
-    yield started
-    for item in started:
-        item.stop()
 
 
 def promote(sup: Supervise) -> None:
