@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from supervisor import attribution, census, sock_diag
+from supervisor.testing.net import free_port
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -63,7 +64,9 @@ def bind() -> Iterator[Bind]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if v6only is not None:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
-        sock.bind((address, port))
+        # Not port 0: a port from the kernel's ephemeral range is free only where this socket is bound, and a
+        # concurrent test's client bound to another address may take it before a test binds it there too.
+        sock.bind((address, port or free_port()))
         if not udp:
             sock.listen(backlog)
         return sock
