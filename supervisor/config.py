@@ -63,6 +63,7 @@ class Settings:
     drain_delay: float = 1.0
     ramp: float = 0.0
     cutover: str = "steered"
+    start_priority: str = "low"
     name: str = "supervise"
     control: Path | None = None
     state_dir: Path | None = None
@@ -184,6 +185,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         log_level=values.get("log_level") or "info",
         loop=values.get("loop") or "auto",
         cutover=values.get("cutover") or "steered",
+        start_priority=values.get("start_priority") or "low",
         strategy=build_strategy(values.get("strategy"), values.get("batch"), values.get("max_surge"),
                                 values.get("success_percent", 100)),
         sources=sources,

@@ -63,6 +63,7 @@ class Kind(StrEnum):
     STEERING = "steering"
     STEERING_FALLBACK = "steering-fallback"
     CONNECTIONS_RESCUED = "connections-rescued"
+    PRIORITY = "priority"
     CGROUPS = "cgroups"
     CGROUPS_UNAVAILABLE = "cgroups-unavailable"
     CGROUP_KILLED = "cgroup-killed"

@@ -38,6 +38,7 @@ from .release import Release, check_templates, next_release
 from .release_book import ReleaseBook
 from .rollout import Plan
 from .spawn import SpawnError
+from .start_priority import StartPriorities
 from .states import InstanceState, TrafficState
 from .tally import Tally, TimedProbe
 from .traffic import Traffic
@@ -73,6 +74,7 @@ class Fleet:
     probe: Probe = field(init=False)
     commands: CommandRunner = field(init=False)
     guard: ListenerGuard = field(init=False)
+    priorities: StartPriorities = field(init=False)  # which starting generations run at low CPU priority
     _watches: dict[Generation, ExitWatch] = field(default_factory=dict)  # each generation's, until it retires
     _created: MemoryObjectSendStream[ExitWatch] = field(init=False)
     _to_run: MemoryObjectReceiveStream[ExitWatch] = field(init=False)
@@ -84,6 +86,7 @@ class Fleet:
         self.guard = ListenerGuard(self.events, self.all_listeners, lambda: [gen.number for gen in self.generations],
                                    self.traffic.rejoined)
         self._created, self._to_run = anyio.create_memory_object_stream[ExitWatch](float("inf"))
+        self.priorities = StartPriorities(self.events)
 
     @property
     def processes(self) -> int:
@@ -196,6 +199,8 @@ class Fleet:
         active = any(self.traffic.states.get(other.number) == TrafficState.ACTIVE for other in self.generations)
         self.traffic.join(number, plan.listeners, plan.settings.backlog,
                           TrafficState.PASSIVE if active else TrafficState.ACTIVE)
+        self.priorities.begin(generation, active and self.traffic.exclusive(plan.listeners),
+                              plan.settings.start_priority == "low", plan.settings.ready_timeout)
         self._watches[generation] = watch = ExitWatch(generation, self._report_exit)
         self._created.send_nowait(watch)
         return generation
@@ -203,7 +208,8 @@ class Fleet:
     def spawn(self, generation: Generation, index: int) -> Instance:
         """Start instance `index` of `generation` and watch its exit; raises SpawnError if it cannot start."""
         self.guard.check()  # a socket an earlier child shut down would fail this instance's readiness
-        instance = generation.spawn(index)
+        instance = generation.spawn(index, self.priorities.lowering(generation))
+        self.priorities.spawned(generation, instance)
         release = generation.release
         self.events.emit(Kind.SPAWNED, f"{self.label(instance)} started: {release.describe()}", gen=generation.number,
                          pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
@@ -229,6 +235,9 @@ class Fleet:
         self.traffic.set({generation.number: (state, max(1, round(_WEIGHT * parts.get(generation, 1.0)
                                                                   * len(generation.ready()))))
                           for generation, state in states.items()})
+        for generation, state in states.items():
+            if state == TrafficState.ACTIVE:
+                self.priorities.activated(generation)
 
     def was_active(self, generation: Generation) -> bool:
         """Whether `generation` was ever given new connections (a passive one only ever got probes)."""
@@ -285,6 +294,7 @@ class Fleet:
             await self.cgroups.retire(generation.number)  # escaped grandchildren included
         if generation in self.generations:
             self.generations.remove(generation)
+        self.priorities.forget(generation)
         if self.serving is generation:
             self.serving = None
         self._close_unused(generation.listeners)
@@ -352,6 +362,7 @@ class Fleet:
         self.reaper.reap()
         self.guard.check()  # listening, and with the backlog it had? (a hangup is seen at once by watch_hangups)
         self.traffic.check_members()
+        self.priorities.check()
         for generation in self.generations:
             generation.refresh()
         self.adopt_orphans()

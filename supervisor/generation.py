@@ -15,6 +15,7 @@ import psutil
 from .identity import Identity
 from .instance import Instance, Launcher
 from .listeners import Listener
+from .priority import Lowering
 from .reaper import ExitStatus
 from .release import Release
 from .states import InstanceState
@@ -38,9 +39,11 @@ class Generation:
     identity: Identity | None = None  # its release's, when it was started or promoted: tells whether its files changed since
     _spawned: int = 0
 
-    def spawn(self, index: int) -> Instance:
-        """Start instance `index`; raises SpawnError (nothing left running) if it cannot."""
-        instance = Instance.start(self.launcher, self.number, index, self._spawned + 1, self.release, self.listeners)
+    def spawn(self, index: int, lowering: Lowering | None = None) -> Instance:
+        """Start instance `index` (at the CPU priority `lowering` gives it); raises SpawnError (nothing left
+        running) if it cannot."""
+        instance = Instance.start(self.launcher, self.number, index, self._spawned + 1, self.release, self.listeners,
+                                  lowering)
         self._spawned += 1
         self.instances.append(instance)
         return instance

@@ -22,6 +22,7 @@ from .event_kinds import Kind
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
+from .priority import Lowering
 from .proctree import descendants, proc_is_ours
 from .reaper import ChildExit, ExitStatus, Reaper
 from .release import Release, generation_env, substitute
@@ -76,7 +77,7 @@ class Instance:
 
     @classmethod
     def start(cls, launcher: Launcher, number: int, index: int, seq: int, release: Release,
-              listeners: Sequence[Listener]) -> Instance:
+              listeners: Sequence[Listener], lowering: Lowering | None = None) -> Instance:
         """Spawn instance `index` of generation `number`. Raises SpawnError (nothing left running) if it cannot."""
         names = [listener.name for listener in listeners]
         notify_path = os.path.join(launcher.runtime_dir, notify_name(number, seq))
@@ -108,6 +109,7 @@ class Instance:
                 credentials=credentials,
                 fd_limit=launcher.fd_limit,
                 cgroup_procs=launcher.cgroup.procs_fd if launcher.cgroup else None,
+                lowering=lowering,
             )
             pid = spawn(spec)
         except BaseException:

@@ -255,6 +255,7 @@ SETTINGS: dict[str, Kind] = {
     "drain_delay": Duration(0, _HOUR),
     "ramp": Duration(0, _HOUR),
     "cutover": Choice(("steered", "shared")),
+    "start_priority": Choice(("low", "normal")),
     "max_restarts": Integer(0, 1000),
     "restart_window": Duration(0.1, _DAY),
     "processes": Integer(1, MAX_PROCESSES),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import libc
 from .credentials import Credentials
+from .priority import Lowering, lower_in_child
 from .states import FailureKind
 
 _MAX_FD = 65536
@@ -39,6 +40,7 @@ class ProcessSpec:
     credentials: Credentials | None = None
     fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE to set in the child (the supervisor's raised its own)
     cgroup_procs: int | None = None  # an open cgroup.procs the child writes itself into before anything else
+    lowering: Lowering | None = None  # a starting generation's CPU priority (priority.py), set before exec
 
 
 class SpawnError(Exception):
@@ -123,6 +125,8 @@ def _exec_child(
             if os.getppid() != parent:
                 os._exit(1)  # the supervisor died before prctl: do not start an orphan
         os.setsid()
+        if spec.lowering is not None:
+            lower_in_child(spec.lowering)  # best effort: a start-up at normal priority is still a start-up
         if spec.fd_limit is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, spec.fd_limit)
         for index, fd in enumerate(fds):
