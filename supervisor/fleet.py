@@ -122,12 +122,14 @@ class Fleet:
 
     async def run(self) -> None:
         """For the supervisor's life: run each generation's exit watch (the fleet owns them on the generations'
-        behalf; retire() ends one) and watch the held sockets' hangups."""
+        behalf; retire() ends one), watch the held sockets' hangups, relay what retired sockets held, and end
+        each start-up's low CPU priority at its bound."""
         with self._created, self._to_run:
             try:
                 async with anyio.create_task_group() as group:
                     group.start_soon(self.guard.watch_hangups, SWEEP_INTERVAL)
                     group.start_soon(self.traffic.rescue.run)
+                    group.start_soon(self.priorities.run)
                     async for watch in self._to_run:
                         group.start_soon(watch.run)
             finally:
@@ -192,18 +194,28 @@ class Fleet:
     def create(self, plan: Plan) -> Generation:
         """The next generation, as `plan` says; its instances are started one by one with spawn()."""
         number, self.next_number = self.next_number, self.next_number + 1
-        launcher = Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit,
-                            self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
-        generation = Generation(number, plan.release, plan.listeners, launcher, identity=self.book.known(plan.release))
+        generation = Generation(number, plan.release, plan.listeners, self.launcher(number),
+                                identity=self.book.known(plan.release))
         self.generations.append(generation)
         active = any(self.traffic.states.get(other.number) == TrafficState.ACTIVE for other in self.generations)
         self.traffic.join(number, plan.listeners, plan.settings.backlog,
                           TrafficState.PASSIVE if active else TrafficState.ACTIVE)
         self.priorities.begin(generation, active and self.traffic.exclusive(plan.listeners),
                               plan.settings.start_priority == "low", plan.settings.ready_timeout)
-        self._watches[generation] = watch = ExitWatch(generation, self._report_exit)
-        self._created.send_nowait(watch)
+        self.watch(generation)
         return generation
+
+    def launcher(self, number: int) -> Launcher:
+        """What starting any instance of generation `number` needs (its cgroup made, or found again)."""
+        return Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit,
+                        self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
+
+    def watch(self, generation: Generation) -> None:
+        """Watch the exits of `generation`'s instances until it retires (those it has, and each one spawned)."""
+        self._watches[generation] = watch = ExitWatch(generation, self._report_exit)
+        for instance in generation.instances:
+            watch.add(instance)
+        self._created.send_nowait(watch)
 
     def spawn(self, generation: Generation, index: int) -> Instance:
         """Start instance `index` of `generation` and watch its exit; raises SpawnError if it cannot start."""
@@ -362,7 +374,6 @@ class Fleet:
         self.reaper.reap()
         self.guard.check()  # listening, and with the backlog it had? (a hangup is seen at once by watch_hangups)
         self.traffic.check_members()
-        self.priorities.check()
         for generation in self.generations:
             generation.refresh()
         self.adopt_orphans()

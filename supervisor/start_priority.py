@@ -9,6 +9,7 @@ active one start at normal priority: nothing else serves, or they are already gi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import anyio
@@ -28,6 +29,17 @@ class StartPriorities:
     priority: StartPriority = field(default_factory=StartPriority.choose)
     _until: dict[Generation, float] = field(default_factory=dict)
     _fallback_said: bool = False
+    _changed: anyio.Event = field(default_factory=anyio.Event)  # a generation was lowered: the next bound moved
+
+    async def run(self) -> None:
+        """For the fleet's life: each lowering ends at its bound at the latest, on time (a start-up with a short
+        --ready-timeout must get its normal-priority half in full, not whatever a periodic sweep leaves)."""
+        while True:
+            self._changed = anyio.Event()
+            until = min(self._until.values(), default=None)
+            with anyio.move_on_after(until - anyio.current_time() if until is not None else math.inf):
+                await self._changed.wait()
+            self._expire()
 
     def begin(self, generation: Generation, passive: bool, wanted: bool, ready_timeout: float) -> None:
         """A generation was created: lower it if it starts passive and --start-priority is low."""
@@ -41,6 +53,7 @@ class StartPriorities:
             return
         bound = ready_timeout / 2
         self._until[generation] = anyio.current_time() + bound
+        self._changed.set()
         self.events.emit(Kind.PRIORITY, f"generation {generation.number} starts at low CPU priority "
                          f"({self.priority.method}: {self.priority.why}) until it is active, {bound:g}s at most",
                          gen=generation.number, method=self.priority.method, lowered=True, bound=bound)
@@ -60,8 +73,8 @@ class StartPriorities:
         """`generation` was given new connections: its whole tree runs at normal priority from now on."""
         self._restore(generation, "active", "it is active")
 
-    def check(self) -> None:
-        """On each sweep: a lowered generation that is past its bound goes back to normal priority."""
+    def _expire(self) -> None:
+        """A lowered generation that is past its bound goes back to normal priority."""
         now = anyio.current_time()
         for generation, until in list(self._until.items()):
             if now >= until:

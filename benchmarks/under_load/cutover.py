@@ -50,6 +50,11 @@ def rows(cfg: Config, source: Source) -> list[Row]:
                  lambda probe=probe, cutover=cutover, launch=launch: Supervised(source, probe, cfg.http_interval,
                                                                                cutover, launch))
              for key, startup, probe, launch in launches for cutover in CUTOVERS]
+    if "--start-priority" in source.private_options:  # the CPU-bound start-up, not lowered: what lowering buys
+        _, startup, probe, launch = launches[1]
+        found.insert(2 + len(CUTOVERS), Row("app-cpu-steered-normal", "app", startup, "steered, normal priority",
+                                            lambda: Supervised(source, probe, cfg.http_interval, "steered", launch,
+                                                               ("--start-priority", "normal"))))
     for kind in ("cpu",) if cfg.quick else ("io", "cpu"):
         spec = f"{kind}:{cfg.startup:g}"
         found.append(Row(f"gunicorn-usr2-{kind}", "gunicorn USR2", spec, "-",
@@ -88,10 +93,12 @@ def print_cutover(section: dict[str, Any], cfg: dict[str, Any]) -> None:
     if "skipped" in section:
         print(f"  skipped: {section['skipped']}")
         return
-    print(f"  {'server':<14} {'start-up':<8} {'cutover':<8} {'requests':>8} {'failed':>6} {'p99 st ms':>9} "
+    width = max(len(row["cutover"]) for row in section["rows"])
+    print(f"  {'server':<14} {'start-up':<8} {'cutover':<{width}} {'requests':>8} {'failed':>6} {'p99 st ms':>9} "
           f"{'p99 up ms':>9} {'up/st':>6} {'gap ms':>8} {'→gone s':>8}  failures by kind")
     for row in section["rows"]:
-        print(f"  {row['server']:<14} {row['startup']:<8} {row['cutover']:<8} {row['requests']:>8} {row['failed']:>6} "
+        print(f"  {row['server']:<14} {row['startup']:<8} {row['cutover']:<{width}} {row['requests']:>8} "
+              f"{row['failed']:>6} "
               f"{fmt(row['p99_steady_ms'], 2):>9} {fmt(row['p99_upgrading_ms'], 2):>9} {fmt(row['p99_ratio'], 2):>6} "
               f"{fmt(row['longest_gap_ms'], 1):>8} {fmt(row['old_gone_median_s'], 2):>8}  {errors_text(row['errors'])}"
               + ("" if set(row["verdicts"]) <= {"promoted", "re-executed"} else f"  verdicts {row['verdicts']}"))
@@ -99,7 +106,8 @@ def print_cutover(section: dict[str, Any], cfg: dict[str, Any]) -> None:
           "  up/st = p99 upgrading / p99 steady; gap = longest time inside the upgrade windows with no successful\n"
           "  request; →gone = signal (SIGHUP; gunicorn: USR2) → old generation gone, median. supervise: app with\n"
           "  --ready notify, uvicorn and hypercorn with the default /readyz probe, --drain-delay at its default;\n"
-          "  gunicorn: --preload, so the start-up runs once per master, while the old workers serve.")
+          "  gunicorn: --preload, so the start-up runs once per master, while the old workers serve. 'normal\n"
+          "  priority': --start-priority normal, the start-up not lowered while passive (the default lowers it).")
 
 
 def cutover_targets(section: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ class Source:
 
     root: Path
     workdir: Path
-    private_options: tuple[str, ...] = ()  # which of --control / --state-dir / --cutover this supervise understands
+    private_options: tuple[str, ...] = ()  # which of the newer options (_private_options) this supervise understands
 
     @property
     def app(self) -> Path:
@@ -75,10 +75,12 @@ def use_source(spec: str | None, workdir: Path) -> tuple[Source, dict[str, Any]]
 
 
 def _private_options(root: Path) -> tuple[str, ...]:
-    """Which of --control / --state-dir / --cutover the supervise under test understands (older commits lack them)."""
+    """Which of --control / --state-dir / --cutover / --start-priority the supervise under test understands (older
+    commits lack them)."""
     done = subprocess.run([PYTHON, "-m", "supervisor", "--help"], cwd=root, capture_output=True, text=True,
                           env=child_env(), check=False, timeout=60)
-    return tuple(option for option in ("--control", "--state-dir", "--cutover") if option in done.stdout)
+    newer = ("--control", "--state-dir", "--cutover", "--start-priority")
+    return tuple(option for option in newer if option in done.stdout)
 
 
 def _git(*args: str) -> str | None:

@@ -57,16 +57,17 @@ class Launch:
 
 
 class Supervised(System):
-    """supervise -l 127.0.0.1:PORT --ready notify|http/readyz --watch 0 [--cutover C] -- python examples/app.py
-    (or `launch`'s command). Without `cutover` supervise's default applies."""
+    """supervise -l 127.0.0.1:PORT --ready notify|http/readyz --watch 0 [--cutover C] [OPTIONS] -- python
+    examples/app.py (or `launch`'s command). Without `cutover` supervise's default applies."""
 
     def __init__(self, source: Source, probe: str, http_interval: float, cutover: str | None = None,
-                 launch: Launch | None = None) -> None:
+                 launch: Launch | None = None, options: tuple[str, ...] = ()) -> None:
         super().__init__(source)
         self.probe = probe
         self.http_interval = http_interval
         self.cutover = cutover
         self.launch = launch
+        self.options = options
         name = launch.name if launch else f"supervise ({probe})"
         self.label = f"{name} {cutover}" if cutover else name
         self.proc: Proc | None = None
@@ -77,6 +78,7 @@ class Supervised(System):
         options = [*ready, "--watch", "0", "--ready-timeout", "30s", "--drain-timeout", "30s"]
         if self.cutover:
             options += ["--cutover", self.cutover]
+        options += self.options
         if self.launch and self.launch.chdir:
             options += ["--chdir", str(self.launch.chdir)]
         command = list(self.launch.command) if self.launch else [PYTHON, str(self.source.app)]
