@@ -79,3 +79,6 @@ class Kind(StrEnum):
     STATE_SAVE_FAILED = "state-save-failed"
     CONTROL_REFUSED = "control-refused"
     CONTROL_SHED = "control-shed"
+    REEXECUTING = "reexecuting"
+    REEXECUTED = "reexecuted"
+    REEXEC_REFUSED = "reexec-refused"

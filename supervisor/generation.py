@@ -48,6 +48,11 @@ class Generation:
         self.instances.append(instance)
         return instance
 
+    @property
+    def spawned(self) -> int:
+        """How many processes were started for it, replacements included (the next one's seq is one more)."""
+        return self._spawned
+
     def forget(self, instance: Instance) -> None:
         """An instance is gone for good: release what we hold for it."""
         instance.close()

@@ -118,6 +118,14 @@ class LogSink:
         Called once the event loop has ended."""
         with self._lock:
             self._stop_waiting()
+        self.flush(timeout)
+        with self._lock:
+            self._discard()
+        self.output.close()
+
+    def flush(self, timeout: float) -> None:
+        """Write out what is buffered, waiting for the reader up to `timeout` seconds (before a re-exec, and at
+        the end); what is left stays buffered."""
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.output.fd, select.POLLOUT)
@@ -125,9 +133,6 @@ class LogSink:
             poller.poll(max(1, int(min(left, 0.1) * 1000)))  # short rounds: the poll-gated send needs no event
             with self._lock:
                 self._flush()
-        with self._lock:
-            self._discard()
-        self.output.close()
 
     # -- inside the lock ------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from .event_kinds import Kind
 from .events import Event
@@ -56,8 +56,13 @@ class NotifySocket:
     handler: NotifyHandler
     owner: tuple[int, int] | None = None  # (uid, gid) of children that run as another user: they must reach it
     sock: socket.socket = field(init=False)
+    fd: InitVar[int | None] = None  # the bound socket carried over a re-exec of the supervisor, else bind one
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, fd: int | None) -> None:
+        if fd is not None:
+            self.sock = socket.socket(fileno=fd)
+            self.sock.setblocking(False)
+            return
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -168,6 +173,11 @@ class SystemdNotifier:
             self.send(READY=1, STATUS=f"upgrade refused: {event.fields.get('reason')}")
         elif event.kind == Kind.RESTARTING:
             self.send(STATUS=f"restarting: {event.fields.get('reason')}")
+        elif event.kind == Kind.REEXECUTED:
+            self.send(STATUS=f"re-executed: supervise {event.fields.get('version')}"
+                      + (f"; serving generation {event.gen}" if event.gen else ""))
+        elif event.kind == Kind.REEXEC_REFUSED:
+            self.send(STATUS=f"re-exec refused: {event.fields.get('reason')}")
         elif event.kind == Kind.STOPPING:
             self.send(STOPPING=1, STATUS="stopping: draining every generation")
 

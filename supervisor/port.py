@@ -8,6 +8,7 @@ and the supervisor does not know what serves its port (the `Service` it starts a
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .events import Events
@@ -40,6 +41,10 @@ class ControlPort(Protocol):
 
     def stop(self, reason: str) -> None:
         """Graceful stop of everything."""
+
+    async def reexec(self, answer: Callable[[str], Awaitable[None]]) -> str:
+        """Become the supervise installed now, in this pid; why not (refused, or its check failed). On success
+        `answer` is awaited just before the exec and this never returns."""
 
     def send_signal(self, signum: signal.Signals) -> GenerationView | None:
         """Forward `signum` to the serving generation; which one got it (as it was then), or None."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-from . import leftovers, libc, steering
+from . import carryover, leftovers, libc, reexec, revive, steering
 from .cgroups import Cgroups
 from .config import Settings
 from .control.server import ControlServer
@@ -80,12 +80,16 @@ def _remove_pidfile(path: Path) -> None:
 
 
 def run(settings: Settings) -> int:
-    """Run the supervisor to completion and return its exit code; its log never blocks it (logsink.py)."""
+    """Run the supervisor to completion and return its exit code; its log never blocks it (logsink.py). After a
+    re-exec (reexec.py) it revives what the old image held instead; in check mode it only says whether it could."""
+    if (checking := os.environ.get(reexec.CHECK_ENV)) is not None:
+        return reexec.check_mode(Path(checking), _backend_options(settings.loop))
+    carried = os.environ.pop(reexec.STATE_ENV, None)
     events = Events(settings.log_format, settings.log_level)
     with stderr_sink(events.dropped_line) as sink:
         events.sink = sink
         try:
-            return _run(settings, events)
+            return _revive(settings, events, Path(carried)) if carried else _run(settings, events)
         finally:
             events.sink = None  # the sink's descriptor is closed next: nothing may write to it any more
 
@@ -132,16 +136,67 @@ def _run(settings: Settings, events: Events) -> int:
         supervisor = Supervisor(settings, listeners, events, release, book,
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
                                 child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups,
-                                runtime_dir=str(runtime_dir.path), control=control, traffic=traffic)
-        libc.set_child_subreaper()
-        return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
+                                runtime_dir=str(runtime_dir.path), control=control, traffic=traffic,
+                                held=_held(control, runtime_dir))
+        return _serve(supervisor, backend_options)
     finally:
-        control.close()
-        if cgroups is not None:
-            cgroups.close()
-        for listener in listeners:
-            listener.close()
-        if settings.pidfile:
-            _remove_pidfile(settings.pidfile)
-        if runtime_dir is not None:
-            runtime_dir.remove()
+        _clean_up(settings, control, cgroups, listeners, runtime_dir)
+
+
+def _held(control: ControlServer, runtime_dir: RuntimeDir) -> dict[str, int]:
+    """The descriptors besides listeners and notify sockets that a re-exec keeps open, by name."""
+    assert control.sock is not None
+    return {"control": control.sock.fileno(), "runtime_lock": runtime_dir.lock}
+
+
+def _serve(supervisor: Supervisor, backend_options: dict[str, object]) -> int:
+    libc.set_child_subreaper()
+    return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
+
+
+def _clean_up(settings: Settings, control: ControlServer, cgroups: Cgroups | None, listeners: list[Listener],
+              runtime_dir: RuntimeDir | None) -> None:
+    control.close()
+    if cgroups is not None:
+        cgroups.close()
+    for listener in listeners:
+        listener.close()
+    if settings.pidfile:
+        _remove_pidfile(settings.pidfile)
+    if runtime_dir is not None:
+        runtime_dir.remove()
+
+
+def _revive(settings: Settings, events: Events, path: Path) -> int:
+    """The new image after a re-exec: everything the old one held, from the state it wrote and the descriptors
+    it kept open; nothing is bound, checked against leftovers or started (the children never stopped)."""
+    try:
+        state = carryover.load(path.read_bytes())
+    except (OSError, carryover.Unreadable) as exc:  # the check read this very file: only a bug gets here
+        raise UserError(f"cannot revive after a re-exec from {path}: {exc}") from None
+    finally:
+        path.unlink(missing_ok=True)
+    own, held = state["supervisor"], state["held"]
+    revive.close_on_exec(state)
+    listeners = revive.listeners(state)
+    traffic = Traffic(events, steer=state["traffic"]["steer"])
+    revive.traffic(traffic, state["traffic"], listeners)
+    control = ControlServer(settings.control_path)
+    control.adopt(held["control"])
+    cgroups = Cgroups(Path(state["fleet"]["cgroups"][0]), Path(state["fleet"]["cgroups"][1]), events) \
+        if state["fleet"]["cgroups"] else None
+    runtime_dir = RuntimeDir(Path(own["runtime_dir"]), held["runtime_lock"])
+    try:
+        book = ReleaseBook(History.load(settings.state_path, events), events,
+                           revive.release(state["previous"]) if state["previous"] else None)
+        limit = own["child_fd_limit"]
+        supervisor = Supervisor(settings, [listeners[fd] for fd in state["fleet"]["listeners"]], events,
+                                revive.release(state["release"]), book,
+                                systemd=SystemdNotifier.from_environ(os.environ),
+                                credentials=resolve_credentials(settings.user, settings.group),
+                                child_fd_limit=(limit[0], limit[1]) if limit else None, cgroups=cgroups,
+                                runtime_dir=own["runtime_dir"], control=control, traffic=traffic,
+                                carried=revive.Carried(state, listeners), held=dict(held))
+        return _serve(supervisor, _backend_options(settings.loop))
+    finally:
+        _clean_up(settings, control, cgroups, list(listeners.values()), runtime_dir)

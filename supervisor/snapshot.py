@@ -136,6 +136,7 @@ class SupervisorView:
     orphans_reaped: int
     cutover: str = "shared"  # steered: each generation has its own socket (traffic.py)
     unsteered: dict[str, str] = dataclasses.field(default_factory=dict)  # listener → why it is shared
+    reexecs: tuple[float, ...] = ()  # wall-clock times the supervisor re-executed itself (ctl reexec)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class ProcessSpec:
     fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE to set in the child (the supervisor's raised its own)
     cgroup_procs: int | None = None  # an open cgroup.procs the child writes itself into before anything else
     lowering: Lowering | None = None  # a starting generation's CPU priority (priority.py), set before exec
+    output: int | None = None  # where the child's stdout and stderr go, if not where ours go
 
 
 class SpawnError(Exception):
@@ -125,6 +126,9 @@ def _exec_child(
             if os.getppid() != parent:
                 os._exit(1)  # the supervisor died before prctl: do not start an orphan
         os.setsid()
+        if spec.output is not None:
+            os.dup2(spec.output, 1)
+            os.dup2(spec.output, 2)
         if spec.lowering is not None:
             lower_in_child(spec.lowering)  # best effort: a start-up at normal priority is still a start-up
         if spec.fd_limit is not None:

@@ -10,14 +10,17 @@ so the state machine is never entered twice. Signals, requests and exits only ch
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 import anyio
 
-from . import __version__
+from . import __version__, revive
+from .carryover import carried_fds, dump, encode
 from .cgroups import Cgroups
 from .concurrency import leaves
 from .config import Settings
@@ -36,13 +39,23 @@ from .notify import SystemdNotifier
 from .port import Service
 from .preview import Preview, preview
 from .reaper import Reaper
+from .reexec import check, command, execute, unblock_signals, write_state
 from .release import Release
 from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
 from .restarts import Fatal, Restarts
+from .revive import Carried
 from .rollout import Outcome, Rollout
 from .schema import MAX_PROCESSES
-from .snapshot import GenerationView, Snapshot, SupervisorView, of_generation, of_listeners, of_rollout, of_tally
+from .snapshot import (
+    GenerationView,
+    Snapshot,
+    SupervisorView,
+    of_generation,
+    of_listeners,
+    of_rollout,
+    of_tally,
+)
 from .states import Phase, RolloutResult
 from .tally import Tally
 from .ticket import Ticket
@@ -69,6 +82,8 @@ class Supervisor:
     runtime_dir: InitVar[str] = ""  # where the notify sockets go (rundir.py)
     control: Service | None = None  # serves this supervisor as a ControlPort (port.py)
     traffic: InitVar[Traffic | None] = None  # who gets new connections (traffic.py); None: nothing steered
+    carried: Carried | None = None  # what a re-exec carried over (reexec.py): revived in run(), not started anew
+    held: dict[str, int] = field(default_factory=dict)  # other fds a re-exec keeps: control socket, run dir lock
     reaper: Reaper = field(default_factory=Reaper)
     rollout: Rollout | None = None
     forced: bool = False
@@ -78,12 +93,14 @@ class Supervisor:
     busy: str | None = None  # the operation running now: upgrade, repair
     started_at: float = field(init=False, default=0.0)  # on the event loop's clock, once it runs
     started_wall: float = field(default_factory=time.time)
+    reexecs: list[float] = field(default_factory=list)  # wall-clock times of the re-execs of this supervisor
     tally: Tally = field(default_factory=Tally)
     fleet: Fleet = field(init=False)
     restarts: Restarts = field(init=False)
     workers: list[Worker] = field(init=False)
     _operations: anyio.CancelScope = field(init=False)
     _drain: anyio.CancelScope | None = field(init=False, default=None)
+    _exclusive: anyio.Lock = field(init=False, default_factory=anyio.Lock)  # an operation, or a re-exec
 
     def __post_init__(self, settings: Settings, listeners: list[Listener], release: Release,
                       credentials: Credentials | None, child_fd_limit: tuple[int, int] | None,
@@ -117,6 +134,8 @@ class Supervisor:
         """Serve until told to stop (exit 0) or until supervision is impossible (exit non-zero)."""
         self.started_at = anyio.current_time()
         self._operations = anyio.CancelScope()
+        if self.carried is not None:
+            self._revive(self.carried)
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self.reaper.run)
@@ -147,17 +166,19 @@ class Supervisor:
     async def _operate(self) -> None:
         """Bring the first generation up, then serve operations one at a time until cancelled or fatal."""
         try:
-            await self.restarts.bring_up(self.fleet.release, first=True)
+            if self.carried is None:
+                await self.restarts.bring_up(self.fleet.release, first=True)
             release_free_memory()
             while True:
                 await self._next_operation()
-                if self.needs_repair and not self.upgrade_first:
-                    self.busy = "repair"
-                    await self.restarts.repair()
-                elif self.upgrade_pending:
-                    self.busy = "upgrade"
-                    await self._upgrade()
-                self.busy = None
+                async with self._exclusive:
+                    if self.needs_repair and not self.upgrade_first:
+                        self.busy = "repair"
+                        await self.restarts.repair()
+                    elif self.upgrade_pending:
+                        self.busy = "upgrade"
+                        await self._upgrade()
+                    self.busy = None
         except* Fatal as fatal:  # one, or beside the errors of sibling tasks (which propagate: a bug of ours)
             self.events.emit(Kind.FATAL, "; ".join(map(str, leaves(fatal))), level="error")
             self.exit_code = 1
@@ -257,7 +278,8 @@ class Supervisor:
         view = SupervisorView(os.getpid(), fleet.settings.name, __version__, self.started_at, self.started_wall, state,
                               fleet.stopping, str(fleet.settings.control_path), self.busy, fleet.processes,
                               fleet.settings.strategy.describe(fleet.processes), self.reaper.orphans_reaped,
-                              "steered" if fleet.traffic.steer else "shared", dict(fleet.traffic.shared))
+                              "steered" if fleet.traffic.steer else "shared", dict(fleet.traffic.shared),
+                              tuple(self.reexecs))
         return Snapshot(anyio.current_time(), view, of_listeners(fleet.listeners),
                         tuple(of_generation(generation, generation is fleet.serving, measure, fleet.traffic)
                               for generation in fleet.generations),
@@ -282,6 +304,70 @@ class Supervisor:
         if target is None or not self.fleet.forward(signum):
             return None
         return of_generation(target, serving=True, measure=False)
+
+    # -- re-exec (reexec.py) ----------------------------------------------------------------------------------
+
+    def _reexec_refusal(self, checking: bool = False) -> str | None:
+        """Why the supervisor cannot re-execute now: only at rest is everything it holds written down. While
+        `checking`, the re-exec itself holds the operations lock."""
+        if self.fleet.stopping:
+            return "the supervisor is stopping"
+        if self.busy or (self._exclusive.locked() and not checking):
+            return f"an operation is in progress ({self.busy or 're-exec'})"
+        if self.upgrade_pending:
+            return "an upgrade is pending"
+        if self.needs_repair:
+            return "the serving generation is being repaired or scaled"
+        return None
+
+    async def reexec(self, answer: Callable[[str], Awaitable[None]]) -> str:
+        """`ctl reexec`: check the supervise installed now, then become it in this pid. Returns why it was refused
+        or failed; on success `answer` is awaited with what is about to happen, and this never returns."""
+        if (why := self._reexec_refusal()) is not None:
+            return why
+        async with self._exclusive:
+            path = write_state(self.fleet.runtime_dir, encode(self._carry()))
+            failure = await check(path, self.reaper)
+            why = f"the new supervise failed its check: {failure}" if failure else self._reexec_refusal(checking=True)
+            if why is None:
+                message = f"re-executing {shlex.join(command())} in pid {os.getpid()}"
+                with anyio.move_on_after(2.0):
+                    await answer(message)
+                # From here to execve nothing awaits: no exit is reaped, no state changes after it is written.
+                state = self._carry()
+                path = write_state(self.fleet.runtime_dir, encode(state))
+                self.events.emit(Kind.REEXECUTING, message, command=command())
+                if self.events.sink is not None:
+                    self.events.sink.flush(1.0)
+                why = execute(path, carried_fds(state))
+            path.unlink(missing_ok=True)
+            self.events.emit(Kind.REEXEC_REFUSED, f"re-exec refused: {why}", level="warning", reason=why)
+            return why
+
+    def _carry(self) -> dict[str, Any]:
+        own = {"version": __version__, "started_at": self.started_at, "started_wall": self.started_wall,
+               "reexecs": [*self.reexecs, time.time()], "runtime_dir": self.fleet.runtime_dir,
+               "child_fd_limit": self.fleet.child_fd_limit, "orphans_reaped": self.reaper.orphans_reaped,
+               "ready_sent": bool(self.systemd and self.systemd.ready_sent)}
+        return dump(self.fleet, self.tally, self.restarts.budget, self.book.previous, own, self.held)
+
+    def _revive(self, carried: Carried) -> None:
+        """The first thing a re-executed supervisor does, on the loop: its generations as they were."""
+        state, own = carried.state, carried.state["supervisor"]
+        revive.fleet(self.fleet, state, carried.listeners, self.reaper, self.events)
+        revive.tally(self.tally, state["tally"])
+        revive.budget(self.restarts.budget, state["budget"])
+        self.started_at, self.started_wall, self.reexecs = own["started_at"], own["started_wall"], own["reexecs"]
+        self.reaper.orphans_reaped += own["orphans_reaped"]
+        if self.systemd is not None:
+            self.systemd.ready_sent = own["ready_sent"]
+        serving = self.fleet.serving
+        pids = [instance.leader for generation in self.fleet.generations for instance in generation.instances]
+        self.events.emit(Kind.REEXECUTED, f"re-executed in pid {os.getpid()}: supervise {own['version']} → "
+                         f"{__version__}, {len(self.fleet.generations)} generation(s) and {len(pids)} process(es) "
+                         "carried over" + (f", serving generation {serving.number}" if serving else ""),
+                         gen=serving.number if serving else None, pids=pids, previous=own["version"],
+                         version=__version__, reexecs=len(self.reexecs))
 
     # -- stopping ---------------------------------------------------------------------------------------------
 
@@ -322,6 +408,7 @@ class Supervisor:
 
     async def _receive_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, *_FORWARDED) as received:
+            unblock_signals()  # after a re-exec: what arrived during it is delivered now, to these handlers
             async for signum in received:
                 self._on_signal(signal.Signals(signum))
 

@@ -85,3 +85,30 @@ def test_a_pid_namespace_without_its_own_proc_touches_no_process_it_did_not_spaw
         assert took < 10, f"stop took {took:.1f}s: it waited for processes that are not its own"
     finally:
         sup.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_reexec_as_pid1_keeps_everything_running(tmp_path) -> None:
+    """In a PID namespace the supervisor is init: exiting would end the namespace and every child with it. A
+    re-exec keeps PID 1, the children and the service; an upgrade works afterwards."""
+    port = free_port()
+    script = tmp_path / "run"
+    script.write_text(f"#!/bin/sh\nexec {PYTHON} {STUB}\n")
+    script.chmod(0o755)
+    sup = Supervise(["-l", f"127.0.0.1:{port}", "--watch", "0", "--", str(script)],
+                    wrapper=[UNSHARE, "--pid", "--fork", "--mount-proc"]).start()
+    try:
+        sup.wait_for("serving")
+        inner = psutil.Process(sup.pid).children()[0]
+        children = {child.pid for child in inner.children(recursive=True)}
+        done = sup.ctl("reexec")
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert "in pid 1" in sup.wait_for("reexecuted")["msg"]
+        assert inner.is_running() and {child.pid for child in inner.children(recursive=True)} == children
+        assert http_get(port, "/")[0] == 200
+        upgraded = sup.ctl("upgrade")
+        assert upgraded.returncode == 0, (upgraded.stdout, upgraded.stderr)
+        inner.send_signal(signal.SIGTERM)
+        assert sup.wait_exit(10) == 0
+    finally:
+        sup.stop()

@@ -538,3 +538,27 @@ def test_a_refused_upgrade_ends_the_reload_at_once(variant: str, host: Host, run
     assert time.monotonic() - started < 5
     assert succeeded == (variant == "notify-reload")
     assert get(host.port).startswith("ok v1 ")
+
+
+@pytest.mark.parametrize("variant", ["notify", "socket-activated"])
+def test_a_reexec_of_the_supervisor_keeps_the_unit_and_its_main_pid(variant: str, host: Host,
+                                                                      run_unit: Callable[[str], Unit]) -> None:
+    """`supervise ctl reexec` under the unit (how the README upgrades supervise itself): systemd sees the same
+    MAINPID throughout (NotifyAccess=main drops anything else), a STATUS= line for the re-exec, and nothing
+    restarted; reloads work afterwards."""
+    host.release("v1")
+    unit = run_unit(variant)
+    children = {p.pid for p in psutil.Process(unit.main.pid).children(recursive=True)}
+    mark = len(unit.manager.messages)
+    reexec = subprocess.run(host.translate(["/usr/local/bin/supervise", "ctl", "--name", "myapp", "reexec"]),
+                            env=unit.env, cwd="/", capture_output=True, text=True, timeout=60)
+    assert reexec.returncode == 0, (reexec.stdout, reexec.stderr)
+    unit.manager.wait(lambda m: m.get("STATUS", "").startswith("re-executed"), timeout=10, start=mark)
+    assert {pid for pid, _, _ in unit.manager.messages} == {unit.main.pid}
+    assert {p.pid for p in psutil.Process(unit.main.pid).children(recursive=True)} == children
+    assert get(host.port).startswith("ok v1 ")
+    host.release("v2")
+    succeeded, status = unit.reload()
+    assert succeeded and "rolled back" not in status, status
+    assert serves(host.port, "v2")
+    unit.stop()

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +323,42 @@ def rollback(target: Target) -> int:
     if code:
         click.echo("rollback failed: the previous release is not serving")
     return code
+
+
+@ctl.command()
+@click.option("--timeout", type=click.FloatRange(1, 600), default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the new image to answer.")
+@click.pass_obj
+def reexec(target: Target, timeout: float) -> int:
+    """Replace the running supervisor with the supervise installed now, in the same pid: the children, their
+    sockets and every generation carry over (after a package upgrade; no restart of the service).
+
+    The new supervise is first run in a check mode; a broken install is refused and the old one goes on.
+    Exit 0 once the new image answers, 1 when refused.
+    """
+    endpoint = target.endpoint()
+    before = endpoint.json(endpoint.request("GET", "/status")).get("supervisor") or {}
+    response = endpoint.request("POST", "/reexec", stream=True)
+    endpoint.check(response)
+    try:
+        for line in endpoint.lines(response):  # one line, then the old image's end of the connection
+            if line.get("error"):
+                raise CtlError(str(line["error"]))
+            click.echo(str(line.get("message")))
+    except Unreachable:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            now = endpoint.json(endpoint.request("GET", "/status")).get("supervisor") or {}
+        except (Unreachable, CtlError):
+            now = {}
+        if len(now.get("reexecs") or ()) > len(before.get("reexecs") or ()):
+            click.echo(f"re-executed: supervise {before.get('version')} → {now.get('version')} "
+                       f"in pid {now.get('pid')}")
+            return 0
+        time.sleep(0.1)
+    raise CtlError(f"the supervisor did not answer as the new image within {timeout:g}s")
 
 
 @ctl.command()

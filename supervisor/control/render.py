@@ -4,6 +4,7 @@ says so and points to `--json`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -124,8 +125,13 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
     supervisor = status.get("supervisor") or {}
     lines = [
         f"supervisor  pid {supervisor.get('pid', '?')}  name {supervisor.get('name', '?')}  "
-        f"up {human_duration(supervisor.get('uptime'))}  state {supervisor.get('state', '?')}",
+        f"version {supervisor.get('version', '?')}  up {human_duration(supervisor.get('uptime'))}  "
+        f"state {supervisor.get('state', '?')}",
     ]
+    if reexecs := supervisor.get("reexecs"):
+        last = reexecs[-1]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if isinstance(last, float) else "?"
+        lines.append(f"re-exec     {len(reexecs)} time(s), last at {when}")
     if (supervisor.get("processes") or 1) > 1:
         lines.append(f"instances   {supervisor.get('ready_instances', '?')} ready of {supervisor.get('processes')} wanted; "
                      f"upgrades: {supervisor.get('strategy', '?')}")

@@ -87,6 +87,15 @@ class ControlServer:
         st = os.stat(path)
         self.sock, self.inode = sock, (st.st_dev, st.st_ino)
 
+    def adopt(self, fd: int) -> None:
+        """After a re-exec: the control socket the old image had bound and listened on, by its descriptor."""
+        self.sock = socket.socket(fileno=fd)
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return  # removed meanwhile: the socket still serves whoever holds a path to it, and nothing is unlinked
+        self.inode = (st.st_dev, st.st_ino)
+
     def _remove_stale(self) -> None:
         if not stat.S_ISSOCK(os.stat(self.path).st_mode):
             raise UserError(f"cannot create control socket {self.path}: the file exists and is not a socket")
@@ -114,6 +123,7 @@ class ControlServer:
             web.post("/stop", self._stop),
             web.post("/signal/{name}", self._signal),
             web.post("/scale/{count}", self._scale),
+            web.post("/reexec", self._reexec),
             web.get("/events", self._events),
             web.get("/metrics", self._metrics),
         ])
@@ -256,6 +266,23 @@ class ControlServer:
         return _json({"message": message, "processes": wanted, "ready": ready,
                       "done": ready == wanted and snapshot.supervisor.operation is None,
                       "gen": serving.number if serving else None, "pids": list(serving.pids) if serving else []})
+
+    async def _reexec(self, request: web.Request) -> web.StreamResponse:
+        """Answered with one line just before the exec (the connection then ends with the old image), or 409."""
+        from aiohttp import web
+
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+
+        async def answer(message: str) -> None:
+            await response.prepare(request)
+            await response.write(_line({"reexecuting": True, "message": message, "pid": os.getpid()}))
+            await response.drain()
+
+        why = await self._port.reexec(answer)
+        if not response.prepared:
+            return _error(409, why)
+        await response.write(_line({"error": why}))  # execve itself failed: the old image goes on
+        return response
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web

@@ -13,6 +13,7 @@ def status(snapshot: Snapshot) -> dict[str, Any]:
     return {
         "supervisor": {"pid": supervisor.pid, "name": supervisor.name, "version": supervisor.version,
                        "uptime": _age(now, supervisor.started_at), "started_at": supervisor.started_wall,
+                       "reexecs": list(supervisor.reexecs),
                        "state": supervisor.state, "control": supervisor.control, "restarts": snapshot.tally.restarts,
                        "orphans_reaped": supervisor.orphans_reaped, "processes": supervisor.processes,
                        "strategy": supervisor.strategy, "cutover": supervisor.cutover,
