@@ -137,7 +137,12 @@ def _integer(key: str) -> Checked:
 @click.option("--user", metavar="USER", help="Run the children as this user (name or uid); the supervisor stays root "
               "to bind privileged ports. Sets USER, LOGNAME, HOME.")
 @click.option("--group", metavar="GROUP", help="Run the children with this group (default: the user's primary group).")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment variable for the children (repeatable).")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Extra environment variable for the children (repeatable); wins over --env-file.")
+@click.option("--env-file", "env_file", multiple=True, metavar="PATH",
+              help="File of KEY=VALUE lines for the children, in systemd EnvironmentFile= syntax (repeatable; a "
+                   "later file wins; -PATH: may be missing). Read again on every upgrade: a change reaches the next "
+                   "generation only, a bad file (named with its line) refuses the upgrade.")
 @click.option("--version-file", metavar="PATH", help="A file the deploy writes (a version, a git revision): its first line "
               "is the release's identity and name, re-read on every upgrade; relative to the working directory. Without "
               "it, a release is told by the content of what runs and a metadata digest of its directory.")
