@@ -189,13 +189,17 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `supervise` console script: `supervise ctl VERB` or the run form."""
+    """Entry point of the `supervise` console script: `supervise ctl VERB`, `supervise check …` or the run form."""
     args = sys.argv[1:] if argv is None else argv
     try:
         if args[:1] == ["ctl"]:
             from .control.client import ctl
 
             ctl.main(args=args[1:], prog_name="supervise ctl", standalone_mode=False)
+        elif args[:1] == ["check"]:
+            from .check import check_command
+
+            check_command(run_command).main(args=args[1:], prog_name="supervise check", standalone_mode=False)
         else:
             run_command.main(args=args, prog_name="supervise", standalone_mode=False)
     except click.exceptions.Exit as exc:
