@@ -43,6 +43,7 @@ Examples:
   supervise -l :8000 -- uvicorn --backlog 4096 app:app --fd {fd}
   supervise -l unix:/run/app.sock --ready notify -- ./server
   supervise -l :8080 -n 4 --strategy rolling --batch 1 -- ./server
+  supervise check -l :8080 -- ./server    # validate offline: "ok" and exit 0, or a line per problem, exit 2
 """
 
 

@@ -30,6 +30,7 @@ _WHITESPACE = " \t\n\r"
 _NEWLINE = "\n\r"
 _COMMENT = "#;"
 _UNESCAPED_IN_DOUBLE_QUOTES = '"\\`$'
+_NO_ASSIGNMENT = "expected KEY=VALUE, got a line without '='"  # not shown: it may be a secret pasted alone
 
 # The states of systemd's parser, by the same names.
 _PRE_KEY, _KEY, _PRE_VALUE, _VALUE, _VALUE_ESCAPE = range(5)
@@ -125,11 +126,13 @@ class _Parser:
                 return _COMMENT_LINE
             if char in _WHITESPACE:
                 return _PRE_KEY
+            if char == "=":
+                raise Malformed(self.line, "an assignment without a name")
             self.key, self.value, self.key_blank, self.value_blank, self.start = [char], [], None, None, self.line
             return _KEY
         if state == _KEY:
             if char in _NEWLINE:
-                raise Malformed(self.start, f"expected KEY=VALUE, got {_shown(''.join(self.key))}")
+                raise Malformed(self.start, _NO_ASSIGNMENT)
             if char == "=":
                 return _PRE_VALUE
             self.key_blank = _blank_from(self.key_blank, len(self.key), char)
@@ -193,7 +196,7 @@ class _Parser:
     def finish(self, state: int) -> None:
         """The end of the text: complete the last assignment (no newline needed), refuse an unfinished one."""
         if state == _KEY:
-            raise Malformed(self.start, f"expected KEY=VALUE, got {_shown(''.join(self.key))}")
+            raise Malformed(self.start, _NO_ASSIGNMENT)
         if state in (_SINGLE_QUOTE, _DOUBLE_QUOTE, _DOUBLE_QUOTE_ESCAPE):
             raise Malformed(self.quote, "a quote opened on this line is never closed")
         if state in (_PRE_VALUE, _VALUE, _VALUE_ESCAPE):
