@@ -43,6 +43,7 @@ Examples:
   supervise -l :8000 -- uvicorn --backlog 4096 app:app --fd {fd}
   supervise -l unix:/run/app.sock --ready notify -- ./server
   supervise -l :8080 -n 4 --strategy rolling --batch 1 -- ./server
+  supervise check -l :8080 -- ./server    # validate offline: "ok" and exit 0, or a line per problem, exit 2
 """
 
 
@@ -137,7 +138,12 @@ def _integer(key: str) -> Checked:
 @click.option("--user", metavar="USER", help="Run the children as this user (name or uid); the supervisor stays root "
               "to bind privileged ports. Sets USER, LOGNAME, HOME.")
 @click.option("--group", metavar="GROUP", help="Run the children with this group (default: the user's primary group).")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment variable for the children (repeatable).")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Extra environment variable for the children (repeatable); wins over --env-file.")
+@click.option("--env-file", "env_file", multiple=True, metavar="PATH",
+              help="File of KEY=VALUE lines for the children, in systemd EnvironmentFile= syntax (repeatable; a "
+                   "later file wins; -PATH: may be missing). Read again on every upgrade: a change reaches the next "
+                   "generation only, a bad file (named with its line) refuses the upgrade.")
 @click.option("--version-file", metavar="PATH", help="A file the deploy writes (a version, a git revision): its first line "
               "is the release's identity and name, re-read on every upgrade; relative to the working directory. Without "
               "it, a release is told by the content of what runs and a metadata digest of its directory.")
@@ -184,13 +190,17 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `supervise` console script: `supervise ctl VERB` or the run form."""
+    """Entry point of the `supervise` console script: `supervise ctl VERB`, `supervise check …` or the run form."""
     args = sys.argv[1:] if argv is None else argv
     try:
         if args[:1] == ["ctl"]:
             from .control.client import ctl
 
             ctl.main(args=args[1:], prog_name="supervise ctl", standalone_mode=False)
+        elif args[:1] == ["check"]:
+            from .check import check_command
+
+            check_command(run_command).main(args=args[1:], prog_name="supervise check", standalone_mode=False)
         else:
             run_command.main(args=args, prog_name="supervise", standalone_mode=False)
     except click.exceptions.Exit as exc:

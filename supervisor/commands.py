@@ -16,7 +16,7 @@ import anyio
 from .reaper import Reaper
 from .spawn import ProcessSpec, SpawnError, child_environment, spawn
 
-_SHELL = "/bin/sh"
+SHELL = "/bin/sh"  # hooks and exec probes run as `sh -c COMMAND`
 
 
 @dataclass
@@ -30,7 +30,7 @@ class CommandRunner:
 
     async def __call__(self, command: str, env: dict[str, str], timeout: float) -> str | None:
         """Run to completion: None on exit 0, else why it failed (`exited with status 1`, `timed out after 5s`)."""
-        spec = ProcessSpec(_SHELL, ("sh", "-c", command), child_environment(self.base_env, env, 0, ()), cwd=self.cwd,
+        spec = ProcessSpec(SHELL, ("sh", "-c", command), child_environment(self.base_env, env, 0, ()), cwd=self.cwd,
                            fd_limit=self.fd_limit)
         try:
             pid = spawn(spec)

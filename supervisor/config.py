@@ -10,19 +10,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import schema
+from . import envfile, schema
 from .errors import UserError
 from .listeners import ListenSpec, parse_listen
 from .names import default_name
 from .probe_spec import ProbeSpec, parse_probe
 from .strategy import Strategy, build_strategy
+from .textfile import read_text
 from .units import parse_signal
 
 
@@ -76,7 +76,8 @@ class Settings:
     chdir: str | None = None
     user: str | None = None
     group: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # with the --env-file variables under the explicit ones
+    env_file: tuple[envfile.EnvFile, ...] = ()  # read again with the config file on every upgrade
     version_file: str | None = None
     hooks: Hooks = field(default_factory=Hooks)
     log_format: str = "text"
@@ -106,14 +107,13 @@ _DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "dra
               "restart_window", "change_settle")
 _COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
 _PATHS = ("control", "state_dir", "pidfile")
-_FILE_LIMIT = 1 << 20  # bytes: a config file is a page of settings, not a data set
 
 
 @dataclass(frozen=True)
 class Sources:
     """Where settings came from, kept so the file can be read again: the file, and the command line's values."""
 
-    path: Path
+    path: Path | None  # None: no config file, only --env-file to read again
     options: Mapping[str, Any]  # every option as parsed, defaults included
     explicit: frozenset[str]  # the options actually given on the command line: they win over the file
 
@@ -122,7 +122,7 @@ def read_file(path: Path) -> dict[str, Any]:
     """A TOML config file as option values (the same names as the flags, with underscores), each checked
     against the schema; any fault is one UserError line naming the file (and the key)."""
     try:
-        data = tomllib.loads(_read_text(path))
+        data = tomllib.loads(read_text(path, "config"))
         return schema.file_options(data)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config {path}: invalid TOML: {exc}") from None
@@ -134,27 +134,6 @@ def read_file(path: Path) -> dict[str, Any]:
         raise UserError(f"config {path}: invalid TOML: a number too long to read") from None
 
 
-def _read_text(path: Path) -> str:
-    """The file's text: a regular file of at most _FILE_LIMIT bytes of UTF-8 (never blocks on a FIFO)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"cannot read config {path}: not a regular file")
-        try:
-            raw = handle.read(_FILE_LIMIT + 1)
-        except OSError as exc:
-            raise UserError(f"cannot read config {path}: {exc.strerror}") from None
-    if len(raw) > _FILE_LIMIT:
-        raise UserError(f"config {path}: larger than {_FILE_LIMIT // 1024} KiB")
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise UserError(f"config {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
-
-
 def build(options: Mapping[str, Any], sources: Sources | None = None) -> Settings:
     """Validated Settings from option values (flags, file or both); raises UserError with one clear line."""
     values = schema.command_line_options(options)
@@ -162,6 +141,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
     if not command:
         raise UserError("no command given: usage: supervise [OPTIONS] -- COMMAND [ARG...] (or command = [...] in --config)")
     listen = tuple(parse_listen(item, index) for index, item in enumerate(values.get("listen") or ()))
+    env_file = tuple(envfile.reference(item) for item in values.get("env_file") or ())
     text = {key: values.get(key) or None for key in ("ready", "chdir", "user", "group", "version_file", "unix_mode",
                                                      "pre_upgrade", "post_upgrade", "on_rollback")}
     return Settings(
@@ -177,7 +157,8 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         chdir=text["chdir"],
         user=text["user"],
         group=text["group"],
-        env=values.get("env") or (),
+        env=envfile.environment(env_file, values.get("env") or ()),
+        env_file=env_file,
         version_file=text["version_file"],
         upgrade_on_change=tuple(os.path.abspath(item) for item in values.get("upgrade_on_change") or ()),
         hooks=Hooks(text["pre_upgrade"], text["post_upgrade"], text["on_rollback"], values["hook_timeout"]),
@@ -193,15 +174,16 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
 
 
 def from_command_line(options: Mapping[str, Any], explicit: frozenset[str], config: Path | None) -> Settings:
-    """Settings at start-up: defaults, overlaid by the config file (if any), overlaid by explicit flags."""
-    if config is None:
+    """Settings at start-up: defaults, overlaid by the config file (if any), overlaid by explicit flags. With a
+    config file or an env file, the sources are kept to be read again on each upgrade."""
+    if config is None and not options.get("env_file"):
         return build(options)
     sources = Sources(config, dict(options), explicit)
     return build(_layered(sources), sources)
 
 
 def reread(current: Settings) -> Settings:
-    """The settings with the config file read again (for an upgrade); what cannot change live is kept."""
+    """The settings with the config file and env files read again (for an upgrade); what cannot change live is kept."""
     if current.sources is None:
         return current
     fresh = build(_layered(current.sources), current.sources)
@@ -209,11 +191,16 @@ def reread(current: Settings) -> Settings:
 
 
 def invalid(exc: UserError) -> str:
-    """Why an upgrade is refused for its settings: "invalid config /etc/app.toml: …" when the file is named."""
+    """Why an upgrade is refused for its settings: "invalid config /etc/app.toml: …" when the file is named (or
+    "invalid env file /etc/app.env line 3: …")."""
     message = str(exc)
-    return f"invalid {message}" if message.startswith("config ") else f"invalid config: {message}"
+    if message.startswith("cannot read env file "):
+        return message
+    return f"invalid {message}" if message.startswith(("config ", "env file ")) else f"invalid config: {message}"
 
 
 def _layered(sources: Sources) -> dict[str, Any]:
+    if sources.path is None:
+        return dict(sources.options)
     from_file = {key: value for key, value in read_file(sources.path).items() if key not in sources.explicit}
     return {**sources.options, **from_file}

@@ -31,6 +31,12 @@ def resolve(user: str | None, group: str | None) -> Credentials | None:
         return None
     if os.geteuid() != 0:
         raise UserError("--user/--group need the supervisor to run as root (it drops privileges for the children)")
+    return lookup(user, group)
+
+
+def lookup(user: str | None, group: str | None) -> Credentials:
+    """The user (default: ours) and group (default: the user's) as they exist now; UserError if one does not.
+    Needs no privilege: `supervise check` runs it as any user."""
     entry = _user(user) if user is not None else pwd.getpwuid(os.getuid())
     gid = _group(group) if group is not None else entry.pw_gid
     groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, gid)))) if user is not None else (gid,)

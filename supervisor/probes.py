@@ -299,13 +299,7 @@ def build_probe(
 ) -> Probe:
     """A probe object for `spec`. `default_target` is the first TCP listener (as a local probe reaches it)."""
     if spec.kind in ("http", "tcp"):
-        if spec.host is None or spec.port is None:
-            if default_target is None:
-                raise UserError(f"--ready {spec.text}: needs a TCP --listen to probe, or an explicit http://HOST:PORT/PATH")
-            host = spec.host or default_target[0]
-            port = spec.port or default_target[1]
-        else:
-            host, port = spec.host, spec.port
+        host, port = probe_target(spec, default_target)
         shared = port in shared_ports
         target = Target(_numeric_host(host), port, shared, route if shared else None)
         if spec.kind == "http":
@@ -316,6 +310,15 @@ def build_probe(
     if spec.kind == "exec":
         return ExecProbe(spec, timeout, run)
     return DelayProbe(spec)
+
+
+def probe_target(spec: ProbeSpec, default_target: tuple[str, int] | None) -> tuple[str, int]:
+    """Where an http or tcp probe connects: its own HOST:PORT, else the first TCP listener's (UserError if none)."""
+    if spec.host is not None and spec.port is not None:
+        return spec.host, spec.port
+    if default_target is None:
+        raise UserError(f"--ready {spec.text}: needs a TCP --listen to probe, or an explicit http://HOST:PORT/PATH")
+    return spec.host or default_target[0], spec.port or default_target[1]
 
 
 def _numeric_host(host: str) -> str:

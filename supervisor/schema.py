@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .envfile import reference as env_file_reference
 from .errors import UserError
 from .listeners import parse_listen
 from .names import check_name
@@ -273,6 +274,7 @@ SETTINGS: dict[str, Kind] = {
     "user": Text(256, meaning="a user name or uid"),
     "group": Text(256, meaning="a group name or gid"),
     "env": Environment(),
+    "env_file": TextList(Text(4096, meaning="a path", parser=env_file_reference), 64, single=True),
     "version_file": _PATH,
     "backlog": Integer(1, 65535),
     "nodelay": Flag(),
