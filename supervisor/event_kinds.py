@@ -79,3 +79,4 @@ class Kind(StrEnum):
     STATE_SAVE_FAILED = "state-save-failed"
     CONTROL_REFUSED = "control-refused"
     CONTROL_SHED = "control-shed"
+    METRICS_LISTENING = "metrics-listening"

@@ -13,6 +13,7 @@ import anyio
 from . import leftovers, libc, steering
 from .cgroups import Cgroups
 from .config import Settings
+from .control.metrics_http import MetricsServer
 from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
 from .errors import UserError
@@ -114,11 +115,13 @@ def _run(settings: Settings, events: Events) -> int:
                                                inherited, lambda spec: traffic.steerable(spec, adopted=False))
     runtime_dir: RuntimeDir | None = None
     control = ControlServer(settings.control_path)
+    metrics = MetricsServer(settings.metrics_listen) if settings.metrics_listen else None
     cgroups = Cgroups.setup(settings.name, events)
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         book = ReleaseBook(History.load(settings.state_path, events), events)
         control.bind()
+        metrics_address = metrics.bind() if metrics else None
         events.emit(Kind.STARTING, f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
                     f"{settings.control_path}, state {settings.state_path}", name=settings.name,
                     control=str(settings.control_path), state=str(settings.state_path))
@@ -126,17 +129,23 @@ def _run(settings: Settings, events: Events) -> int:
             how = "adopted from systemd" if listener.adopted else "listening"
             events.emit(Kind.LISTENING, f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "
                         f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
+        if metrics_address is not None:
+            events.emit(Kind.METRICS_LISTENING, f"metrics on http://{metrics_address}/metrics (and /status), read-only",
+                        address=metrics_address)
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
         runtime_dir = RuntimeDir.create(parent, shared=credentials is not None)
         supervisor = Supervisor(settings, listeners, events, release, book,
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
                                 child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups,
-                                runtime_dir=str(runtime_dir.path), control=control, traffic=traffic)
+                                runtime_dir=str(runtime_dir.path), control=control, metrics=metrics,
+                                traffic=traffic)
         libc.set_child_subreaper()
         return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
     finally:
         control.close()
+        if metrics is not None:
+            metrics.close()
         if cgroups is not None:
             cgroups.close()
         for listener in listeners:
