@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from ..errors import StartupError
-from ..events import Events
 from ..listeners import Listener, ListenSpec, bind
 from ..snapshot import Snapshot
 from . import views
-from .metrics import render
+from .metrics import CONTENT_TYPE, render
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -43,14 +42,11 @@ _BACKLOG = 64
 _MAX_LINE = 2048  # bytes of a request line or header: these paths take no query worth more
 _MAX_HEADERS = 32
 _MAX_BODY = 1024  # no route reads a body; aiohttp rejects a larger declared one
-_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 _JSON = "application/json; charset=utf-8"
 
 
 class ReadPort(Protocol):
-    """What the endpoint needs of the supervisor: snapshots to read. A ControlPort is one."""
-
-    events: Events
+    """What the endpoint needs of the supervisor: snapshots to read, nothing to ask. A ControlPort is one."""
 
     def snapshot(self, measure: bool = True) -> Snapshot:
         """Everything held and known, now; `measure` reads each process's memory and CPU too."""
@@ -154,7 +150,7 @@ class MetricsServer:
         from aiohttp import web
 
         app = web.Application(client_max_size=_MAX_BODY, middlewares=[self._tracked])
-        app.add_routes([web.get("/metrics", self._handler(port, self._metrics, _metrics_body, _PROMETHEUS_TEXT)),
+        app.add_routes([web.get("/metrics", self._handler(port, self._metrics, _metrics_body, CONTENT_TYPE)),
                         web.get("/status", self._handler(port, self._status, _status_body, _JSON))])
         runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=_IDLE,
                                lingering_time=1.0, max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
@@ -179,7 +175,7 @@ class MetricsServer:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
             except OSError:  # out of fds or buffers: the client waits in the backlog; never fatal to the supervisor
-                self.connections.expire(anyio.current_time() + _IDLE)  # make room: every idle one goes
+                self.connections.expire(anyio.current_time() + _IDLE)  # make room: every connection now idle goes
                 await anyio.sleep(0.1)
                 continue
             try:
