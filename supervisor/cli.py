@@ -154,6 +154,10 @@ def _integer(key: str) -> Checked:
               "(default: the app and the first listener's port, like app-8080).")
 @click.option("--control", type=click.Path(path_type=Path), metavar="PATH",
               help="Control socket path (default: $XDG_RUNTIME_DIR/supervise/NAME.sock, /run/supervise as root).")
+@click.option("--metrics-listen", metavar="ADDRESS",
+              help="Also answer GET /metrics (Prometheus text) and GET /status (JSON) over HTTP on this TCP address "
+                   "(HOST:PORT, :PORT, [::1]:PORT), for a scraper that cannot reach the control socket. Read-only: no "
+                   "control verb is reachable there. No authentication: bind it to loopback or a private network.")
 @click.option("--state-dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Where rollout history and last-known-good/bad releases persist (default: beside the control socket).")
 @click.option("--pidfile", type=click.Path(path_type=Path), metavar="PATH", help="Write the supervisor's pid here.")

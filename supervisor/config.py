@@ -18,7 +18,7 @@ from typing import Any
 
 from . import envfile, schema
 from .errors import UserError
-from .listeners import ListenSpec, parse_listen
+from .listeners import ListenSpec, parse_listen, parse_tcp_address
 from .names import default_name
 from .probe_spec import ProbeSpec, parse_probe
 from .strategy import Strategy, build_strategy
@@ -66,6 +66,7 @@ class Settings:
     start_priority: str = "low"
     name: str = "supervise"
     control: Path | None = None
+    metrics_listen: ListenSpec | None = None  # the read-only TCP endpoint of /metrics and /status
     state_dir: Path | None = None
     pidfile: Path | None = None
     max_restarts: int = 5
@@ -102,7 +103,7 @@ class Settings:
 
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
 _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
-          "change_settle", "cutover")
+          "change_settle", "cutover", "metrics_listen")
 _DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "drain_delay", "ramp",
               "restart_window", "change_settle")
 _COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
@@ -152,6 +153,8 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         drain_signal=parse_signal(values.get("drain_signal") or "TERM"),
         name=values.get("name") or default_name(command, listen),
         **{key: Path(values[key]) if values.get(key) else None for key in _PATHS},
+        metrics_listen=parse_tcp_address(values["metrics_listen"], "--metrics-listen") if values.get("metrics_listen")
+        else None,
         nodelay=not values.get("no_nodelay"),
         unix_mode=int(text["unix_mode"], 8) if text["unix_mode"] else None,
         chdir=text["chdir"],

@@ -82,3 +82,4 @@ class Kind(StrEnum):
     REEXECUTING = "reexecuting"
     REEXECUTED = "reexecuted"
     REEXEC_REFUSED = "reexec-refused"
+    METRICS_LISTENING = "metrics-listening"

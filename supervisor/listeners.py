@@ -20,6 +20,8 @@ from .errors import StartupError, UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]+)$")
+_FORMS = "HOST:PORT, :PORT, [IPv6]:PORT, udp://HOST:PORT or unix:PATH"
+_TCP_FORMS = "a TCP address: HOST:PORT, :PORT or [IPv6]:PORT"
 
 
 @dataclass(frozen=True)
@@ -41,19 +43,20 @@ class ListenSpec:
         return f"{'udp://' if self.kind == 'udp' else ''}{shown}:{self.port}"
 
 
-def parse_listen(text: str, index: int) -> ListenSpec:
-    """Parse `[NAME=]ADDRESS`: `HOST:PORT`, `:PORT`, `PORT`, `[::1]:PORT`, `tcp://…`, `udp://…`, `unix:PATH`."""
+def parse_listen(text: str, index: int, option: str = "--listen", forms: str = _FORMS) -> ListenSpec:
+    """Parse `[NAME=]ADDRESS`: `HOST:PORT`, `:PORT`, `PORT`, `[::1]:PORT`, `tcp://…`, `udp://…`, `unix:PATH`;
+    errors name `option` and, for an address of no known form, the `forms` it takes."""
     name, address, explicit = f"listen{index}", text.strip(), False
     head, sep, rest = address.partition("=")
     if sep and _NAME.match(head) and ":" not in head:
         name, address, explicit = head, rest.strip(), True
     if not address:
-        raise UserError(f"invalid --listen {text!r}: no address")
+        raise UserError(f"invalid {option} {text!r}: no address")
     if address.startswith("unix:"):
         path = address[len("unix:"):]
         path = path[2:] if path.startswith("//") else path
         if not path:
-            raise UserError(f"invalid --listen {text!r}: unix: needs a path, like unix:/run/app.sock")
+            raise UserError(f"invalid {option} {text!r}: unix: needs a path, like unix:/run/app.sock")
         return ListenSpec(name, "unix", path=path, explicit_name=explicit)
     kind = "tcp"
     for scheme in ("tcp", "udp"):
@@ -63,15 +66,24 @@ def parse_listen(text: str, index: int) -> ListenSpec:
         address = ":" + address
     match = _HOST_PORT.match(address)
     if not match:
-        raise UserError(f"invalid --listen {text!r}: expected HOST:PORT, :PORT, [IPv6]:PORT, udp://HOST:PORT or unix:PATH")
+        raise UserError(f"invalid {option} {text!r}: expected {forms}")
     host = match.group("v6") if match.group("v6") is not None else match.group("host")
     port_text = match.group("port")
     if not port_text.isdigit():
-        raise UserError(f"invalid --listen {text!r}: port {port_text!r} is not a number")
+        raise UserError(f"invalid {option} {text!r}: port {port_text!r} is not a number")
     port = int(port_text)
     if port > 65535:
-        raise UserError(f"invalid --listen {text!r}: port {port} is out of range (0-65535)")
+        raise UserError(f"invalid {option} {text!r}: port {port} is out of range (0-65535)")
     return ListenSpec(name, kind, host=host or None, port=port, explicit_name=explicit)
+
+
+def parse_tcp_address(text: str, option: str) -> ListenSpec:
+    """A TCP address for a server of the supervisor's own (--metrics-listen): `HOST:PORT`, `:PORT`, `PORT`,
+    `[::1]:PORT` or `tcp://…` — no name, udp:// or unix: (nothing of it is passed to children)."""
+    spec = parse_listen(text, 0, option, _TCP_FORMS)
+    if spec.kind != "tcp" or spec.explicit_name:
+        raise UserError(f"invalid {option} {text!r}: expected {_TCP_FORMS}")
+    return spec
 
 
 @dataclass(eq=False)

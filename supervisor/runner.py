@@ -13,6 +13,7 @@ import anyio
 from . import carryover, leftovers, libc, reexec, revive, steering
 from .cgroups import Cgroups
 from .config import Settings
+from .control.metrics_http import MetricsServer
 from .control.server import ControlServer
 from .credentials import resolve as resolve_credentials
 from .errors import UserError
@@ -118,11 +119,13 @@ def _run(settings: Settings, events: Events) -> int:
                                                inherited, lambda spec: traffic.steerable(spec, adopted=False))
     runtime_dir: RuntimeDir | None = None
     control = ControlServer(settings.control_path)
+    metrics = MetricsServer(settings.metrics_listen) if settings.metrics_listen else None
     cgroups = Cgroups.setup(settings.name, events)
     try:
         check_templates(settings.command, [listener.name for listener in listeners])
         book = ReleaseBook(History.load(settings.state_path, events), events)
         control.bind()
+        metrics_address = metrics.bind() if metrics else None
         events.emit(Kind.STARTING, f"supervise {settings.name} starting (pid {os.getpid()}): control socket "
                     f"{settings.control_path}, state {settings.state_path}", name=settings.name,
                     control=str(settings.control_path), state=str(settings.state_path))
@@ -130,23 +133,29 @@ def _run(settings: Settings, events: Events) -> int:
             how = "adopted from systemd" if listener.adopted else "listening"
             events.emit(Kind.LISTENING, f"{how} on {listener.address} (fd {3 + listeners.index(listener)} in children, "
                         f"name {listener.name})", name=listener.name, address=listener.address, adopted=listener.adopted)
+        if metrics_address is not None:
+            events.emit(Kind.METRICS_LISTENING, f"metrics on http://{metrics_address}/metrics (and /status), read-only",
+                        address=metrics_address)
         if settings.pidfile:
             _write_pidfile(settings.pidfile)
         runtime_dir = RuntimeDir.create(parent, shared=credentials is not None)
         supervisor = Supervisor(settings, listeners, events, release, book,
                                 systemd=SystemdNotifier.from_environ(os.environ), credentials=credentials,
                                 child_fd_limit=fd_limit.pair if fd_limit else None, cgroups=cgroups,
-                                runtime_dir=str(runtime_dir.path), control=control, traffic=traffic,
-                                held=_held(control, runtime_dir))
+                                runtime_dir=str(runtime_dir.path), control=control, metrics=metrics,
+                                traffic=traffic, held=_held(control, metrics, runtime_dir))
         return _serve(supervisor, backend_options)
     finally:
-        _clean_up(settings, control, cgroups, listeners, runtime_dir)
+        _clean_up(settings, control, metrics, cgroups, listeners, runtime_dir)
 
 
-def _held(control: ControlServer, runtime_dir: RuntimeDir) -> dict[str, int]:
+def _held(control: ControlServer, metrics: MetricsServer | None, runtime_dir: RuntimeDir) -> dict[str, int]:
     """The descriptors besides listeners and notify sockets that a re-exec keeps open, by name."""
     assert control.sock is not None
-    return {"control": control.sock.fileno(), "runtime_lock": runtime_dir.lock}
+    held = {"control": control.sock.fileno(), "runtime_lock": runtime_dir.lock}
+    if metrics is not None and metrics.listener is not None:
+        held["metrics"] = metrics.listener.sock.fileno()
+    return held
 
 
 def _serve(supervisor: Supervisor, backend_options: dict[str, object]) -> int:
@@ -154,9 +163,11 @@ def _serve(supervisor: Supervisor, backend_options: dict[str, object]) -> int:
     return anyio.run(supervisor.run, backend="asyncio", backend_options=backend_options)
 
 
-def _clean_up(settings: Settings, control: ControlServer, cgroups: Cgroups | None, listeners: list[Listener],
-              runtime_dir: RuntimeDir | None) -> None:
+def _clean_up(settings: Settings, control: ControlServer, metrics: MetricsServer | None, cgroups: Cgroups | None,
+              listeners: list[Listener], runtime_dir: RuntimeDir | None) -> None:
     control.close()
+    if metrics is not None:
+        metrics.close()
     if cgroups is not None:
         cgroups.close()
     for listener in listeners:
@@ -183,6 +194,9 @@ def _revive(settings: Settings, events: Events, path: Path) -> int:
     revive.traffic(traffic, state["traffic"], listeners)
     control = ControlServer(settings.control_path)
     control.adopt(held["control"])
+    metrics = MetricsServer(settings.metrics_listen) if settings.metrics_listen else None
+    if metrics is not None and "metrics" in held:
+        metrics.adopt(held["metrics"])
     cgroups = Cgroups(Path(state["fleet"]["cgroups"][0]), Path(state["fleet"]["cgroups"][1]), events) \
         if state["fleet"]["cgroups"] else None
     runtime_dir = RuntimeDir(Path(own["runtime_dir"]), held["runtime_lock"])
@@ -195,8 +209,8 @@ def _revive(settings: Settings, events: Events, path: Path) -> int:
                                 systemd=SystemdNotifier.from_environ(os.environ),
                                 credentials=resolve_credentials(settings.user, settings.group),
                                 child_fd_limit=(limit[0], limit[1]) if limit else None, cgroups=cgroups,
-                                runtime_dir=own["runtime_dir"], control=control, traffic=traffic,
+                                runtime_dir=own["runtime_dir"], control=control, metrics=metrics, traffic=traffic,
                                 carried=revive.Carried(state, listeners), held=dict(held))
         return _serve(supervisor, _backend_options(settings.loop))
     finally:
-        _clean_up(settings, control, cgroups, list(listeners.values()), runtime_dir)
+        _clean_up(settings, control, metrics, cgroups, list(listeners.values()), runtime_dir)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from .envfile import reference as env_file_reference
 from .errors import UserError
-from .listeners import parse_listen
+from .listeners import parse_listen, parse_tcp_address
 from .names import check_name
 from .probe_spec import parse_probe
 from .strategy import STRATEGIES, parse_amount
@@ -282,6 +282,7 @@ SETTINGS: dict[str, Kind] = {
     "unix_mode": Text(4, pattern="[0-7]{1,4}", meaning="an octal file mode like \"660\""),
     "name": Text(4096, parser=check_name),
     "control": _PATH,
+    "metrics_listen": Text(4096, parser=lambda text: parse_tcp_address(text, "--metrics-listen")),
     "state_dir": _PATH,
     "pidfile": _PATH,
     "log_format": Choice(("text", "json")),

@@ -81,6 +81,7 @@ class Supervisor:
     cgroups: InitVar[Cgroups | None] = None  # a cgroup per generation, where cgroup v2 can be used
     runtime_dir: InitVar[str] = ""  # where the notify sockets go (rundir.py)
     control: Service | None = None  # serves this supervisor as a ControlPort (port.py)
+    metrics: Service | None = None  # --metrics-listen: /metrics and /status over TCP, read-only
     traffic: InitVar[Traffic | None] = None  # who gets new connections (traffic.py); None: nothing steered
     carried: Carried | None = None  # what a re-exec carried over (reexec.py): revived in run(), not started anew
     held: dict[str, int] = field(default_factory=dict)  # other fds a re-exec keeps: control socket, run dir lock
@@ -145,6 +146,8 @@ class Supervisor:
                     group.start_soon(worker.run)
                 if self.control is not None:
                     group.start_soon(self.control.serve, self)
+                if self.metrics is not None:
+                    group.start_soon(self.metrics.serve, self)
                 if self.fleet.settings.upgrade_on_change:
                     trigger = ChangeTrigger(self.fleet.settings.upgrade_on_change, self.fleet.settings.change_settle,
                                             lambda what: self.request_upgrade(what))
@@ -159,6 +162,8 @@ class Supervisor:
             self.reaper.close()
             if self.control is not None:
                 self.control.close()
+            if self.metrics is not None:
+                self.metrics.close()
             if self.systemd is not None:
                 self.systemd.close()
         return self.exit_code

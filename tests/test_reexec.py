@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -224,3 +225,19 @@ def test_fifty_reexecs_leave_the_same_fds_and_no_growth(tmp_path: Path, running:
         rss.append(psutil.Process(sup.pid).memory_info().rss)
     assert fds_settle_to(sup.pid, fds) == fds
     assert max(rss[-10:]) <= max(rss[:10]) + 4 * 2**20, [r // 1024 for r in rss]
+
+
+@pytest.mark.timeout(60)
+def test_the_metrics_endpoint_carries_over(tmp_path: Path, running: list[Supervise]) -> None:
+    """The --metrics-listen socket is held across a re-exec like the listeners: same port, never refused."""
+    script = write_release(tmp_path / "app", "--tag", "v1")
+    metrics_port = free_port()
+    sup = start(running, "-l", f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                "--", str(script))
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=5) as before:
+        before.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert b"supervise_" in before.makefile("rb").read()
+    assert reexec(sup).returncode == 0
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=5) as after:
+        after.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+        assert b'"reexecs"' in after.makefile("rb").read()

@@ -10,6 +10,8 @@ from typing import Any
 
 from ..snapshot import HistogramView, Snapshot
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # of the Prometheus text format rendered here
+
 
 def render(snapshot: Snapshot) -> bytes:
     """The Prometheus text exposition of a snapshot."""

@@ -28,7 +28,7 @@ from ..spawn import out_of_fds
 from ..units import parse_signal
 from . import views
 from .admission import Admission
-from .metrics import render
+from .metrics import CONTENT_TYPE, render
 from .plan import plan
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ class ControlServer:
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
 
-        return web.Response(body=render(self._port.snapshot()), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=render(self._port.snapshot()), headers={"Content-Type": CONTENT_TYPE})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         level = request.query.get("level", "info")
