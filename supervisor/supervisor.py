@@ -328,26 +328,35 @@ class Supervisor:
     async def reexec(self, answer: Callable[[str], Awaitable[None]]) -> str:
         """`ctl reexec`: check the supervise installed now, then become it in this pid. Returns why it was refused
         or failed; on success `answer` is awaited with what is about to happen, and this never returns."""
-        if (why := self._reexec_refusal()) is not None:
-            return why
-        async with self._exclusive:
-            path = write_state(self.fleet.runtime_dir, encode(self._carry()))
-            failure = await check(path, self.reaper)
-            why = f"the new supervise failed its check: {failure}" if failure else self._reexec_refusal(checking=True)
-            if why is None:
-                message = f"re-executing {shlex.join(command())} in pid {os.getpid()}"
-                with anyio.move_on_after(2.0):
-                    await answer(message)
-                # From here to execve nothing awaits: no exit is reaped, no state changes after it is written.
-                state = self._carry()
-                path = write_state(self.fleet.runtime_dir, encode(state))
-                self.events.emit(Kind.REEXECUTING, message, command=command())
-                if self.events.sink is not None:
-                    self.events.sink.flush(1.0)
-                why = execute(path, carried_fds(state))
+        why = self._reexec_refusal()
+        if why is None:
+            async with self._exclusive:
+                why = await self._check_and_execute(answer)
+        self.events.emit(Kind.REEXEC_REFUSED, f"re-exec refused: {why}", level="warning", reason=why)
+        return why
+
+    async def _check_and_execute(self, answer: Callable[[str], Awaitable[None]]) -> str:
+        path = write_state(self.fleet.runtime_dir, encode(self._carry()))
+        try:
+            if (failure := await check(path, self.reaper)) is not None:
+                return f"the new supervise failed its check: {failure}"
+            if (why := self._reexec_refusal(checking=True)) is not None:
+                return why
+            message = f"re-executing {shlex.join(command())} in pid {os.getpid()}"
+            with anyio.move_on_after(2.0):
+                await answer(message)
+            # From here to execve nothing awaits: no exit is reaped, no request taken, nothing changes after
+            # the state is written; a signal that comes now waits for the new image.
+            if (why := self._reexec_refusal(checking=True)) is not None:
+                return why
+            state = self._carry()
+            path = write_state(self.fleet.runtime_dir, encode(state))
+            self.events.emit(Kind.REEXECUTING, message, command=command())
+            if self.events.sink is not None:
+                self.events.sink.flush(1.0)
+            return execute(path, carried_fds(state))
+        finally:
             path.unlink(missing_ok=True)
-            self.events.emit(Kind.REEXEC_REFUSED, f"re-exec refused: {why}", level="warning", reason=why)
-            return why
 
     def _carry(self) -> dict[str, Any]:
         own = {"version": __version__, "started_at": self.started_at, "started_wall": self.started_wall,
