@@ -40,8 +40,18 @@ def seconds(event: dict[str, Any]) -> float:
 
 
 def fds(pid: int) -> list[str]:
-    """Open descriptors by kind (the event loop's own pipes are new in every image; the count must not change)."""
-    return sorted(os.readlink(f"/proc/{pid}/fd/{fd}").split(":[")[0] for fd in os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors by kind (the event loop's own pipes are new in every image; the count must not change),
+    once they stay the same for 0.2 s: the control connection just used is closed on the server's side later."""
+    def now() -> list[str]:
+        return sorted(os.readlink(f"/proc/{pid}/fd/{fd}").split(":[")[0] for fd in os.listdir(f"/proc/{pid}/fd"))
+
+    found, deadline = now(), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (again := now()) == found:
+            break
+        found = again
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint.json(endpoint.request("GET", "/status"))
             rss.append(psutil.Process(process.pid).memory_info().rss)
         stats = load.stop().summary()
+        after_fds = fds(process.pid)
         after_children = sorted(child.pid for child in psutil.Process(process.pid).children(recursive=True))
         result = {
             "reexecs": args.reexecs, "processes": args.processes, "load": stats,
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "exec_s": {"median": statistics.median(execs), "max": max(execs)},
             "rss_mib": {"start": rss[0] / 2**20, "after_first": rss[1] / 2**20, "after_last": rss[-1] / 2**20,
                         "max": max(rss) / 2**20},
-            "fds": {"before": len(before_fds), "after": len(fds(process.pid)), "same": fds(process.pid) == before_fds},
+            "fds": {"before": len(before_fds), "after": len(after_fds), "same": after_fds == before_fds},
             "children_unchanged": after_children == children,
         }
     finally:
