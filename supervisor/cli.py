@@ -107,7 +107,7 @@ def _integer(key: str) -> Checked:
 @click.option("--start-priority", type=click.Choice(schema.choices("start_priority")), default="low", show_default=True,
               help="low: a new generation starts at the lowest CPU priority until it is given connections (steered "
                    "cutover), so its start-up takes only CPU the serving one leaves idle; back to normal when it is "
-                   "active, or after half of --ready-timeout at most. normal: no change.")
+                   "active, or after 5s (half of --ready-timeout if shorter) at most. normal: no change.")
 @click.option("--max-restarts", type=_integer("max_restarts"), default=5, show_default=True,
               help="Restarts of a dying instance allowed within --restart-window (counted per instance); one more "
                    "failure exits non-zero when no instance is serving (else it retries every 30s).")

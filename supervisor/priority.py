@@ -22,7 +22,8 @@ needs the cpu controller delegated to the supervisor's cgroup v2, which the mach
 
 The cost: a lowered start-up gets only CPU nobody else wants, and under load that saturates the host it may not
 finish (measured with 8 clients: 1 of 2 start-ups at SCHED_IDLE, nice 19 or the lowest weight alike had not
-finished its 2 s of CPU after 10 s). So the fleet bounds the lowering: half the readiness timeout at most.
+finished its 2 s of CPU after 10 s). So the lowering is bounded (start_priority.py: 5 s, or half the readiness
+timeout when that is shorter).
 
 Two facts of Linux shape the use of SCHED_IDLE:
 - Policy and nice are per THREAD. A process lowered before exec passes it to every thread and process it

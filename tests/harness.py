@@ -32,6 +32,10 @@ VERDICTS = ("promoted", "rolled-back", "upgrade-refused")
 # On loopback a handshake in flight when a generation stops getting new connections lands within microseconds:
 # the tests' old generations need not wait the 1 s default (meant for real networks) before they are signalled.
 DRAIN_DELAY = "100ms"
+# A lowered start-up gets only CPU nobody else wants, and on a CI machine running two test files at once there is
+# little: each upgrade would wait up to its 5 s bound. The tests of the rollout start new generations at normal
+# priority unless they pass --start-priority themselves; test_start_priority.py tests the lowering.
+START_PRIORITY = "normal"
 
 
 def write_release(directory: Path, *flags: str, only: dict[int, list[str]] | None = None) -> Path:
@@ -78,6 +82,8 @@ class Supervise:
             options[:0] = ["--control", os.path.join(self.private_dir, "control.sock")]
         if not any(option.startswith("--drain-delay") for option in options):
             options[:0] = ["--drain-delay", DRAIN_DELAY]
+        if not any(option.startswith("--start-priority") for option in options):
+            options[:0] = ["--start-priority", START_PRIORITY]
         argv = [*self.wrapper, *supervise_command(), "--log-format", "json", "--log-level", "debug", *options]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         env=self.env, cwd=self.cwd, start_new_session=True, pass_fds=self.pass_fds)

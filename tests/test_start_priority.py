@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(not steering.supported(), reason="only a steered
 
 
 def start(running: list[Supervise], release: Release, *options: str, wrapper: list[str] | None = None) -> Supervise:
+    chosen = [] if any(option == "--start-priority" for option in options) else ["--start-priority", "low"]
     sup = Supervise(["-l", f"127.0.0.1:{free_port()}", "--ready", "http/readyz", "--health-interval", "100ms",
-                     *options, "--", str(release.script)], wrapper=wrapper or [])
+                     *chosen, *options, "--", str(release.script)], wrapper=wrapper or [])
     running.append(sup.start())
     sup.wait_for("serving")
     return sup
@@ -74,15 +75,23 @@ def check_lowered_until_active(sup: Supervise, release: Release) -> str:
     event = sup.wait_for("priority", where=lambda event: event.get("lowered") is True, after=mark)
     method = event["method"]
     new = leader(sup, 2)
+    assert lowered(new, method)[0], "lowered as it was spawned, before the spawn was logged"
     with_grandchild(new)
-    assert all(lowered(new, method)) and len(lowered(new, method)) >= 2, (method, lowered(new, method))
+    read_at, states = time.time(), lowered(new, method)
+    time.sleep(0.3)  # a restore before the read (at the bound, on a very busy machine) is logged by now
+    if not [event for event in sup.of_kind("priority") if event.get("lowered") is False and seconds(event) < read_at]:
+        assert all(states) and len(states) >= 2, (method, states)
     assert not any(lowered(old, method))
     restored = sup.wait_for("priority", where=lambda event: event.get("lowered") is False, after=mark)
-    assert (restored["gen"], restored["cause"]) == (2, "active"), restored
-    assert restored["refused"] == 0
+    assert restored["gen"] == 2 and restored["refused"] == 0, restored
     assert not any(lowered(new, method)), lowered(new, method)
     ready = sup.wait_for("ready", where=lambda event: event["gen"] == 2, after=mark)
-    assert ready["ts"] <= restored["ts"], "restored only once the generation is ready and given connections"
+    # Restored at activation; or, where the machine is so busy that the lowered start-up could not get ready
+    # within its 5 s bound, at the bound (when exactly is test_start_priorities.py's, on virtual time).
+    if restored["cause"] == "active":
+        assert ready["ts"] <= restored["ts"], "restored only once the generation is ready and given connections"
+    else:
+        assert restored["cause"] == "bound" and restored["ts"] <= ready["ts"], restored
     sup.wait_for("promoted", after=mark, timeout=30)
     return method
 
@@ -111,23 +120,24 @@ def test_normal_leaves_a_starting_generation_alone(tmp_path: Path, running: list
 
 
 @pytest.mark.timeout(60)
-def test_a_start_up_that_takes_long_gets_normal_priority_after_half_its_readiness_timeout(
+def test_a_start_up_that_takes_long_gets_normal_priority_at_its_bound(
         tmp_path: Path, running: list[Supervise]) -> None:
-    """A release that never becomes ready, --ready-timeout 4s: back to normal after 2-3 s (the bound, checked on
-    each 1 s sweep), while still passive; then rolled back at 4 s as it would have been without the lowering."""
+    """A release that never becomes ready, --ready-timeout 12s: back to normal after 5 s (the bound: 5 s or half
+    the readiness timeout, whichever is shorter), while still passive; it keeps its remaining time to prove ready."""
     release = Release(tmp_path / "app")
     release.deploy()
-    sup = start(running, release, "--ready-timeout", "4s")
+    sup = start(running, release, "--ready-timeout", "12s")
     release.deploy("--never-ready")
     mark = sup.mark()
     sup.signal(signal.SIGHUP)
     lowered_at = sup.wait_for("priority", where=lambda event: event.get("lowered") is True, after=mark)
+    assert lowered_at["bound"] == 5.0
     new = leader(sup, 2)
     restored = sup.wait_for("priority", where=lambda event: event.get("lowered") is False, after=mark)
     assert restored["cause"] == "bound", restored
-    assert 2.0 <= seconds(restored) - seconds(lowered_at) < 4.0
+    assert 5.0 <= seconds(restored) - seconds(lowered_at) < 7.0
     assert not any(lowered(new, lowered_at["method"]))
-    assert sup.wait_for("rolled-back", after=mark, timeout=30)["gen"] == 2
+    assert not sup.of_kind("rolled-back"), "the release still has the rest of its readiness timeout"
 
 
 @pytest.fixture
