@@ -20,10 +20,16 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
+from .carryover import carried_fds, encode
+from .event_kinds import Kind
+from .events import Events
 from .reaper import Reaper
 from .spawn import ProcessSpec, SpawnError, spawn
 
@@ -104,6 +110,42 @@ def execute(state: Path, fds: list[int]) -> str:
             os.set_inheritable(fd, False)
         return f"cannot execute {shlex.join(command())}: {exc.strerror or exc}"
     raise AssertionError("execve returned without an error")  # pragma: no cover - it never does
+
+
+@dataclass
+class Reexec:
+    """One re-exec, run by the supervisor while it holds its operations lock: `carry` says what is held now,
+    `refusal` whether an operation came meanwhile."""
+
+    events: Events
+    reaper: Reaper
+    runtime_dir: str
+    carry: Callable[[], dict[str, Any]]
+    refusal: Callable[[], str | None]
+
+    async def run(self, answer: Callable[[str], Awaitable[None]]) -> str:
+        """Check, answer the client, write the state again and execve; why not, if it does not happen."""
+        path = write_state(self.runtime_dir, encode(self.carry()))
+        try:
+            if (failure := await check(path, self.reaper)) is not None:
+                return f"the new supervise failed its check: {failure}"
+            if (why := self.refusal()) is not None:
+                return why
+            message = f"re-executing {shlex.join(command())} in pid {os.getpid()}"
+            with anyio.move_on_after(2.0):
+                await answer(message)
+            # From here to execve nothing awaits: no exit is reaped, no request taken, nothing changes after
+            # the state is written; a signal that comes now waits for the new image.
+            if (why := self.refusal()) is not None:
+                return why
+            state = self.carry()
+            path = write_state(self.runtime_dir, encode(state))
+            self.events.emit(Kind.REEXECUTING, message, command=command())
+            if self.events.sink is not None:
+                self.events.sink.flush(1.0)
+            return execute(path, carried_fds(state))
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def unblock_signals() -> None:

@@ -10,7 +10,6 @@ so the state machine is never entered twice. Signals, requests and exits only ch
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import anyio
 
 from . import __version__, revive
-from .carryover import carried_fds, dump, encode
+from .carryover import dump
 from .cgroups import Cgroups
 from .concurrency import leaves
 from .config import Settings
@@ -39,7 +38,7 @@ from .notify import SystemdNotifier
 from .port import Service
 from .preview import Preview, preview
 from .reaper import Reaper
-from .reexec import check, command, execute, unblock_signals, write_state
+from .reexec import Reexec, unblock_signals
 from .release import Release
 from .release_book import ReleaseBook
 from .restart_budget import RestartBudget
@@ -326,37 +325,14 @@ class Supervisor:
         return None
 
     async def reexec(self, answer: Callable[[str], Awaitable[None]]) -> str:
-        """`ctl reexec`: check the supervise installed now, then become it in this pid. Returns why it was refused
-        or failed; on success `answer` is awaited with what is about to happen, and this never returns."""
-        why = self._reexec_refusal()
-        if why is None:
+        """`ctl reexec` (reexec.py): why it was refused or failed; on success `answer` is awaited and this never
+        returns."""
+        if (why := self._reexec_refusal()) is None:
             async with self._exclusive:
-                why = await self._check_and_execute(answer)
+                why = await Reexec(self.events, self.reaper, self.fleet.runtime_dir, self._carry,
+                                   lambda: self._reexec_refusal(checking=True)).run(answer)
         self.events.emit(Kind.REEXEC_REFUSED, f"re-exec refused: {why}", level="warning", reason=why)
         return why
-
-    async def _check_and_execute(self, answer: Callable[[str], Awaitable[None]]) -> str:
-        path = write_state(self.fleet.runtime_dir, encode(self._carry()))
-        try:
-            if (failure := await check(path, self.reaper)) is not None:
-                return f"the new supervise failed its check: {failure}"
-            if (why := self._reexec_refusal(checking=True)) is not None:
-                return why
-            message = f"re-executing {shlex.join(command())} in pid {os.getpid()}"
-            with anyio.move_on_after(2.0):
-                await answer(message)
-            # From here to execve nothing awaits: no exit is reaped, no request taken, nothing changes after
-            # the state is written; a signal that comes now waits for the new image.
-            if (why := self._reexec_refusal(checking=True)) is not None:
-                return why
-            state = self._carry()
-            path = write_state(self.fleet.runtime_dir, encode(state))
-            self.events.emit(Kind.REEXECUTING, message, command=command())
-            if self.events.sink is not None:
-                self.events.sink.flush(1.0)
-            return execute(path, carried_fds(state))
-        finally:
-            path.unlink(missing_ok=True)
 
     def _carry(self) -> dict[str, Any]:
         own = {"version": __version__, "started_at": self.started_at, "started_wall": self.started_wall,
