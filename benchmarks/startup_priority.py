@@ -21,6 +21,7 @@ cpu cgroup of ours, as a container or a systemd service with the cpu controller 
   host:nice19, service:nice19   setpriority(19) before exec
   host:idle, service:idle       SCHED_IDLE before exec (inherited by the threads and processes it creates)
   host:autogroup19              its session's autogroup at nice 19 (/proc/self/autogroup)
+  host:autogroup19+idle         both: the autogroup's share, and SCHED_IDLE's immediate preemption on wakeup
   cgweight    its own cpu cgroup at the lowest weight (cgroup v2 cpu.weight=1, or v1 cpu.shares=10, which the
               kernel maps to the same group weight), the serving one in a sibling cgroup at the default
   cgidle      its own cpu cgroup with cpu.idle=1 (SCHED_IDLE for the whole group), the serving one as above
@@ -55,7 +56,7 @@ from supervisor.testing.net import free_port
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
-MODES = ("host:none", "host:nice19", "host:idle", "host:autogroup19", "service:none", "service:nice19", "service:idle",
+MODES = ("host:none", "host:nice19", "host:idle", "host:autogroup19", "host:autogroup19+idle", "service:none", "service:nice19", "service:idle",
          "cgweight", "cgidle")
 GROUP_MODES = ("cgweight", "cgidle")  # each generation in a cpu cgroup of its own
 
@@ -70,11 +71,11 @@ if procs:
         handle.write("0")
 if lowering == "nice19":
     os.setpriority(os.PRIO_PROCESS, 0, 19)
-elif lowering == "idle":
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-elif lowering == "autogroup19":
+if lowering.startswith("autogroup19"):
     with open("/proc/self/autogroup", "w") as handle:
         handle.write("19")
+if lowering.endswith("idle"):
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 def spin():
     end = time.process_time() + burn
     while time.process_time() < end:

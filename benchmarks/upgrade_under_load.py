@@ -20,11 +20,13 @@ One run measures, on 127.0.0.1 only, with the same app (examples/app.py) and the
 5. When `wrk` is installed (and not --quick, unless --wrk on): an aggregate cross-check of 1 and 4 with wrk.
 6. Steered vs shared cutover side by side (under_load/cutover.py): examples/app.py with an I/O-bound and a
    CPU-bound start-up (`--startup` seconds), uvicorn and hypercorn, each with `--cutover steered` and
-   `--cutover shared`, and gunicorn's USR2 re-exec; one table of failed requests, p99 upgrading / steady, the
-   longest gap with no successful request and signal → old generation gone. `--cutover-only` runs just this.
+   `--cutover shared`, the CPU-bound start-up also not lowered (`--start-priority normal`) and with `--ramp 2s`,
+   uvicorn with `--ramp 2s`, and gunicorn's USR2 re-exec; one table of failed requests, p99 upgrading / steady,
+   the longest gap with no successful request and signal → old generation gone. `--cutover-only` runs just this.
 
 Per-request figures come from supervisor/testing/loadgen.py, which records every request's start, latency and error
 kind: that is what lets samples be split into steady and upgrade windows and keep-alive resets be told apart.
+It runs in a process of its own, so our parsing of the supervisor's log does not delay its clients.
 wrk reports only aggregates per run, so its section compares a steady run with a run spanning all K upgrades.
 Every process started here runs in its own session and is stopped by pid / process group in `finally`, also
 on Ctrl-C or SIGTERM. `--src git:HEAD` measures the committed code (a `git archive` snapshot) instead of the

@@ -3,12 +3,14 @@ Ctrl-C or SIGTERM: by pid and process group, never by name."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -150,25 +152,54 @@ class Proc:
 
 
 class Load:
-    """A load generator run, tracked so that it is stopped at the end whatever happens."""
+    """A load generator run in a process of its own, tracked so that it is stopped at the end whatever happens.
+
+    Its own process, not a thread of ours: the benchmark parses every event the supervisor logs, and in a thread
+    that parsing held the GIL the clients needed, so the busiest moments of an upgrade's log made the clients'
+    latency look worse than the server's. time.monotonic() is the system's CLOCK_MONOTONIC, so the samples'
+    times compare with ours."""
 
     active: ClassVar[list[Load]] = []
 
     def __init__(self, port: int, concurrency: int, keepalive: bool) -> None:
-        self.generator = LoadGenerator(HOST, port, "/", concurrency=concurrency, keepalive=keepalive,
-                                       max_seconds=1800.0, timeout=REQUEST_TIMEOUT)
+        self.args = (port, concurrency, keepalive)
+        self.context = multiprocessing.get_context("spawn")  # we have threads: no fork
+        self.pipe, self.child_end = self.context.Pipe()
+        self.process = self.context.Process(target=_load_process, args=(self.child_end, *self.args), daemon=True)
         self.stats: LoadStats | None = None
 
     def start(self) -> Load:
-        self.generator.start()
+        self.process.start()
         Load.active.append(self)
+        if not self.pipe.poll(60) or self.pipe.recv() != "started":
+            self.process.kill()
+            raise BenchError("the load generator did not start within 60 s")
         return self
 
     def stop(self) -> LoadStats:
         if self.stats is None:
-            self.stats = self.generator.stop()
             Load.active.remove(self)
+            try:
+                self.pipe.send("stop")
+                if not self.pipe.poll(REQUEST_TIMEOUT * 4 + 60):
+                    raise BenchError("the load generator did not report its figures")
+                self.stats = self.pipe.recv()
+            finally:
+                self.process.join(10)
+                if self.process.is_alive():
+                    self.process.kill()
+                    self.process.join()
         return self.stats
+
+
+def _load_process(pipe: Connection, port: int, concurrency: int, keepalive: bool) -> None:
+    """The load process: start the clients, say so, run until told to stop, send the figures back."""
+    generator = LoadGenerator(HOST, port, "/", concurrency=concurrency, keepalive=keepalive, max_seconds=1800.0,
+                              timeout=REQUEST_TIMEOUT)
+    generator.start()
+    pipe.send("started")
+    pipe.recv()
+    pipe.send(generator.stop())
 
 
 def stop_everything() -> None:

@@ -75,11 +75,11 @@ def use_source(spec: str | None, workdir: Path) -> tuple[Source, dict[str, Any]]
 
 
 def _private_options(root: Path) -> tuple[str, ...]:
-    """Which of --control / --state-dir / --cutover / --start-priority the supervise under test understands (older
-    commits lack them)."""
+    """Which of --control / --state-dir / --cutover / --start-priority / --ramp the supervise under test
+    understands (older commits lack them)."""
     done = subprocess.run([PYTHON, "-m", "supervisor", "--help"], cwd=root, capture_output=True, text=True,
                           env=child_env(), check=False, timeout=60)
-    newer = ("--control", "--state-dir", "--cutover", "--start-priority")
+    newer = ("--control", "--state-dir", "--cutover", "--start-priority", "--ramp")
     return tuple(option for option in newer if option in done.stdout)
 
 
