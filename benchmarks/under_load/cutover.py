@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .gunicorn import GunicornUsr2
-from .measurement import Config, measure
+from .measurement import Beside, Config, measure
 from .report import errors_text, fmt
 from .samples import divided
 from .source import PYTHON, Source
@@ -32,6 +32,7 @@ class Row:
     startup: str
     cutover: str
     make: Callable[[], System]
+    beside: Beside | None = None  # control windows: the same start-up run beside the server, with no upgrade
 
 
 def rows(cfg: Config, source: Source) -> list[Row]:
@@ -49,7 +50,8 @@ def rows(cfg: Config, source: Source) -> list[Row]:
     ]
     found = [Row(f"{key}-{cutover}", launch.name.split()[0], startup, cutover,
                  lambda probe=probe, cutover=cutover, launch=launch: Supervised(source, probe, cfg.http_interval,
-                                                                               cutover, launch))
+                                                                               cutover, launch),
+                 Beside(launch.command, lowered=True) if key.startswith("app") and cutover == "steered" else None)
              for key, startup, probe, launch in launches for cutover in CUTOVERS]
     variants = [(1, "normal", "steered, normal priority", ("--start-priority", "normal")),  # what lowering buys
                 (1, "ramp", f"steered, --ramp {RAMP}", ("--ramp", RAMP)),  # a slow start of the new share
@@ -76,7 +78,7 @@ def measure_cutover(cfg: Config, source: Source) -> dict[str, Any]:
     table: list[dict[str, Any]] = []
     runs: dict[str, dict[str, Any]] = {}
     for row in rows(cfg, source):
-        run = measure(row.make(), cfg, keepalive=False)
+        run = measure(row.make(), cfg, keepalive=False, control=row.beside or False)
         runs[row.key] = run
         table.append({"key": row.key, "server": row.server, "startup": row.startup, "cutover": row.cutover,
                       **figures(run)})
@@ -90,7 +92,9 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
             "failed_upgrading": during["failed"], "p99_steady_ms": steady["p99_ms"], "p99_upgrading_ms": during["p99_ms"],
             "p99_ratio": divided(during["p99_ms"], steady["p99_ms"]), "longest_gap_ms": during["longest_gap_ms"],
             "old_gone_median_s": run["upgrade_s"]["median"], "old_gone_max_s": run["upgrade_s"]["max"],
-            "upgrades": len(run["upgrades"]), "verdicts": run["verdicts"]}
+            "upgrades": len(run["upgrades"]), "verdicts": run["verdicts"],
+            "p99_beside_ms": run.get("control", {}).get("p99_ms"),
+            "p99_beside_ratio": divided(run.get("control", {}).get("p99_ms"), steady["p99_ms"])}
 
 
 def print_cutover(section: dict[str, Any], cfg: dict[str, Any]) -> None:
@@ -102,19 +106,23 @@ def print_cutover(section: dict[str, Any], cfg: dict[str, Any]) -> None:
         return
     width = max(len(row["cutover"]) for row in section["rows"])
     print(f"  {'server':<14} {'start-up':<8} {'cutover':<{width}} {'requests':>8} {'failed':>6} {'p99 st ms':>9} "
-          f"{'p99 up ms':>9} {'up/st':>6} {'gap ms':>8} {'→gone s':>8}  failures by kind")
+          f"{'p99 up ms':>9} {'up/st':>6} {'bs/st':>6} {'gap ms':>8} {'→gone s':>8}  failures by kind")
     for row in section["rows"]:
         print(f"  {row['server']:<14} {row['startup']:<8} {row['cutover']:<{width}} {row['requests']:>8} "
               f"{row['failed']:>6} "
               f"{fmt(row['p99_steady_ms'], 2):>9} {fmt(row['p99_upgrading_ms'], 2):>9} {fmt(row['p99_ratio'], 2):>6} "
+              f"{fmt(row.get('p99_beside_ratio'), 2):>6} "
               f"{fmt(row['longest_gap_ms'], 1):>8} {fmt(row['old_gone_median_s'], 2):>8}  {errors_text(row['errors'])}"
               + ("" if set(row["verdicts"]) <= {"promoted", "re-executed"} else f"  verdicts {row['verdicts']}"))
     print("  start-up: io:S sleeps S s, cpu:S burns S s of CPU before the server starts (benchmarks/slow_start.py);\n"
-          "  up/st = p99 upgrading / p99 steady; gap = longest time inside the upgrade windows with no successful\n"
-          "  request; →gone = signal (SIGHUP; gunicorn: USR2) → old generation gone, median. supervise: app with\n"
-          "  --ready notify, uvicorn and hypercorn with the default /readyz probe, --drain-delay at its default;\n"
-          "  gunicorn: --preload, so the start-up runs once per master, while the old workers serve. 'normal\n"
-          "  priority': --start-priority normal, the start-up not lowered while passive (the default lowers it).")
+          "  up/st = p99 upgrading / p99 steady; bs/st = p99 while the same start-up runs beside the server with no\n"
+          "  upgrade at all (standalone on another port, its autogroup at nice 19 as supervise lowers a passive\n"
+          "  generation): what this host charges for a start-up; gap = longest time inside the upgrade windows with\n"
+          "  no successful request; →gone = signal (SIGHUP; gunicorn: USR2) → old generation gone, median.\n"
+          "  supervise: app with --ready notify, uvicorn and hypercorn with the default /readyz probe,\n"
+          "  --drain-delay at its default; gunicorn: --preload, so the start-up runs once per master, while the old\n"
+          "  workers serve. 'normal priority': --start-priority normal, the start-up not lowered while passive (the\n"
+          "  default lowers it); '--ramp 2s': the new generation's share of new connections grows over 2 s.")
 
 
 def cutover_targets(section: dict[str, Any]) -> list[dict[str, Any]]:

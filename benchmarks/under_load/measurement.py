@@ -7,7 +7,6 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from supervisor.testing.loadgen import KEEPALIVE_RESET
@@ -34,12 +33,12 @@ class Config:
     startup: float  # seconds of the slowed start-ups of the cutover rows
 
 
-def measure(system: System, cfg: Config, keepalive: bool, control: bool = False) -> dict[str, Any]:
+def measure(system: System, cfg: Config, keepalive: bool, control: bool | Beside = False) -> dict[str, Any]:
     """Start the system, load it, a steady window, K upgrades back to back; samples split by window.
 
     With `control`, K control windows come between the steady window and the upgrades: a standalone
-    examples/app.py started and stopped on another port, i.e. the CPU cost of an upgrade's new process on
-    this machine without any upgrade happening.
+    examples/app.py (or the `Beside` given) started and stopped on another port, i.e. the CPU cost of an
+    upgrade's new process on this machine without any upgrade happening.
     """
     variant = "keep-alive" if keepalive else "new connection per request"
     print(f"  {system.label:<18} {variant:<27}", end="", flush=True)
@@ -59,7 +58,8 @@ def measure(system: System, cfg: Config, keepalive: bool, control: bool = False)
         cpu["steady_end"] = system.cpu()
         if control:
             for _ in range(cfg.upgrades):
-                controls.append(control_window(system.source.app))
+                beside = control if isinstance(control, Beside) else Beside((PYTHON, str(system.source.app)))
+                controls.append(control_window(beside))
                 print(":", end="", flush=True)
                 time.sleep(cfg.gap)
         cpu["upgrades_begin"] = system.cpu()
@@ -101,17 +101,39 @@ def measure(system: System, cfg: Config, keepalive: bool, control: bool = False)
     return result
 
 
-def control_window(app: Path) -> tuple[float, float]:
-    """Start a standalone examples/app.py on another port, wait until it serves, stop it: (begin, end)."""
+@dataclass(frozen=True)
+class Beside:
+    """A server started beside the measured one for a control window: its command (`--host` and `--port` are
+    appended), and whether it is lowered the way supervise lowers a passive generation on a host (its session's
+    autogroup at nice 19)."""
+
+    command: tuple[str, ...]
+    lowered: bool = False
+
+
+def control_window(beside: Beside) -> tuple[float, float]:
+    """Start `beside` standalone on another port, wait until it serves, stop it: (begin, end)."""
     began = time.monotonic()
-    proc = Proc("control-app", [PYTHON, str(app), "--host", HOST, "--port", str(free_port())], cwd=ROOT)
+    proc = Proc("control-app", [*beside.command, "--host", HOST, "--port", str(free_port())], cwd=ROOT)
     try:
+        if beside.lowered:
+            lower_autogroup(proc.process.pid)
         proc.wait_line(lambda line: "serving on" in line, timeout=60, what="'serving on'")
         proc.process.send_signal(signal.SIGTERM)
         proc.process.wait(60)
     finally:
         proc.stop()
     return began, time.monotonic()
+
+
+def lower_autogroup(pid: int) -> None:
+    """The autogroup of `pid`'s session at nice 19, as supervise's --start-priority low does on a host; where
+    there are no autogroups the control runs at normal priority."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as handle:
+            handle.write("19")
+    except OSError:
+        pass
 
 
 def _cpu_report(cpu: dict[str, float | None], cfg: Config, upgrades: int) -> dict[str, float | None]:
