@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from . import capture
 from .fleet import Fleet
 from .generation import Generation
 from .identity import Identity
@@ -66,6 +67,7 @@ def instance_data(instance: Instance) -> dict[str, Any]:
             "notified_ready": instance.notified_ready, "notified_ready_at": instance.notified_ready_at,
             "notified_stopping": instance.notified_stopping, "last_watchdog": instance.last_watchdog,
             "sick": instance.sick, "members": members,
+            "output": instance.output.carried() if instance.output is not None else None,
             "notify": {"fd": instance.notify.sock.fileno(), "path": instance.notify.path,
                        "owner": list(instance.notify.owner) if instance.notify.owner else None}
             if instance.notify is not None else None}
@@ -125,6 +127,8 @@ def carried_fds(state: dict[str, Any]) -> list[int]:
     fds = [entry["fd"] for entry in state["listeners"]]
     fds += [instance["notify"]["fd"] for generation in state["generations"] for instance in generation["instances"]
             if instance["notify"] is not None]
+    fds += [fd for generation in state["generations"] for instance in generation["instances"]
+            for fd in capture.carried_fds(instance.get("output"))]
     return fds + list(state["held"].values())
 
 

@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="close our fd of the listening socket S s after being ready (first /readyz 200 or "
                              "READY=1) and accept nothing more, while staying up and answering READY")
     parser.add_argument("--listen-backlog", type=int, metavar="N", help="listen(N) on the inherited socket at start")
+    parser.add_argument("--log-requests", action="store_true", help="one line on stderr per request (an access log)")
     return parser.parse_args(argv)
 
 
@@ -319,6 +320,8 @@ def answer_requests(stub: Stub, conn: socket.socket) -> None:
         status, body, content_type = route(stub, request)
         keep_alive = request.keep_alive and not stub.accepting_stopped.is_set()
         send_response(conn, status, body, content_type, keep_alive)
+        if stub.options.log_requests:
+            stub.log(f'"GET {request.path}" {status} {len(body)}')
         served += 1
         if not keep_alive:
             return
