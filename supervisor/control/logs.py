@@ -48,7 +48,8 @@ def line_text(line: dict[str, Any]) -> str:
 
 
 def _fetch(endpoint: _Endpoint, query: dict[str, int | None]) -> dict[str, Any]:
-    answer = endpoint.json(endpoint.request("GET", "/logs?" + urlencode({k: v for k, v in query.items() if v is not None})))
+    given = {name: value for name, value in query.items() if value is not None}
+    answer = endpoint.json(endpoint.request("GET", "/logs?" + urlencode(given)))
     if not answer.get("capture", True):
         raise NotCaptured("the supervisor does not capture the children's output (--child-output inherit): their "
                           "lines went to its own stdout and stderr")

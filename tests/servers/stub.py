@@ -402,11 +402,27 @@ def route(stub: Stub, request: Request) -> tuple[int, bytes, str]:
         return readyz(stub)
     if request.path == "/slow":
         return slow(request)
+    if request.path == "/burst":
+        megabytes = int(request.query.get("mb", ["100"])[0])
+        threading.Thread(target=burst, args=(stub, megabytes), daemon=True).start()
+        return 200, f"writing {megabytes} MB to stdout\n".encode(), TEXT
     if request.path == "/env":
         import json  # only /env needs it; kept out of start-up
 
         return 200, json.dumps(env_report(stub)).encode(), "application/json"
     return 404, b"not found\n", TEXT
+
+
+def burst(stub: Stub, megabytes: int) -> None:
+    """/burst?mb=N: N MiB of 100-byte lines on stdout as fast as it takes them, then one line on stderr."""
+    line = b"burst " + b"x" * 93 + b"\n"
+    block = line * ((1 << 20) // len(line)) + line[: (1 << 20) % len(line) - 1] + b"\n"
+    began = time.monotonic()
+    for _ in range(megabytes):
+        view = memoryview(block)
+        while view:
+            view = view[os.write(1, view):]
+    stub.log(f"burst done: {megabytes} MiB in {time.monotonic() - began:.3f}s")
 
 
 def readyz(stub: Stub) -> tuple[int, bytes, str]:
