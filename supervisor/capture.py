@@ -90,11 +90,8 @@ class Capture:
         loop = asyncio.get_running_loop()
         for stream in self.streams:
             if not stream.reading:
-                loop.add_reader(stream.fd, self._readable, stream)
+                loop.add_reader(stream.fd, self._read, stream)
                 stream.reading = True
-
-    def _readable(self, stream: Stream) -> None:
-        self._read(stream)
 
     def _read(self, stream: Stream) -> bool:
         """One read of at most CHUNK bytes, relayed; False once nothing more is there for now (or ever)."""
