@@ -99,6 +99,24 @@ def test_a_release_that_raises_at_import_says_why_everywhere(tmp_path: Path, run
                for status in statuses), statuses
     systemd.close()
     assert http_get(port)[1].split()[1] == "v1"
+    kept = sup.ctl("logs", "--gen", "2").stdout.splitlines()  # the failed release is gone; its last lines are kept
+    assert kept and kept[-1].endswith(f"] {last}") and "starting release 2" in kept[0], kept
+
+
+DYING = """
+import sys, time
+time.sleep(0.3)
+print("fatal: the database went away", flush=True)
+sys.exit(4)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_says_what_the_instance_said_last(running: list[Supervise]) -> None:
+    sup = start(running, "--ready", "delay:100ms", "--", PYTHON, "-c", DYING)
+    restarting = sup.wait_for("restarting")
+    assert restarting["reason"].endswith("exited with status 4; last output: fatal: the database went away"), \
+        restarting
 
 
 @pytest.mark.timeout(60)
