@@ -113,7 +113,8 @@ def test_a_listener_shut_down_by_a_child_is_revived_at_once_under_load(tmp_path:
     failed = [start for start, _, ok in stats.samples if not ok]
     after = [ok for start, _, ok in stats.samples if failed and start > max(failed)]
     shut_at = float(next(event["msg"] for event in sup.events  # the stub's line, relayed (--child-output prefix)
-                         if event["event"] == "output" and "shut down the listening socket at" in event["msg"]).split()[-1])
+                         if event["event"] == "output" and "shut down the listening socket at" in event["msg"]
+                         ).split()[-1])
     recovery = datetime.fromisoformat(revived["ts"].replace("Z", "+00:00")).timestamp() - shut_at
     print(f"\nshutdown() of the listener under load: revived {max(recovery, 0.0) * 1000:.0f} ms after it (log times, "
           f"to the ms); {stats.failures} of {stats.requests} requests failed {stats.errors}")

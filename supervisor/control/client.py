@@ -217,7 +217,8 @@ def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse) -> in
             if event.get("blame"):
                 click.echo(str(event["blame"]))
             if event.get("output"):
-                click.echo("\n".join(["last output of the failed instance:", *(f"  {line}" for line in event["output"])]))
+                click.echo("last output of the failed instance:")
+                click.echo("\n".join(f"  {line}" for line in event["output"]))
             click.echo(verdict_line(event))
             return 0 if event.get("ok", event.get("result") == "promoted") is True else EXIT_FAILED
         if event.get("level") != "debug":
