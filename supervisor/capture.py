@@ -170,15 +170,12 @@ class Capture:
         """What a re-exec carries: the read ends by number, their partial lines, the ring."""
         return {"streams": [{"name": stream.name, "fd": stream.fd,
                              "partial": base64.b64encode(stream.splitter.partial).decode()} for stream in self.streams],
-                "lines": [[line.seq, line.time, line.stream, line.text] for line in self.ring.lines]}
+                "ring": self.ring.carried()}
 
     @classmethod
-    def revive(cls, log: OutputLog, gen: int, instance: int, pid: int, data: dict[str, Any]) -> Capture:
+    def revive(cls, log: OutputLog, data: dict[str, Any]) -> Capture:
         """The capture again in the new image, reading on (call on the loop)."""
-        ring = log.open(gen, instance)
-        ring.pid = pid
-        for seq, when, stream, text in data["lines"]:
-            ring.add(seq, when, stream, [text])
+        ring = log.adopt(Ring.revive(data["ring"]))
         streams = [Stream(item["name"], item["fd"], LineSplitter(_partial=base64.b64decode(item["partial"])))
                    for item in data["streams"]]
         capture = cls(log, ring, streams)

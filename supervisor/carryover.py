@@ -114,7 +114,8 @@ def dump(fleet: Fleet, tally: Tally, budget: RestartBudget, previous: Release | 
             "fleet": {"listeners": [listener.sock.fileno() for listener in fleet.listeners],
                       "serving": fleet.serving.number if fleet.serving else None, "next_number": fleet.next_number,
                       "scaled": fleet.scaled, "cgroups": [str(fleet.cgroups.base), str(fleet.cgroups.home)]
-                      if fleet.cgroups else None},
+                      if fleet.cgroups else None,
+                      "output_archive": [ring.carried() for ring in fleet.output.archive] if fleet.output else []},
             "generations": [generation_data(generation) for generation in fleet.generations],
             "traffic": traffic_data(fleet.traffic), "tally": tally_data(tally),
             "budget": {str(index): list(times) for index, times in budget.failures.items()},

@@ -72,6 +72,18 @@ class Ring:
                     break
         return tuple(reversed(found))
 
+    def carried(self) -> dict[str, Any]:
+        """The ring as plain data, for a re-exec."""
+        return {"gen": self.gen, "instance": self.instance, "pid": self.pid,
+                "lines": [[line.seq, line.time, line.stream, line.text] for line in self.lines]}
+
+    @classmethod
+    def revive(cls, data: dict[str, Any]) -> Ring:
+        ring = cls(data["gen"], data["instance"], data["pid"])
+        for seq, when, stream, text in data["lines"]:
+            ring.add(seq, when, stream, [text])
+        return ring
+
     def as_dicts(self, after: int = 0) -> list[dict[str, Any]]:
         return [self.line_dict(line) for line in self.lines if line.seq > after]
 
@@ -103,7 +115,10 @@ class OutputLog:
 
     def open(self, gen: int, instance: int) -> Ring:
         """The ring of an instance about to start."""
-        ring = Ring(gen, instance)
+        return self.adopt(Ring(gen, instance))
+
+    def adopt(self, ring: Ring) -> Ring:
+        """A living instance's ring (after a re-exec: as it was carried)."""
         self.live.append(ring)
         return ring
 

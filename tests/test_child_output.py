@@ -101,6 +101,8 @@ def test_a_release_that_raises_at_import_says_why_everywhere(tmp_path: Path, run
     assert http_get(port)[1].split()[1] == "v1"
     kept = sup.ctl("logs", "--gen", "2").stdout.splitlines()  # the failed release is gone; its last lines are kept
     assert kept and kept[-1].endswith(f"] {last}") and "starting release 2" in kept[0], kept
+    assert sup.ctl("reexec").returncode == 0
+    assert sup.ctl("logs", "--gen", "2").stdout.splitlines() == kept, "kept across a re-exec of the supervisor"
 
 
 DYING = """
