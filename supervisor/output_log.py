@@ -108,7 +108,6 @@ class OutputLog:
     events: Events
     capture: bool = True
     seq: int = 0  # the last line's number
-    lines_total: int = 0
     dropped_total: int = 0  # lines the log's reader did not take in time
     live: list[Ring] = field(default_factory=list)
     archive: deque[Ring] = field(default_factory=lambda: deque(maxlen=ARCHIVED))
@@ -135,7 +134,6 @@ class OutputLog:
             return
         now = time.time()
         first, self.seq = self.seq + 1, self.seq + len(texts)
-        self.lines_total += len(texts)
         ring.add(first, now, stream, texts)
         data = self._format(ring, stream, now, texts).encode(errors="replace")
         sink = self.events.sink

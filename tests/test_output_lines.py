@@ -65,7 +65,7 @@ def test_text_lines_carry_generation_instance_and_pid() -> None:
     log.relay(ring, "stderr", ["GET / 200", "second"])
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].endswith(" [gen 3 #1 pid 4242] GET / 200"), lines
-    assert log.lines_total == 2 and log.seq == 2
+    assert log.seq == 2
 
 
 def test_json_lines_are_objects_with_the_same_fields() -> None:
