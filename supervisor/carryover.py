@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from . import capture
 from .fleet import Fleet
 from .generation import Generation
 from .identity import Identity
@@ -66,6 +67,7 @@ def instance_data(instance: Instance) -> dict[str, Any]:
             "notified_ready": instance.notified_ready, "notified_ready_at": instance.notified_ready_at,
             "notified_stopping": instance.notified_stopping, "last_watchdog": instance.last_watchdog,
             "sick": instance.sick, "members": members,
+            "output": instance.output.carried() if instance.output is not None else None,
             "notify": {"fd": instance.notify.sock.fileno(), "path": instance.notify.path,
                        "owner": list(instance.notify.owner) if instance.notify.owner else None}
             if instance.notify is not None else None}
@@ -112,7 +114,8 @@ def dump(fleet: Fleet, tally: Tally, budget: RestartBudget, previous: Release | 
             "fleet": {"listeners": [listener.sock.fileno() for listener in fleet.listeners],
                       "serving": fleet.serving.number if fleet.serving else None, "next_number": fleet.next_number,
                       "scaled": fleet.scaled, "cgroups": [str(fleet.cgroups.base), str(fleet.cgroups.home)]
-                      if fleet.cgroups else None},
+                      if fleet.cgroups else None,
+                      "output_archive": [ring.carried() for ring in fleet.output.archive] if fleet.output else []},
             "generations": [generation_data(generation) for generation in fleet.generations],
             "traffic": traffic_data(fleet.traffic), "tally": tally_data(tally),
             "budget": {str(index): list(times) for index, times in budget.failures.items()},
@@ -125,6 +128,8 @@ def carried_fds(state: dict[str, Any]) -> list[int]:
     fds = [entry["fd"] for entry in state["listeners"]]
     fds += [instance["notify"]["fd"] for generation in state["generations"] for instance in generation["instances"]
             if instance["notify"] is not None]
+    fds += [fd for generation in state["generations"] for instance in generation["instances"]
+            for fd in capture.carried_fds(instance.get("output"))]
     return fds + list(state["held"].values())
 
 

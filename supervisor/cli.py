@@ -163,6 +163,11 @@ def _integer(key: str) -> Checked:
 @click.option("--pidfile", type=click.Path(path_type=Path), metavar="PATH", help="Write the supervisor's pid here.")
 @click.option("--log-format", type=click.Choice(schema.choices("log_format")), default="text", show_default=True, help="Log lines on stderr: text for people, json for machines.")
 @click.option("--log-level", type=click.Choice(schema.choices("log_level")), default="info", show_default=True)
+@click.option("--child-output", type=click.Choice(schema.choices("child_output")), default="prefix", show_default=True,
+              help="prefix: each instance's stdout and stderr come through pipes and go out line by line on "
+                   "supervise's log, tagged [gen G #I pid P] (JSON objects with --log-format json); the last lines are "
+                   "kept for `supervise ctl logs` and quoted when an instance fails. inherit: the children write to "
+                   "supervise's own stdout and stderr directly.")
 @click.option("--loop", type=click.Choice(schema.choices("loop")), default="auto", show_default=True,
               help="Event loop: uvloop when installed (auto), or plain asyncio.")
 @click.version_option(__version__, "-V", "--version", prog_name="supervise")

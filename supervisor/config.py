@@ -83,6 +83,7 @@ class Settings:
     hooks: Hooks = field(default_factory=Hooks)
     log_format: str = "text"
     log_level: str = "info"
+    child_output: str = "prefix"  # the children's stdout and stderr: through supervise's log, or inherited as is
     loop: str = "auto"
     upgrade_on_change: tuple[str, ...] = ()
     change_settle: float = 1.0
@@ -103,7 +104,7 @@ class Settings:
 
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
 _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
-          "change_settle", "cutover", "metrics_listen")
+          "change_settle", "cutover", "metrics_listen", "child_output")
 _DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "drain_delay", "ramp",
               "restart_window", "change_settle")
 _COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
@@ -167,6 +168,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         hooks=Hooks(text["pre_upgrade"], text["post_upgrade"], text["on_rollback"], values["hook_timeout"]),
         log_format=values.get("log_format") or "text",
         log_level=values.get("log_level") or "info",
+        child_output=values.get("child_output") or "prefix",
         loop=values.get("loop") or "auto",
         cutover=values.get("cutover") or "steered",
         start_priority=values.get("start_priority") or "low",

@@ -51,6 +51,7 @@ class ExitWatch:
 
     async def _watch(self, instance: Instance) -> None:
         status = await instance.exit.wait()
+        instance.drain_output()  # what it wrote before it exited is logged before its exit
         self._unreported.discard(instance)
         self.report(self.generation, instance, status)
 

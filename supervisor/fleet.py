@@ -31,6 +31,7 @@ from .instance import Instance, Launcher, notify_name
 from .leftovers import marker
 from .listener_guard import ListenerGuard
 from .listeners import Listener
+from .output_log import OutputLog
 from .probe_spec import DEFAULT_PROBE, NO_LISTENER_PROBE
 from .probes import Probe, Result, build_probe
 from .reaper import ExitStatus, Reaper
@@ -66,6 +67,7 @@ class Fleet:
     child_fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE we were started with (we raised ours), for children
     cgroups: Cgroups | None = None  # a cgroup per generation, where cgroup v2 can be used
     runtime_dir: str = ""
+    output: OutputLog | None = None  # the children's output and their last lines (--child-output prefix)
     generations: list[Generation] = field(default_factory=list)
     serving: Generation | None = None
     next_number: int = 1
@@ -208,7 +210,8 @@ class Fleet:
     def launcher(self, number: int) -> Launcher:
         """What starting any instance of generation `number` needs (its cgroup made, or found again)."""
         return Launcher(self.runtime_dir, self.reaper, self.events, self.credentials, self.child_fd_limit,
-                        self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name))
+                        self.cgroups.create(number) if self.cgroups else None, marker(self.settings.name),
+                        self.output)
 
     def watch(self, generation: Generation) -> None:
         """Watch the exits of `generation`'s instances until it retires (those it has, and each one spawned)."""

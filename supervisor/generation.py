@@ -54,8 +54,8 @@ class Generation:
         return self._spawned
 
     def forget(self, instance: Instance) -> None:
-        """An instance is gone for good: release what we hold for it."""
-        instance.close()
+        """An instance is gone for good: release what we hold for it (its last lines are kept if it failed)."""
+        instance.close(failed=instance.crashed or instance.ready_at is None)
         if instance in self.instances:
             self.instances.remove(instance)
 
@@ -86,6 +86,7 @@ class Generation:
         """Note an instance's exit; True if it was unexpected (not drained, not stopped by us)."""
         if instance.state in (InstanceState.DRAINING, InstanceState.EXITED):
             return False
+        instance.crashed = True
         if instance.ready_at is not None and self.lost is None:
             self.lost = (instance, status)
             self.casualty.set()
@@ -181,7 +182,9 @@ class Generation:
         return any(results)
 
     def close(self) -> None:
-        """Release what the supervisor holds for every instance."""
+        """Release what the supervisor holds for every instance (the last lines of a generation that never served,
+        or of an instance that died, are kept a while)."""
+        never_served = self.state not in (InstanceState.SERVING, InstanceState.EXITED)
         self.state = InstanceState.EXITED
         for instance in self.instances:
-            instance.close()
+            instance.close(failed=never_served or instance.crashed)

@@ -43,6 +43,7 @@ class Record:
     timings: dict[str, float]
     fingerprint: dict[str, Any] | None = None  # the release's identity (Identity.as_dict)
     blame: str = ""  # whether the failure was pinned on the release (marked known bad), and why not
+    output: list[str] = field(default_factory=list)  # the last lines the failed instance wrote
 
 
 @dataclass

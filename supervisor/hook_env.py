@@ -7,9 +7,10 @@ from .identity import Identity
 
 
 def hook_environment(old: Generation | None, new: Generation | None, identity: Identity | None,
-                     reason: str) -> dict[str, str]:
+                     reason: str, output: tuple[str, ...] = ()) -> dict[str, str]:
     """Both generations, their main pids (the first instance's, and every living instance's by index), both
-    releases (`identity`: the new one's) and the reason of a rollback."""
+    releases (`identity`: the new one's), the reason of a rollback and the last lines the failed instance wrote
+    (one per line)."""
     return {
         "SUPERVISE_OLD_GENERATION": str(old.number) if old else "",
         "SUPERVISE_OLD_PID": str(old.leader or "") if old else "",
@@ -18,6 +19,7 @@ def hook_environment(old: Generation | None, new: Generation | None, identity: I
         "SUPERVISE_NEW_PID": str(new.leader or "") if new else "",
         "SUPERVISE_NEW_PIDS": " ".join(map(str, new.leaders())) if new else "",
         "SUPERVISE_REASON": reason,
+        "SUPERVISE_OUTPUT": "\n".join(output),
         **_release("NEW", identity),
         **_release("OLD", old.identity if old else None),
     }

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import anyio
 import psutil
 
+from .capture import Capture
 from .cgroups import GenerationCgroup
 from .credentials import Credentials
 from .event_kinds import Kind
 from .events import Events
 from .listeners import Listener
 from .notify import NotifySocket
+from .output_log import OutputLog
 from .priority import Lowering
 from .proctree import descendants, proc_is_ours
 from .reaper import ChildExit, ExitStatus, Reaper
@@ -48,6 +50,7 @@ class Launcher:
     fd_limit: tuple[int, int] | None = None  # RLIMIT_NOFILE for children: the supervisor's own as it started
     cgroup: GenerationCgroup | None = None  # the generation's cgroup, which each of its children enters itself
     marker: Mapping[str, str] = field(default_factory=dict)  # tells a later supervisor whose leftover a process is
+    output: OutputLog | None = None  # where the children's output goes (--child-output prefix), if they get pipes
 
 
 @dataclass(eq=False)
@@ -63,6 +66,8 @@ class Instance:
     exit: ChildExit
     events: Events
     notify: NotifySocket | None = None
+    output: Capture | None = None  # its stdout and stderr, when they come through pipes
+    crashed: bool = False  # it exited on its own (not drained or stopped): its last lines are kept once it is gone
     state: InstanceState = InstanceState.STARTING  # written by enter() only
     started_at: float = field(default_factory=anyio.current_time)
     ready_at: float | None = None
@@ -95,7 +100,9 @@ class Instance:
             raise error(f"cannot create the notify socket {notify_path} for generation {number}: "
                              f"{exc.strerror or exc}" + (" (giving it to another user needs CAP_CHOWN)"
                                                          if credentials and isinstance(exc, PermissionError) else "")) from None
+        capture: Capture | None = None
         try:
+            capture = _capture(launcher.output, number, index)
             extra = {**(credentials.environment() if credentials else {}), **generation_env(release, number, notify_path),
                      **launcher.marker, "SUPERVISE_INSTANCE": str(index)}
             env = child_environment(os.environ, extra, len(listeners), names)
@@ -110,14 +117,19 @@ class Instance:
                 fd_limit=launcher.fd_limit,
                 cgroup_procs=launcher.cgroup.procs_fd if launcher.cgroup else None,
                 lowering=lowering,
+                streams=capture.writers if capture else None,
             )
             pid = spawn(spec)
         except BaseException:
             notify.close()
+            if capture is not None:
+                capture.close(failed=False)
             raise
-        instance = cls(number, index, seq, release, pid, launcher.reaper.watch(pid), launcher.events, notify)
+        instance = cls(number, index, seq, release, pid, launcher.reaper.watch(pid), launcher.events, notify, capture)
         instance.remember(pid)
         notify.start()
+        if capture is not None:
+            capture.started(pid)
         return instance
 
     # -- what we know about its processes ---------------------------------------------------------------------
@@ -278,12 +290,36 @@ class Instance:
             return True
         return False
 
-    def close(self) -> None:
-        """Release what the supervisor holds for this instance (its notify socket)."""
+    def tail(self) -> tuple[str, ...]:
+        """The last non-empty lines it wrote (everything in its pipes read first); empty when not captured."""
+        return self.output.tail() if self.output is not None else ()
+
+    def drain_output(self) -> None:
+        """Read what it wrote so far (once it exited: all of it), so its lines come before its exit is reported."""
+        if self.output is not None:
+            self.output.drain()
+
+    def close(self, failed: bool = False) -> None:
+        """Release what the supervisor holds for this instance (its notify socket, its pipes: its last lines are
+        kept a while longer if it `failed`)."""
         self.enter(InstanceState.EXITED)
         if self.notify is not None:
             self.notify.close()
             self.notify = None
+        if self.output is not None:
+            self.output.close(failed)
+            self.output = None
+
+
+def _capture(output: OutputLog | None, number: int, index: int) -> Capture | None:
+    """Pipes for an instance's stdout and stderr, when the children's output is captured."""
+    if output is None or not output.capture:
+        return None
+    try:
+        return Capture.open(output, number, index)
+    except OSError as exc:
+        error = OutOfFds if out_of_fds(exc) else SpawnError
+        raise error(f"cannot create the output pipes for generation {number}: {exc.strerror or exc}") from None
 
 
 def notify_name(number: int, seq: int) -> str:

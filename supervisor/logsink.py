@@ -84,7 +84,7 @@ class LogSink:
     notice: Callable[[int], str]
     limit: int = BUFFER_LIMIT
     dropped_total: int = 0
-    _lines: deque[tuple[bytes, bool]] = field(default_factory=deque, repr=False)  # (line, is it a notice)
+    _lines: deque[tuple[bytes, int]] = field(default_factory=deque, repr=False)  # (lines, how many: 0 for a notice)
     _size: int = field(default=0, repr=False)
     _written: int = field(default=0, repr=False)  # bytes of the first buffered line already out (a partial write)
     _unsaid: int = field(default=0, repr=False)  # lines dropped since the notice was last written
@@ -101,17 +101,22 @@ class LogSink:
 
     def write_line(self, text: str) -> None:
         """Write one line now if the reader takes it, else keep it for later, else drop it and count it."""
-        data = (text + "\n").encode(errors="replace")
+        self.write_block((text + "\n").encode(errors="replace"), 1)
+
+    def write_block(self, data: bytes, lines: int) -> bool:
+        """Write `lines` whole lines at once (a child's output, see output_log.py), kept or dropped together as
+        write_line keeps or drops one; whether they were taken."""
         with self._lock:
             self._flush()  # the reader may have made room since the last line
             if self._unsaid and self._room() >= len(data) + len(self._notice_bytes()):
                 self._say_dropped()
             if self._room() < len(data):
-                self._drop(1)
-                return
-            self._append(data)
+                self._drop(lines)
+                return False
+            self._append(data, lines)
             self._flush()
         self._wait_writable()
+        return True
 
     def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Write out what is buffered (for at most `timeout` seconds; the rest is counted as dropped), then close.
@@ -142,12 +147,12 @@ class LogSink:
     def _notice_bytes(self) -> bytes:
         return (self.notice(self._unsaid) + "\n").encode(errors="replace")
 
-    def _append(self, data: bytes, notice: bool = False) -> None:
-        self._lines.append((data, notice))
+    def _append(self, data: bytes, lines: int) -> None:
+        self._lines.append((data, lines))
         self._size += len(data)
 
     def _say_dropped(self) -> None:
-        self._append(self._notice_bytes(), notice=True)
+        self._append(self._notice_bytes(), 0)
         self._unsaid = 0
 
     def _drop(self, lines: int) -> None:
@@ -156,7 +161,7 @@ class LogSink:
 
     def _discard(self) -> None:
         """Give up on everything buffered: its lines (not its notices) count as dropped."""
-        self._drop(sum(1 for _, notice in self._lines if not notice))
+        self._drop(sum(lines for _, lines in self._lines))
         self._lines.clear()
         self._size = self._written = 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from .events import Events
 from .preview import Preview
@@ -45,6 +45,10 @@ class ControlPort(Protocol):
     async def reexec(self, answer: Callable[[str], Awaitable[None]]) -> str:
         """Become the supervise installed now, in this pid; why not (refused, or its check failed). On success
         `answer` is awaited just before the exec and this never returns."""
+
+    def child_output(self, gen: int | None, instance: int | None, count: int, after: int) -> dict[str, Any]:
+        """The last `count` lines the matching instances wrote (after line number `after`), with the number of the
+        last line written, and whether the children's output is captured at all (--child-output prefix)."""
 
     def send_signal(self, signum: signal.Signals) -> GenerationView | None:
         """Forward `signum` to the serving generation; which one got it (as it was then), or None."""

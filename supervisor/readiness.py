@@ -19,6 +19,7 @@ import anyio
 from .concurrency import first_completed, gather
 from .generation import Generation
 from .instance import Instance
+from .output_log import quoted
 from .probes import Probe, Result, Verdict, nothing_yet
 from .spawn import SpawnError
 from .states import FailureKind
@@ -32,11 +33,18 @@ _CONNECTION_PROBES = ("http", "tcp")
 
 class Failed(Exception):
     """A new instance failed: `reason` for people, `kind` (exec-failed, exited, not-ready, unhealthy,
-    operator) for metrics and for deciding whether the release is to blame."""
+    operator) for metrics and for deciding whether the release is to blame, `output` the last lines the instance
+    wrote (its reason quotes the last one)."""
 
-    def __init__(self, reason: str, kind: FailureKind) -> None:
+    def __init__(self, reason: str, kind: FailureKind, output: tuple[str, ...] = ()) -> None:
         super().__init__(reason)
-        self.reason, self.kind = reason, kind
+        self.reason, self.kind, self.output = reason, kind, output
+
+    @classmethod
+    def of(cls, instance: Instance, reason: str, kind: FailureKind) -> Failed:
+        """A failure of `instance`, with its last lines."""
+        output = instance.tail()
+        return cls(quoted(reason, output), kind, output)
 
 
 @dataclass
@@ -58,10 +66,10 @@ class Backoff:
         self.delay = min(self.delay * 2, self.max_interval)
 
 
-def _not_ready(probe: Probe, timeout: float, *answers: Result | None) -> Failed:
-    """Out of time: the reason quotes the first answer there is, most telling first."""
+def _not_ready(instance: Instance, probe: Probe, timeout: float, *answers: Result | None) -> Failed:
+    """Out of time: the reason quotes the first answer there is, most telling first, and what it said last."""
     detail = next((answer for answer in answers if answer is not None), nothing_yet(probe.spec)).detail
-    return Failed(f"not ready after {timeout:g}s: last probe {detail}", FailureKind.NOT_READY)
+    return Failed.of(instance, f"not ready after {timeout:g}s: last probe {detail}", FailureKind.NOT_READY)
 
 
 async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_interval: float) -> Result:
@@ -84,9 +92,9 @@ async def wait_ready(probe: Probe, instance: Instance, timeout: float, max_inter
     with anyio.move_on_after(timeout):
         which, value = await first_completed(poll, instance.exit.wait)
         if which == 1:
-            raise Failed(f"{value.describe()} during readiness", FailureKind.EXITED)
+            raise Failed.of(instance, f"{value.describe()} during readiness", FailureKind.EXITED)
         return value
-    raise _not_ready(probe, timeout, last.get(True), last.get(False))
+    raise _not_ready(instance, probe, timeout, last.get(True), last.get(False))
 
 
 @dataclass(eq=False)
@@ -158,7 +166,7 @@ async def wait_all_ready(probe: Probe, instances: Sequence[Instance], timeout: f
     async def exits(instance: Instance) -> None:
         status = await instance.exit.wait()
         if instance in cohort.pending:
-            failures[instance] = Failed(f"{status.describe()} during readiness", FailureKind.EXITED)
+            failures[instance] = Failed.of(instance, f"{status.describe()} during readiness", FailureKind.EXITED)
             settle(instance)
 
     with anyio.move_on_after(timeout):
@@ -170,7 +178,7 @@ async def wait_all_ready(probe: Probe, instances: Sequence[Instance], timeout: f
             await settled.wait()
             group.cancel_scope.cancel()  # every instance is settled: stop probing and watching for exits
     for instance in cohort.pending:
-        failures[instance] = _not_ready(probe, timeout, last.get(instance), last.get(None))
+        failures[instance] = _not_ready(instance, probe, timeout, last.get(instance), last.get(None))
     return failures
 
 

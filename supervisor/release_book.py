@@ -69,4 +69,4 @@ class ReleaseBook:
                              level="warning" if bad else "info", gen=outcome.new_gen, release=identity.as_dict())
         self.history.add(Record(outcome.result, outcome.reason, outcome.trigger, outcome.new_gen, outcome.old_gen,
                                 outcome.started_at, outcome.timings, identity.as_dict() if identity else None,
-                                outcome.blame), bad)
+                                outcome.blame, list(outcome.output)), bad)

@@ -15,6 +15,7 @@ from .events import Events
 from .fleet import Fleet
 from .generation import Generation
 from .instance import Instance
+from .output_log import quoted
 from .readiness import start_cohort
 from .release import Release
 from .release_book import ReleaseBook
@@ -105,7 +106,7 @@ class Restarts:
             status = f"unhealthy ({failing.sick})"
         else:
             status = failing.exit_status.describe() if failing.exit_status else "gone"
-        await self._failed([(failing.index, f"{self.fleet.label(failing)} {status}")])
+        await self._failed([(failing.index, quoted(f"{self.fleet.label(failing)} {status}", failing.tail()))])
         await self.fill(generation, [failing.index], repair=True)
         await self.fleet.retire_instances(generation, [failing])
 

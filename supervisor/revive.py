@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from .capture import Capture
 from .carryover import carried_fds, numbers
 from .events import Events
 from .fleet import Fleet
@@ -26,6 +27,7 @@ from .identity import Identity
 from .instance import Instance
 from .listeners import Listener, ListenSpec
 from .notify import NotifySocket
+from .output_log import OutputLog, Ring
 from .reaper import Reaper
 from .release import Release
 from .restart_budget import RestartBudget
@@ -99,6 +101,8 @@ def fleet(into: Fleet, state: dict[str, Any], by_fd: dict[int, Listener], reaper
     data = state["fleet"]
     into.listeners = [by_fd[fd] for fd in data["listeners"]]
     into.next_number, into.scaled = data["next_number"], data["scaled"]
+    if into.output is not None:
+        into.output.archive.extend(Ring.revive(ring) for ring in data.get("output_archive", []))
     for entry in state["generations"]:
         generation = Generation(entry["number"], release(entry["release"]),
                                 tuple(by_fd[fd] for fd in entry["listeners"]), into.launcher(entry["number"]),
@@ -107,14 +111,15 @@ def fleet(into: Fleet, state: dict[str, Any], by_fd: dict[int, Listener], reaper
                                 _spawned=entry["spawned"])
         if generation.ready_at is not None:
             generation.ready_signal.set()
-        generation.instances = [_instance(generation, item, reaper, events) for item in entry["instances"]]
+        generation.instances = [_instance(generation, item, reaper, events, into.output) for item in entry["instances"]]
         into.generations.append(generation)
         into.watch(generation)
         if generation.number == data["serving"]:
             into.serving = generation
 
 
-def _instance(generation: Generation, data: dict[str, Any], reaper: Reaper, events: Events) -> Instance:
+def _instance(generation: Generation, data: dict[str, Any], reaper: Reaper, events: Events,
+              output: OutputLog | None) -> Instance:
     instance = Instance(generation.number, data["index"], data["seq"], generation.release, data["leader"],
                         reaper.watch(data["leader"]), events, state=InstanceState(data["state"]),
                         started_at=data["started_at"], ready_at=data["ready_at"], status_text=data["status_text"],
@@ -135,6 +140,8 @@ def _instance(generation: Generation, data: dict[str, Any], reaper: Reaper, even
         instance.notify = NotifySocket(notify["path"], instance.notified, (owner[0], owner[1]) if owner else None,
                                        fd=notify["fd"])
         instance.notify.start()
+    if (carried := data.get("output")) is not None:
+        instance.output = Capture.revive(output or OutputLog(events), carried)
     return instance
 
 

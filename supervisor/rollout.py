@@ -91,6 +91,7 @@ class Outcome:
     started_at: float = field(default_factory=time.time)
     identity: Identity | None = None  # the release's, once the outcome is recorded
     blame: str = ""  # whether a failure was pinned on the release (it became known bad), and why not
+    output: tuple[str, ...] = ()  # the last lines the failed instance wrote (its reason quotes the last one)
 
     @property
     def promoted(self) -> bool:
@@ -138,9 +139,10 @@ class Rollout:
         if again or phase not in self.timings:
             self.timings[phase] = round(self.clock() - self.began, 6)
 
-    def _outcome(self, result: RolloutResult, reason: str = "", kind: FailureKind | None = None) -> Outcome:
+    def _outcome(self, result: RolloutResult, reason: str = "", kind: FailureKind | None = None,
+                 output: tuple[str, ...] = ()) -> Outcome:
         return Outcome(result, reason, self.new.number if self.new else None, self.old.number if self.old else None,
-                       dict(self.timings), kind, self.trigger, self.release, identity=self.identity)
+                       dict(self.timings), kind, self.trigger, self.release, identity=self.identity, output=output)
 
     def _named(self) -> dict[str, str | None]:
         """The release an event is about, by name (its version, else its digest) and version."""
@@ -188,7 +190,7 @@ class Rollout:
             if which == 1:
                 raise Failed(self._abort_reason, FailureKind.OPERATOR)
         except Failed as failure:
-            return await self._roll_back(failure.reason, failure.kind)
+            return await self._roll_back(failure.reason, failure.kind, failure.output)
         except OSError as exc:  # no fault of the release: it is not marked bad
             if not out_of_fds(exc):
                 raise
@@ -202,7 +204,7 @@ class Rollout:
         assert self.new.lost is not None
         instance, status = self.new.lost
         where = "in watch window" if self.state == Phase.WATCHING else "after becoming ready"
-        raise Failed(f"{self._name(instance)}{status.describe()} {where}", FailureKind.EXITED)
+        raise Failed.of(instance, f"{self._name(instance)}{status.describe()} {where}", FailureKind.EXITED)
 
     def _name(self, instance: Instance) -> str:
         """How a reason names an instance: not at all when a generation has one."""
@@ -249,9 +251,9 @@ class Rollout:
         if len(ready) < needed:
             _, instance, failure = next(iter(started.failed),
                                         (0, None, Failed("an instance died before it was ready", FailureKind.EXITED)))
-            first = Failed((self._name(instance) if instance else "") + failure.reason, failure.kind)
             counts = f" ({len(ready)} of {size} ready, {needed} needed)" if size > 1 else ""
-            raise Failed(first.reason + counts, first.kind)
+            raise Failed((self._name(instance) if instance else "") + failure.reason + counts, failure.kind,
+                         failure.output)
         self._mark("ready")
         final = len(new.ready()) >= plan.processes
         await gather(partial(admit, self.host, new, self.old, final, settings.ramp, self.clock),
@@ -313,7 +315,7 @@ class Rollout:
         self._enter(Phase.IDLE)
         return self._outcome(RolloutResult.PROMOTED)
 
-    async def _roll_back(self, reason: str, kind: FailureKind) -> Outcome:
+    async def _roll_back(self, reason: str, kind: FailureKind, output: tuple[str, ...] = ()) -> Outcome:
         events = self.host.events
         self._enter(Phase.ROLLING_BACK)
         new_number = self.new.number if self.new else None
@@ -327,10 +329,10 @@ class Rollout:
         keeps = f"; generation {old_number} keeps serving" if self.old and self.old.alive else ""
         events.emit(Kind.ROLLED_BACK, f"upgrade to generation {new_number} rolled back: {reason}{keeps}", level="warning",
                     gen=new_number, old_gen=old_number, reason=reason, category=kind, timings=dict(self.timings),
-                    restored=self.replaced, **self._named())
-        await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason))
+                    restored=self.replaced, output=list(output), **self._named())
+        await self._hook("on-rollback", self.settings.hooks.on_rollback, self._hook_env(reason, output))
         self._enter(Phase.IDLE)
-        return self._outcome(RolloutResult.ROLLED_BACK, reason, kind)
+        return self._outcome(RolloutResult.ROLLED_BACK, reason, kind, output)
 
     async def _restore_old(self) -> None:
         """Put back every old instance a batch replaced — each ready before a new one is drained — then drop the
@@ -351,8 +353,8 @@ class Rollout:
             await self.host.retire_instances(new, new.ready()[:count])
         await self.host.retire(new, graceful=True)
 
-    def _hook_env(self, reason: str) -> dict[str, str]:
-        return hook_environment(self.old, self.new, self.identity, reason)
+    def _hook_env(self, reason: str, output: tuple[str, ...] = ()) -> dict[str, str]:
+        return hook_environment(self.old, self.new, self.identity, reason, output)
 
     async def _hook(self, name: str, command: str | None, env: dict[str, str]) -> str | None:
         """Run one hook with `env` (from _hook_env) in its environment; returns why it failed, or None."""

@@ -286,6 +286,7 @@ SETTINGS: dict[str, Kind] = {
     "state_dir": _PATH,
     "pidfile": _PATH,
     "log_format": Choice(("text", "json")),
+    "child_output": Choice(("prefix", "inherit")),
     "log_level": Choice(("debug", "info", "warning", "error")),
     "loop": Choice(("auto", "uvloop", "asyncio")),
 }

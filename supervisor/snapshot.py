@@ -118,6 +118,7 @@ class TallyView:
     probes: dict[str, HistogramView]
     log_dropped: int
     probes_elsewhere: int
+    output_dropped: int = 0  # lines of the children's output the log's reader did not take in time
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,10 @@ def of_listeners(listeners: Iterable[Listener]) -> tuple[ListenerView, ...]:
                  for index, listener in enumerate(listeners))
 
 
-def of_tally(tally: Tally, log_dropped: int) -> TallyView:
+def of_tally(tally: Tally, log_dropped: int, output_dropped: int = 0) -> TallyView:
     return TallyView(dict(tally.upgrades), dict(tally.rollbacks), tally.restarts, dict(tally.revivals),
-                     _histograms(tally.phases), _histograms(tally.probes), log_dropped, tally.probes_elsewhere)
+                     _histograms(tally.phases), _histograms(tally.probes), log_dropped, tally.probes_elsewhere,
+                     output_dropped)
 
 
 def _histograms(histograms: dict[str, Histogram]) -> dict[str, HistogramView]:

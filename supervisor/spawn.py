@@ -42,6 +42,7 @@ class ProcessSpec:
     cgroup_procs: int | None = None  # an open cgroup.procs the child writes itself into before anything else
     lowering: Lowering | None = None  # a starting generation's CPU priority (priority.py), set before exec
     output: int | None = None  # where the child's stdout and stderr go, if not where ours go
+    streams: tuple[int, int] | None = None  # or: the pipes of its stdout and stderr (capture.py)
 
 
 class SpawnError(Exception):
@@ -129,6 +130,9 @@ def _exec_child(
         if spec.output is not None:
             os.dup2(spec.output, 1)
             os.dup2(spec.output, 2)
+        if spec.streams is not None:
+            os.dup2(spec.streams[0], 1)
+            os.dup2(spec.streams[1], 2)
         if spec.lowering is not None:
             lower_in_child(spec.lowering)  # best effort: a start-up at normal priority is still a start-up
         if spec.fd_limit is not None:

@@ -35,6 +35,7 @@ from .libc import release_free_memory
 from .listeners import Listener
 from .liveness import Liveness
 from .notify import SystemdNotifier
+from .output_log import OutputLog
 from .port import Service
 from .preview import Preview, preview
 from .reaper import Reaper
@@ -95,6 +96,7 @@ class Supervisor:
     started_wall: float = field(default_factory=time.time)
     reexecs: list[float] = field(default_factory=list)  # wall-clock times of the re-execs of this supervisor
     tally: Tally = field(default_factory=Tally)
+    output: OutputLog = field(init=False)  # the children's output (--child-output), for the log and `ctl logs`
     fleet: Fleet = field(init=False)
     restarts: Restarts = field(init=False)
     workers: list[Worker] = field(init=False)
@@ -108,10 +110,11 @@ class Supervisor:
         def refill(generation: Generation, indexes: Sequence[int]) -> Awaitable[None]:
             return self.restarts.fill(generation, indexes)  # the fleet is built before the restarts that need it
 
+        self.output = OutputLog(self.events, capture=settings.child_output == "prefix")
         self.fleet = Fleet(settings, listeners, self.events, release, self.book, self.reaper, self.tally,
                            wake=self.desired.observed, refill=refill, credentials=credentials,
                            child_fd_limit=child_fd_limit, cgroups=cgroups, runtime_dir=runtime_dir,
-                           traffic=traffic or Traffic(self.events, steer=False))
+                           traffic=traffic or Traffic(self.events, steer=False), output=self.output)
         self.restarts = Restarts(self.fleet, self.events, self.book, self.desired, RestartBudget(),
                                  upgrade_first=lambda: self.upgrade_first)
         self.events.subscribe(self.tally.on_event)
@@ -290,7 +293,8 @@ class Supervisor:
                         of_rollout(rollout) if rollout else None, tuple(book.history.as_dict()["records"]),
                         book.history.last_known_good, book.history.last_known_bad, book.history.save_error,
                         tuple(worker.info() for worker in self.workers),
-                        of_tally(self.tally, self.events.sink.dropped_total if self.events.sink else 0))
+                        of_tally(self.tally, self.events.sink.dropped_total if self.events.sink else 0,
+                                 self.output.dropped_total))
 
     async def preview(self, force: bool) -> Preview:
         fleet = self.fleet
@@ -302,6 +306,10 @@ class Supervisor:
         with anyio.move_on_after(settings.ready_timeout + settings.drain_timeout + settings.watch + 5.0):
             while self.busy or self.needs_repair or self.upgrade_pending:  # an upgrade may be running too
                 await self.desired.next_reached()
+
+    def child_output(self, gen: int | None, instance: int | None, count: int, after: int) -> dict[str, Any]:
+        return {"capture": self.output.capture, "seq": self.output.seq,
+                "lines": self.output.query(gen, instance, count, after)}
 
     def send_signal(self, signum: signal.Signals) -> GenerationView | None:
         target = self.fleet.serving
@@ -338,7 +346,8 @@ class Supervisor:
         own = {"version": __version__, "started_at": self.started_at, "started_wall": self.started_wall,
                "reexecs": [*self.reexecs, time.time()], "runtime_dir": self.fleet.runtime_dir,
                "child_fd_limit": self.fleet.child_fd_limit, "orphans_reaped": self.reaper.orphans_reaped,
-               "ready_sent": bool(self.systemd and self.systemd.ready_sent)}
+               "ready_sent": bool(self.systemd and self.systemd.ready_sent), "output_seq": self.output.seq,
+               "output_dropped": self.output.dropped_total}
         return dump(self.fleet, self.tally, self.restarts.budget, self.book.previous, own, self.held)
 
     def _revive(self, carried: Carried) -> None:
@@ -348,6 +357,8 @@ class Supervisor:
         revive.tally(self.tally, state["tally"])
         revive.budget(self.restarts.budget, state["budget"])
         self.started_at, self.started_wall, self.reexecs = own["started_at"], own["started_wall"], own["reexecs"]
+        self.output.seq = max(self.output.seq, own.get("output_seq", 0))
+        self.output.dropped_total += own.get("output_dropped", 0)
         self.reaper.orphans_reaped += own["orphans_reaped"]
         if self.systemd is not None:
             self.systemd.ready_sent = own["ready_sent"]

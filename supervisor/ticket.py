@@ -34,4 +34,4 @@ class Ticket:
         outcome = self.outcome or Outcome(RolloutResult.ABORTED, "no verdict")
         return {"event": "verdict", "result": outcome.result, "ok": outcome.result == self.goal, "reason": outcome.reason,
                 "new_gen": outcome.new_gen, "old_gen": outcome.old_gen, "timings": outcome.timings, "blame": outcome.blame,
-                "release": outcome.identity.as_dict() if outcome.identity else None}
+                "release": outcome.identity.as_dict() if outcome.identity else None, "output": list(outcome.output)}

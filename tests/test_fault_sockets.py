@@ -112,7 +112,9 @@ def test_a_listener_shut_down_by_a_child_is_revived_at_once_under_load(tmp_path:
     stats = load.stop()
     failed = [start for start, _, ok in stats.samples if not ok]
     after = [ok for start, _, ok in stats.samples if failed and start > max(failed)]
-    shut_at = float(next(line for line in sup.lines if "shut down the listening socket at" in line).split()[-1])
+    shut_at = float(next(event["msg"] for event in sup.events  # the stub's line, relayed (--child-output prefix)
+                         if event["event"] == "output" and "shut down the listening socket at" in event["msg"]
+                         ).split()[-1])
     recovery = datetime.fromisoformat(revived["ts"].replace("Z", "+00:00")).timestamp() - shut_at
     print(f"\nshutdown() of the listener under load: revived {max(recovery, 0.0) * 1000:.0f} ms after it (log times, "
           f"to the ms); {stats.failures} of {stats.requests} requests failed {stats.errors}")
@@ -266,17 +268,18 @@ def test_running_out_of_fds_during_an_upgrade_is_contained(tmp_path: Path, port:
 @pytest.mark.timeout(90)
 def test_an_upgrade_that_runs_out_of_fds_rolls_back_without_blaming_the_release(tmp_path: Path, port: int,
                                                                                 running: list[Supervise]) -> None:
-    # Each instance costs the supervisor two fds (its notify socket and pidfd): 6 fit in 40, 12 do not.
+    # Each instance costs the supervisor four fds (its notify socket, pidfd and the two pipes of its output): 6 fit
+    # in 60, 12 do not.
     release = tmp_path / "app"
     write_release(release, "--tag", "v1")
-    sup = supervise(running, release, port, "-n", "6", wrapper=["prlimit", "--nofile=40:40", "--"])
+    sup = supervise(running, release, port, "-n", "6", wrapper=["prlimit", "--nofile=60:60", "--"])
     sup.wait_for("serving")
     load = start_load(port)
     write_release(release, "--tag", "v2")
     verdict = sup.upgrade()
     again = sup.upgrade()  # not refused as a known bad release: it was not its fault
     stats = load.stop()
-    print(f"\nupgrade of 6 instances under ulimit -n 40: {verdict['event']} ({verdict['reason']}); "
+    print(f"\nupgrade of 6 instances under ulimit -n 60: {verdict['event']} ({verdict['reason']}); "
           f"{stats.failures} of {stats.requests} requests failed")
     assert verdict["event"] == "rolled-back" and verdict["category"] == "resources", verdict
     assert "out of file descriptors" in verdict["reason"], verdict

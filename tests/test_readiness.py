@@ -34,7 +34,7 @@ class Scripted:
 
 
 async def _reason(*answers: Result) -> str:
-    instance = SimpleNamespace(exit=ChildExit(pid=0))  # never exits
+    instance = SimpleNamespace(exit=ChildExit(pid=0), tail=lambda: ())  # never exits, said nothing
     with pytest.raises(Failed) as failed:
         await wait_ready(Scripted(list(answers)), instance, timeout=0.2, max_interval=0.01)  # type: ignore[arg-type]
     return failed.value.reason

@@ -29,6 +29,7 @@ import click
 
 from ..errors import UserError
 from ..names import check_name
+from .logs import logs
 from .render import describe_event, pid_list, plan_lines, status_lines, verdict_line
 
 CONNECT_TIMEOUT = 5.0  # a live supervisor accepts at once; a wedged one must not hang a deploy script
@@ -215,6 +216,9 @@ def follow_rollout(endpoint: Endpoint, response: http.client.HTTPResponse) -> in
         if event.get("event") == "verdict":
             if event.get("blame"):
                 click.echo(str(event["blame"]))
+            if event.get("output"):
+                click.echo("last output of the failed instance:")
+                click.echo("\n".join(f"  {line}" for line in event["output"]))
             click.echo(verdict_line(event))
             return 0 if event.get("ok", event.get("result") == "promoted") is True else EXIT_FAILED
         if event.get("level") != "debug":
@@ -430,3 +434,6 @@ def metrics(target: Target) -> int:
     endpoint.check(response)
     click.echo(endpoint.read(response).decode(errors="replace"), nl=False)
     return 0
+
+
+ctl.add_command(logs)

@@ -47,6 +47,10 @@ def render(snapshot: Snapshot) -> bytes:
                                   "did not take them and the buffer was full")
     dropped.add_metric([], tally.log_dropped)
     families.append(dropped)
+    output_dropped = CounterMetricFamily("supervise_child_output_dropped", "Lines of the children's output "
+                                         "(--child-output prefix) dropped because the log's reader did not take them")
+    output_dropped.add_metric([], tally.output_dropped)
+    families.append(output_dropped)
     elsewhere = CounterMetricFamily("supervise_probe_answered_elsewhere", "Probe connections accepted by another "
                                     "generation than the one under test (with steered cutover: only by a bug)")
     elsewhere.add_metric([], tally.probes_elsewhere)

@@ -48,6 +48,20 @@ def _flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "0").lower() in ("1", "true", "yes")
 
 
+def _number(request: web.Request, name: str) -> int | None:
+    """A whole-number query parameter, None when absent; anything else is the client's error (400)."""
+    text = request.query.get(name)
+    if text is None:
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise UserError(f"invalid {name} {text!r}: expected a whole number")
+    return int(text)
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _peer_uid(request: web.Request) -> int | None:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None:
@@ -126,6 +140,7 @@ class ControlServer:
             web.post("/reexec", self._reexec),
             web.get("/events", self._events),
             web.get("/metrics", self._metrics),
+            web.get("/logs", self._logs),
         ])
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
@@ -288,6 +303,11 @@ class ControlServer:
         from aiohttp import web
 
         return web.Response(body=render(self._port.snapshot()), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        """The children's last lines: ?gen=N&instance=I&lines=COUNT&after=SEQ (a follower polls with `after`)."""
+        return _json(self._port.child_output(_number(request, "gen"), _number(request, "instance"),
+                                             _default(_number(request, "lines"), 100), _number(request, "after") or 0))
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         level = request.query.get("level", "info")

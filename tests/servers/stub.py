@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="close our fd of the listening socket S s after being ready (first /readyz 200 or "
                              "READY=1) and accept nothing more, while staying up and answering READY")
     parser.add_argument("--listen-backlog", type=int, metavar="N", help="listen(N) on the inherited socket at start")
+    parser.add_argument("--log-requests", action="store_true", help="one line on stderr per request (an access log)")
     return parser.parse_args(argv)
 
 
@@ -319,6 +320,8 @@ def answer_requests(stub: Stub, conn: socket.socket) -> None:
         status, body, content_type = route(stub, request)
         keep_alive = request.keep_alive and not stub.accepting_stopped.is_set()
         send_response(conn, status, body, content_type, keep_alive)
+        if stub.options.log_requests:
+            stub.log(f'"GET {request.path}" {status} {len(body)}')
         served += 1
         if not keep_alive:
             return
@@ -399,11 +402,27 @@ def route(stub: Stub, request: Request) -> tuple[int, bytes, str]:
         return readyz(stub)
     if request.path == "/slow":
         return slow(request)
+    if request.path == "/burst":
+        megabytes = int(request.query.get("mb", ["100"])[0])
+        threading.Thread(target=burst, args=(stub, megabytes), daemon=True).start()
+        return 200, f"writing {megabytes} MB to stdout\n".encode(), TEXT
     if request.path == "/env":
         import json  # only /env needs it; kept out of start-up
 
         return 200, json.dumps(env_report(stub)).encode(), "application/json"
     return 404, b"not found\n", TEXT
+
+
+def burst(stub: Stub, megabytes: int) -> None:
+    """/burst?mb=N: N MiB of 100-byte lines on stdout as fast as it takes them, then one line on stderr."""
+    line = b"burst " + b"x" * 93 + b"\n"
+    block = line * ((1 << 20) // len(line)) + line[: (1 << 20) % len(line) - 1] + b"\n"
+    began = time.monotonic()
+    for _ in range(megabytes):
+        view = memoryview(block)
+        while view:
+            view = view[os.write(1, view):]
+    stub.log(f"burst done: {megabytes} MiB in {time.monotonic() - began:.3f}s")
 
 
 def readyz(stub: Stub) -> tuple[int, bytes, str]:
