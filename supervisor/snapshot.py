@@ -118,6 +118,7 @@ class TallyView:
     probes: dict[str, HistogramView]
     log_dropped: int
     probes_elsewhere: int
+    replacements: dict[str, int] = dataclasses.field(default_factory=dict)  # by reason: unhealthy, memory
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ def of_listeners(listeners: Iterable[Listener]) -> tuple[ListenerView, ...]:
 
 def of_tally(tally: Tally, log_dropped: int) -> TallyView:
     return TallyView(dict(tally.upgrades), dict(tally.rollbacks), tally.restarts, dict(tally.revivals),
-                     _histograms(tally.phases), _histograms(tally.probes), log_dropped, tally.probes_elsewhere)
+                     _histograms(tally.phases), _histograms(tally.probes), log_dropped, tally.probes_elsewhere,
+                     dict(tally.replacements))
 
 
 def _histograms(histograms: dict[str, Histogram]) -> dict[str, HistogramView]:

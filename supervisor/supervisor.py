@@ -119,7 +119,7 @@ class Supervisor:
                             wake=self.desired.observed,
                             replace=lambda trigger, release: self.request_upgrade(trigger, force=True, release=release))
         self.workers = [
-            Worker("liveness", settings.health_interval, liveness.check),
+            Worker("liveness", settings.liveness_interval, liveness.check),
             Worker("reaper", SWEEP_INTERVAL, self.fleet.sweep),
         ]
         if self.systemd is not None:

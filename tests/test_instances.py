@@ -516,7 +516,7 @@ def test_one_sick_instance_among_healthy_ones_fails_the_watch_window(service: An
 def test_liveness_replaces_one_sick_instance_beside_its_siblings(service: Any, tmp_path: Path) -> None:
     once = tmp_path / "sick-once"  # instance 1 turns sick the first time only: its replacement stays healthy
     svc = service("-n", "3", "--ready", "http/readyz", "--watch", "0", "--health-interval", "100ms",
-                  "--drain-timeout", "5s", script=f"""#!/bin/sh
+                  "--liveness-interval", "100ms", "--drain-timeout", "5s", script=f"""#!/bin/sh
 if [ "$SUPERVISE_INSTANCE" = 1 ] && [ ! -e {once} ]; then touch {once}; exec {PYTHON} {STUB} --sick-after 1; fi
 exec {PYTHON} {STUB} --tag v1
 """)

@@ -15,8 +15,9 @@ from supervisor.health import Strikes
 from supervisor.listeners import parse_listen
 from supervisor.probe_spec import parse_probe
 from supervisor.probes import Result, Verdict
+from supervisor.schema import SETTINGS, Invalid
 from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
-from supervisor.units import parse_duration, parse_signal
+from supervisor.units import mib, parse_duration, parse_signal, parse_size
 
 
 @pytest.mark.parametrize(("text", "amount", "of_ten"), [("2", Amount(2), 2), ("25%", Amount(25, True), 3),
@@ -118,6 +119,35 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations_are_refused(text: str) -> None:
     with pytest.raises(UserError, match="invalid --watch"):
         parse_duration(text, "--watch")
+
+
+@pytest.mark.parametrize(("text", "size"), [("512M", 512 << 20), ("2G", 2 << 30), ("1500000K", 1500000 << 10),
+                                            ("512MiB", 512 << 20), ("1.5g", 3 << 29), (" 64 mb ", 64 << 20),
+                                            ("1048576", 1 << 20)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "512X", "-1M", "M", "1e9", "2 P", "9" * 400 + "T"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(UserError, match="invalid --max-rss"):
+        parse_size(text, "--max-rss")
+
+
+@pytest.mark.parametrize(("value", "size"), [("512M", 512 << 20), (600_000_000, 600_000_000), ("1M", 1 << 20)])
+def test_max_rss_takes_a_size_or_bytes(value: object, size: int) -> None:
+    assert SETTINGS["max_rss"].check(value) == SETTINGS["max_rss"].parse(value) == size
+
+
+@pytest.mark.parametrize("value", ["1023K", "17T", True, 2.5, "lots", [512]])
+def test_max_rss_out_of_range_or_not_a_size_is_refused(value: object) -> None:
+    with pytest.raises(Invalid, match=r"^expected a size from 1 MiB to 16 TiB \(like 512M, 2G\), got "):
+        SETTINGS["max_rss"].check(value)
+
+
+def test_sizes_for_people() -> None:
+    assert [mib(size) for size in (612 << 20, 3 << 29, 12 << 30, 16 << 40)] == ["612 MiB", "1.5 GiB", "12 GiB",
+                                                                                "16 TiB"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [("TERM", signal.SIGTERM), ("sigusr1", signal.SIGUSR1),

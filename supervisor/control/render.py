@@ -111,9 +111,9 @@ def _part(title: str, render: Callable[[dict[str, Any]], list[str]], status: dic
 
 
 def _process_lines(status: dict[str, Any]) -> list[str]:
-    generations = status.get("generations") or []
+    generations, rollout = status.get("generations") or [], status.get("rollout") or {}
     lines = ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "TRAFFIC", "STATUS"],
-                        [_generation_row(generation) for generation in generations])]
+                        [_generation_row(generation, rollout) for generation in generations])]
     if any(len(generation.get("instances") or []) > 1 for generation in generations):
         lines += ["", *table(["GEN", "#", "STATE", "PID", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
                              [_instance_row(generation, instance) for generation in generations
@@ -147,10 +147,15 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _generation_row(generation: dict[str, Any]) -> list[str]:
+def _generation_row(generation: dict[str, Any], rollout: dict[str, Any]) -> list[str]:
     cells = _process_cells(generation)
+    replacing = [f"instance {instance.get('index', '?')} being replaced: {instance['unhealthy']}"
+                 for instance in generation.get("instances") or [] if instance.get("unhealthy")]
+    if rollout.get("trigger") and rollout.get("old_gen") == generation.get("number"):
+        replacing.insert(0, f"being replaced: {rollout['trigger']}")
+    status = "; ".join(replacing + ([cells[-1]] if cells[-1] != "-" else [])) or "-"
     return [str(generation.get("number", "?")), str(generation.get("state", "?")), pid_list(generation.get("pids")),
-            *cells[:-1], _traffic(generation.get("traffic")), cells[-1]]
+            *cells[:-1], _traffic(generation.get("traffic")), status]
 
 
 def _traffic(traffic: Any) -> str:
@@ -162,8 +167,11 @@ def _traffic(traffic: Any) -> str:
 
 
 def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[str]:
+    cells = _process_cells(instance)
+    if instance.get("unhealthy"):
+        cells[-1] = f"being replaced: {instance['unhealthy']}"
     return [str(generation.get("number", "?")), str(instance.get("index", "?")), str(instance.get("state", "?")),
-            str(instance.get("pid", "?")), *_process_cells(instance)]
+            str(instance.get("pid", "?")), *cells]
 
 
 def _process_cells(item: dict[str, Any]) -> list[str]:
