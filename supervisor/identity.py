@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .counted import counted
 from .release import Release
 
 MAX_ENTRIES = 20_000
@@ -90,11 +91,12 @@ def identify(release: Release, bounds: Bounds = Bounds()) -> Identity:
     walk = _Walk(bounds)
     walk.tree(release.cwd)
     walk.directory(os.path.dirname(release.executable))
-    files = f"{len(named)} file(s) hashed" + (f"; {problem}" if problem else "")
+    files = f"{counted(len(named), 'file')} hashed" + (f"; {problem}" if problem else "")
     if walk.exceeded:
         return Identity(content_digest, covers=f"unknown: {walk.exceeded} ({files})", known=False, **fields)
     digest = hashlib.sha256(f"{content_digest}\0{walk.digest.hexdigest()}".encode()).hexdigest()[:16]
-    return Identity(digest, covers=f"{files}, metadata of {walk.entries} entries under {release.cwd}", **fields)
+    entries = counted(walk.entries, "entry")
+    return Identity(digest, covers=f"{files}, metadata of {entries} under {release.cwd}", **fields)
 
 
 def content_files(release: Release) -> Iterator[str]:

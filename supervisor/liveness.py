@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .counted import counted
 from .event_kinds import Kind
 from .events import Events
 from .fleet import Fleet
@@ -57,7 +58,7 @@ class Liveness:
         threshold = self.fleet.settings.health_threshold
         for overuse in self._memory.check(limit, threshold):
             if not self._replace(target, overuse.instance, Kind.MEMORY_LIMIT,
-                                 f"held {mib(overuse.rss)} for {threshold} checks in a row, above --max-rss "
+                                 f"held {mib(overuse.rss)} for {counted(threshold, 'check')} in a row, above --max-rss "
                                  f"{mib(limit)}", overuse.reason, overuse.reason, rss=overuse.rss, limit=limit):
                 return
 

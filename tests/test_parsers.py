@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from supervisor.concurrency import gather, leaves
+from supervisor.counted import counted, inflected
 from supervisor.errors import UserError
 from supervisor.health import Strikes
 from supervisor.listeners import parse_listen
@@ -90,6 +91,18 @@ class _Generation:
 
 def _result(verdict: Verdict, pid: int | None) -> Result:
     return Result(verdict, "503" if verdict is Verdict.NOT_READY else "ok", pid=pid)
+
+
+def test_counted_nouns_are_singular_for_one_only() -> None:
+    assert [counted(count, "instance") for count in (0, 1, 2)] == ["0 instances", "1 instance", "2 instances"]
+    assert [counted(2, noun) for noun in ("process", "entry", "day", "consecutive failure")] == [
+        "2 processes", "2 entries", "2 days", "2 consecutive failures"]
+    assert inflected("process", 1) == "process" and inflected("process", 3) == "processes"
+
+
+def test_a_threshold_of_one_is_one_failure() -> None:
+    strikes = Strikes(_Generation({100: 0}), threshold=1)  # type: ignore[arg-type]
+    assert strikes.record(_result(Verdict.NOT_READY, 100)).endswith(": 1 consecutive failure (last: 503)")
 
 
 def test_strikes_count_each_instance_apart() -> None:

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlencode
 
 import click
 
+from ..counted import inflected
 from ..errors import UserError
 from ..names import check_name
 from .render import describe_event, pid_list, plan_lines, status_lines, verdict_line
@@ -397,8 +398,10 @@ def scale(target: Target, count: int, no_wait: bool) -> int:
     click.echo(answer.get("message", f"scaling to {count}"))
     if no_wait:
         return 0
-    click.echo(f"generation {answer.get('gen', '?')}: {answer.get('ready', '?')} of {answer.get('processes', count)} "
-               f"instances ready (pids {pid_list(answer.get('pids'))})")
+    wanted = answer.get("processes", count)
+    instances = inflected("instance", wanted if isinstance(wanted, int) else 0)
+    click.echo(f"generation {answer.get('gen', '?')}: {answer.get('ready', '?')} of {wanted} {instances} ready (pids "
+               f"{pid_list(answer.get('pids'))})")
     return 0 if answer.get("done") else EXIT_FAILED
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from ..counted import counted
+
 HISTORY_SHOWN = 5  # rollouts listed by `status`
 
 
@@ -131,7 +133,7 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
     if reexecs := supervisor.get("reexecs"):
         last = reexecs[-1]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if isinstance(last, float) else "?"
-        lines.append(f"re-exec     {len(reexecs)} time(s), last at {when}")
+        lines.append(f"re-exec     {counted(len(reexecs), 'time')}, last at {when}")
     if (supervisor.get("processes") or 1) > 1:
         lines.append(f"instances   {supervisor.get('ready_instances', '?')} ready of {supervisor.get('processes')} wanted; "
                      f"upgrades: {supervisor.get('strategy', '?')}")
@@ -184,7 +186,8 @@ def _rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
     if not rollout:
         return []
     batches = rollout.get("batches") or []
-    progress = f", batch {len(batches)}, {rollout.get('replaced', 0)} old instance(s) replaced" if len(batches) > 1 else ""
+    replaced = counted(rollout.get("replaced", 0), "old instance")
+    progress = f", batch {len(batches)}, {replaced} replaced" if len(batches) > 1 else ""
     return ["", f"rollout     {rollout.get('state', '?')}: generation {rollout.get('new_gen', '?')} "
                 f"replacing {rollout.get('old_gen') or 'none'}, for {human_duration(rollout.get('elapsed'))}{progress}"]
 

@@ -1,0 +1,31 @@
+"""What an operator reads: log lines in the order things happened, each said once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from harness import PYTHON, STUB, Supervise, free_port
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_instance_is_gone_before_its_replacement_starts_and_each_end_is_said_once() -> None:
+    port = free_port()
+    sup = Supervise(["-l", f"127.0.0.1:{port}", "--ready", "http/readyz", "--watch", "0", "--", PYTHON, STUB]).start()
+    try:
+        leader = sup.wait_for("serving")["pids"][0]
+        mark = sup.mark()
+        os.kill(leader, signal.SIGKILL)
+        replacement = sup.wait_for("ready", after=mark)["pids"][0]
+        sup.wait_for("serving", after=mark)
+    finally:
+        sup.stop()
+    kinds = [(event["event"], event.get("pids")) for event in sup.events[mark:]
+             if event["event"] in ("exited", "instance-retired", "spawned", "ready", "retired")]
+    assert kinds[:4] == [("exited", [leader]), ("instance-retired", [leader]), ("spawned", [replacement]),
+                         ("ready", [replacement])], kinds
+    gone = [event["msg"] for event in sup.events if event["event"] in ("instance-retired", "retired")]
+    assert gone[0] == f"generation 1 instance 0 (pid {leader}) gone", gone
+    assert len(gone) == len(set(gone)), f"an end said twice: {gone}"
