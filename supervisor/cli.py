@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from . import __version__, schema
 from .config import Settings, from_command_line
 from .errors import UserError
+from .split_units import refuse_split_units
 
 _EPILOG = """
 \b
@@ -211,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args[:1] == ["check"]:
             from .check import check_command
 
+            refuse_split_units(args[1:])
             check_command(run_command).main(args=args[1:], prog_name="supervise check", standalone_mode=False)
         else:
+            refuse_split_units(args)
             run_command.main(args=args, prog_name="supervise", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

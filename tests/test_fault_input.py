@@ -66,6 +66,9 @@ BAD_FLAGS: dict[str, tuple[list[str], str]] = {
     "health-interval-0": (["--health-interval", "0"], "expected a duration from 50ms to 1h"),
     "health-interval-1ms": (["--health-interval", "1ms"], "expected a duration from 50ms to 1h"),
     "probe-timeout-negative": (["--probe-timeout", "-1"], "--probe-timeout"),
+    "watch-split-unit": (["--watch", "5", "sec"], "option --watch: '5 sec' is two words, and 'sec' would be run as "
+                         "the command; write 5s"),
+    "max-rss-split-unit": (["--max-rss=512", "MiB"], "option --max-rss: '512 MiB' is two words"),
     "liveness-interval-1ms": (["--liveness-interval", "1ms"], "expected a duration from 50ms to 1h"),
     "max-rss-small": (["--max-rss", "512K"], "expected a size from 1 MiB to 16 TiB (like 512M, 2G), got \"512K\""),
     "max-rss-unit": (["--max-rss", "2 PB"], "'--max-rss': expected a size from 1 MiB"),

@@ -17,6 +17,7 @@ from supervisor.listeners import parse_listen
 from supervisor.probe_spec import parse_probe
 from supervisor.probes import Result, Verdict
 from supervisor.schema import SETTINGS, Invalid
+from supervisor.split_units import refuse_split_units
 from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
 from supervisor.units import mib, parse_duration, parse_signal, parse_size
 
@@ -91,6 +92,22 @@ class _Generation:
 
 def _result(verdict: Verdict, pid: int | None) -> Result:
     return Result(verdict, "503" if verdict is Verdict.NOT_READY else "ok", pid=pid)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--watch", "5", "sec", "--", "app"], "option --watch: '5 sec' is two words, and 'sec' would be run as the "
+                                           "command; write 5s"),
+    (["-l", ":80", "--drain-timeout=1.5", "minutes", "app"], "'1.5 minutes' is two words.*write 1.5m"),
+    (["--max-rss", "512", "M", "--", "app"], "write 512M")])
+def test_a_number_split_from_its_unit_is_refused(args: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        refuse_split_units(args)
+
+
+@pytest.mark.parametrize("args", [["--watch", "5", "--", "sec"], ["--watch", "5s", "sec"], ["--", "app", "--watch", "5",
+                                  "sec"], ["--name", "5", "s"], ["--watch", "5", "seconds-app"]])
+def test_a_command_after_a_whole_value_is_not_a_split_unit(args: list[str]) -> None:
+    refuse_split_units(args)
 
 
 def test_counted_nouns_are_singular_for_one_only() -> None:
@@ -224,6 +241,25 @@ def test_exec_and_delay_probes() -> None:
 def test_bad_probes_say_why(text: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_probe(text)
+
+
+@pytest.mark.parametrize(("text", "meant"), [("http:healthz", "http/healthz"), ("HTTP/readyz", "http/readyz"),
+                                             ("htp/readyz", "http/readyz"), ("/healthz", "http/healthz"),
+                                             ("tcp:8080", "tcp://127.0.0.1:8080"),
+                                             ("http:8080/healthz", "http://127.0.0.1:8080/healthz"),
+                                             ("http:db.local:81/up", "http://db.local:81/up"),
+                                             ("exec ./check", "exec:./check"), ("delay 5s", "delay:5s"),
+                                             ("notify:1", "notify")])
+def test_a_near_miss_probe_gets_its_right_spelling(text: str, meant: str) -> None:
+    with pytest.raises(UserError) as caught:
+        parse_probe(text)
+    assert str(caught.value).startswith(f"invalid --ready {text!r}: did you mean {meant!r}? (forms: http, http/PATH")
+    assert parse_probe(meant).kind == meant.split(":")[0].split("/")[0]
+
+
+def test_a_known_kind_in_no_known_form_is_not_called_unknown() -> None:
+    with pytest.raises(UserError, match=r"'exec': not a form of the exec probe \(forms: .*exec:COMMAND"):
+        parse_probe("exec")
 
 
 # -- concurrency.gather ------------------------------------------------------------------------------------------
