@@ -31,6 +31,7 @@ from ..counted import inflected
 from ..errors import UserError
 from ..names import check_name
 from .render import describe_event, pid_list, plan_lines, status_lines, verdict_line
+from .signal_outcome import outcome
 
 CONNECT_TIMEOUT = 5.0  # a live supervisor accepts at once; a wedged one must not hang a deploy script
 ANSWER_TIMEOUT = 30.0  # longest wait for a non-streamed answer
@@ -376,10 +377,13 @@ def stop(target: Target) -> int:
 @click.argument("sig", metavar="SIG")
 @click.pass_obj
 def send_signal(target: Target, sig: str) -> int:
-    """Send SIG (USR1, SIGUSR1 or a number) to the serving generation's process group."""
+    """Send SIG (USR1, SIGUSR1 or a number) to the serving generation's process group, and say whether it ended
+    them (waiting half a second at most)."""
     endpoint = target.endpoint()
     answer = endpoint.json(endpoint.request("POST", "/signal/" + quote(sig, safe="")))
-    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {pid_list(answer.get('pids'))})")
+    pids = [pid for pid in answer.get("pids") or [] if isinstance(pid, int)]
+    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {pid_list(pids)}); "
+               + outcome(pids))
     return 0
 
 
