@@ -49,6 +49,7 @@ class Identity:
     version: str | None = None
     covers: str = ""
     known: bool = True
+    env: str = ""  # a digest of the variables it gets (--env, --env-file, [env]): tells configurations apart
 
     @property
     def name(self) -> str:
@@ -57,7 +58,7 @@ class Identity:
 
     def as_dict(self) -> dict[str, Any]:
         return {"digest": self.digest, "version": self.version, "covers": self.covers, "known": self.known,
-                "executable": self.executable, "argv": list(self.argv), "cwd": self.cwd}
+                "executable": self.executable, "argv": list(self.argv), "cwd": self.cwd, "env": self.env}
 
     def same_code(self, other: Identity) -> bool:
         """Whether two identities are the same release as far as can be told (content alone when a walk failed)."""
@@ -83,7 +84,9 @@ def identify(release: Release, bounds: Bounds = Bounds()) -> Identity:
         _hash_file(content, path)
     content.update(json.dumps([release.executable, list(release.argv), release.cwd, list(release.env)]).encode())
     content_digest = content.hexdigest()[:16]
-    fields = {"content": content_digest, "executable": release.executable, "argv": release.argv, "cwd": release.cwd}
+    env = hashlib.sha256(json.dumps(list(release.env)).encode()).hexdigest()[:12]
+    fields = {"content": content_digest, "executable": release.executable, "argv": release.argv, "cwd": release.cwd,
+              "env": env}
     version, problem = read_version(release)
     if version is not None:
         digest = hashlib.sha256(f"{version}\0{content_digest}".encode()).hexdigest()[:16]

@@ -37,3 +37,32 @@ def test_an_instance_replaced_beside_its_siblings_says_why_in_both_rows() -> Non
     assert rows(lines, "1", "serving")[0].endswith("  instance 1 being replaced: memory 612 MiB > 512 MiB; warming")
     assert rows(lines, "1", "1", "serving")[0].endswith("  being replaced: memory 612 MiB > 512 MiB")
     assert rows(lines, "1", "0", "serving")[0].endswith("  -")
+
+
+def release(version: str | None, cwd: str, env: str, digest: str) -> dict[str, Any]:
+    return {"digest": digest, "version": version, "covers": "3 files hashed", "known": True,
+            "executable": "/usr/bin/python3", "argv": ["python3", "app.py"], "cwd": cwd, "env": env}
+
+
+def test_last_known_good_and_bad_of_the_same_command_show_what_tells_them_apart() -> None:
+    lines = status_lines({"last_known_good": release("1.4", "/srv/app/releases/1.4", "aaa", "d1"),
+                          "last_known_bad": release("1.5", "/srv/app/releases/1.5", "aaa", "d2")})
+    assert rows(lines, "last", "known", "good") == [
+        "last known good  1.4  version 1.4, release directory /srv/app/releases/1.4, files digest d1"]
+    assert rows(lines, "last", "known", "bad") == [
+        "last known bad   1.5  version 1.5, release directory /srv/app/releases/1.5, files digest d2"]
+    assert "                 both run python3 app.py" in lines
+
+
+def test_a_release_told_apart_by_its_environment_alone_says_so() -> None:
+    lines = status_lines({"last_known_good": release(None, "/srv/app", "aaa", "d1"),
+                          "last_known_bad": release(None, "/srv/app", "bbb", "d1")})
+    assert rows(lines, "last", "known", "good") == ["last known good  d1  env digest aaa"]
+    assert rows(lines, "last", "known", "bad") == ["last known bad   d1  env digest bbb"]
+
+
+def test_releases_of_different_commands_are_shown_whole() -> None:
+    other = {**release("1.5", "/srv/app", "aaa", "d2"), "argv": ["gunicorn", "app:app"]}
+    lines = status_lines({"last_known_good": release("1.4", "/srv/app", "aaa", "d1"), "last_known_bad": other})
+    assert rows(lines, "last", "known", "bad") == ["last known bad   1.5  gunicorn app:app  (3 files hashed)"]
+    assert rows(lines, "last", "known", "good") == ["last known good  1.4  python3 app.py  (3 files hashed)"]

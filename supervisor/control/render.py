@@ -88,10 +88,17 @@ def _release(identity: Any) -> str:
     """A release as status shows it: its name (version, else digest), the command, and what its identity covers."""
     if not isinstance(identity, dict):
         return "-"
-    argv = identity.get("argv")
-    command = " ".join(map(str, argv)) if isinstance(argv, list) and argv else str(identity.get("executable", "?"))
     covers = f"  ({identity['covers']})" if identity.get("covers") else ""
-    return f"{identity.get('version') or identity.get('digest', '?')}  {command}{covers}"
+    return f"{_release_name(identity)}  {_command(identity)}{covers}"
+
+
+def _release_name(identity: dict[str, Any]) -> str:
+    return str(identity.get("version") or identity.get("digest", "?"))
+
+
+def _command(identity: dict[str, Any]) -> str:
+    argv = identity.get("argv")
+    return " ".join(map(str, argv)) if isinstance(argv, list) and argv else str(identity.get("executable", "?"))
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
@@ -205,11 +212,26 @@ def _history_lines(status: dict[str, Any]) -> list[str]:
 
 
 def _release_lines(status: dict[str, Any]) -> list[str]:
-    lines = ["", f"last known good  {_release(status.get('last_known_good'))}",
-             f"last known bad   {_release(status.get('last_known_bad'))}"]
+    good, bad = status.get("last_known_good"), status.get("last_known_bad")
+    lines = ["", *_release_pair(good, bad)]
     if status.get("state_error"):
         lines.append(f"WARNING: {status['state_error']}")
     return lines
+
+
+def _release_pair(good: Any, bad: Any) -> list[str]:
+    """Last known good and bad: each as `_release` shows it — or, when both run the same command, what tells them
+    apart (version, release directory, environment, files) and the command once."""
+    if not (isinstance(good, dict) and isinstance(bad, dict)) or _command(good) != _command(bad):
+        return [f"last known good  {_release(good)}", f"last known bad   {_release(bad)}"]
+    differs = [(label, key) for label, key in _TOLD_APART if good.get(key) != bad.get(key)] or [("digest", "digest")]
+    return [*(f"last known {which}{_release_name(item)}  " + ", ".join(f"{label} {item.get(key) or '-'}"
+                                                                       for label, key in differs)
+              for which, item in (("good  ", good), ("bad   ", bad))),
+            f"                 both run {_command(good)}"]
+
+
+_TOLD_APART = (("version", "version"), ("release directory", "cwd"), ("env digest", "env"), ("files digest", "digest"))
 
 
 def _worker_lines(workers: list[dict[str, Any]]) -> list[str]:
