@@ -10,6 +10,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__, schema
+from .completion import complete_subcommand
 from .config import Settings, from_command_line
 from .errors import UserError
 from .split_units import refuse_split_units
@@ -204,6 +205,7 @@ def _fail(message: str, code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `supervise` console script: `supervise ctl VERB`, `supervise check …` or the run form."""
     args = sys.argv[1:] if argv is None else argv
+    complete_subcommand(run_command)
     try:
         if args[:1] == ["ctl"]:
             from .control.client import ctl

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 
-from harness import PYTHON, STUB, Supervise, free_port
+from harness import PYTHON, STUB, Supervise, free_port, supervise_command
+
+
+def completions(words: str, index: str, shell: str = "bash") -> list[str]:
+    """What `supervise` completes for the words typed so far (as the shell function README installs asks it)."""
+    env = {**os.environ, "COMP_WORDS": words, "COMP_CWORD": index, "_SUPERVISE_COMPLETE": f"{shell}_complete"}
+    done = subprocess.run(supervise_command(), env=env, capture_output=True, text=True, timeout=30, check=True)
+    # each line is `plain,WORD` (fish: `plain,WORD<TAB>help`)
+    return [line.split(",", 1)[1].split("\t")[0] for line in done.stdout.splitlines() if line.startswith("plain,")]
+
+
+@pytest.mark.timeout(60)
+def test_shell_completion_covers_the_run_form_check_and_ctl() -> None:
+    assert completions("supervise --max", "1") == ["--max-rss", "--max-restarts", "--max-surge"]
+    assert completions("supervise check --liv", "2") == ["--liveness-interval"]
+    assert completions("supervise ctl st", "2") == ["status", "stop"]
+    assert completions("supervise ctl status --", "3") == ["--json", "--help"]
+    assert completions("supervise ctl st", "st", "fish") == ["status", "stop"]
+    script = subprocess.run(supervise_command(), env={**os.environ, "_SUPERVISE_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "complete -o nosort -F _supervise_completion supervise" in script
 
 
 @pytest.mark.timeout(30)
