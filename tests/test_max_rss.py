@@ -16,16 +16,17 @@ from harness import PYTHON, STUB, Supervise, assert_lossless, free_port, pid_gon
 
 LIMIT = "80M"
 LEAK = ["--leak-per-second", "40"]  # MiB: a stub (~20 MiB) crosses 80 MiB within two seconds
+LEAK_PER_REQUEST = ["--leak-per-request", "64"]  # KiB: past 80 MiB after ~1000 requests of the load on /
 QUICK = ["--ready", "http/readyz", "--watch", "300ms", "--health-interval", "100ms", "--liveness-interval", "200ms",
          "--drain-timeout", "5s", "--max-rss", LIMIT]
 
 
-def leaking_once(tmp_path: Path, instance: str = "") -> Path:
+def leaking_once(tmp_path: Path, instance: str = "", leak: list[str] = LEAK) -> Path:
     """A `run` script whose first process (of `instance`, or any) leaks; whatever replaces it does not."""
     once, script = tmp_path / "leaked-once", tmp_path / "run"
     which = f'[ "$SUPERVISE_INSTANCE" = "{instance}" ] && ' if instance else ""
     script.write_text(f"""#!/bin/sh
-{which}[ ! -e {once} ] && touch {once} && exec {PYTHON} {STUB} --tag leaky {' '.join(LEAK)}
+{which}[ ! -e {once} ] && touch {once} && exec {PYTHON} {STUB} --tag leaky {' '.join(leak)}
 exec {PYTHON} {STUB} --tag fixed
 """)
     script.chmod(0o755)
@@ -74,10 +75,10 @@ def test_a_leaking_generation_of_one_is_replaced_through_the_upgrade_path_withou
 
 
 @pytest.mark.timeout(60)
-def test_a_leaking_instance_is_replaced_alone_beside_its_siblings(tmp_path: Path) -> None:
+def test_an_instance_leaking_per_request_is_replaced_alone_beside_its_siblings(tmp_path: Path) -> None:
     port, control = free_port(), tmp_path / "control.sock"
     sup = Supervise(["-l", f"127.0.0.1:{port}", "--control", str(control), "-n", "2", *QUICK, "--",
-                     str(leaking_once(tmp_path, instance="1"))]).start()
+                     str(leaking_once(tmp_path, instance="1", leak=LEAK_PER_REQUEST))]).start()
     try:
         sup.wait_for("serving")
         before = {event["instance"]: event["pids"][0] for event in sup.of_kind("spawned")}

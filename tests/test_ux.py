@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,8 @@ def test_ctl_signal_says_whether_the_signal_ended_the_processes() -> None:
     sup = Supervise(["-l", f"127.0.0.1:{port}", "--ready", "http/readyz", "--watch", "0", "--", PYTHON, STUB]).start()
     try:
         leader = sup.wait_for("serving")["pids"][0]
+        workers = {worker["name"]: worker for worker in json.loads(sup.ctl("status", "--json").stdout)["workers"]}
+        assert workers["liveness"]["interval"] == 10.0, "liveness checks every 10s unless told, like Kubernetes"
         kept = sup.ctl("signal", "WINCH")
         assert kept.returncode == 0 and kept.stdout.strip() == (
             f"sent SIGWINCH to generation 1 (pids {leader}); still running after 0.5s: pids {leader}"), kept.stdout
