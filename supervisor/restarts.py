@@ -102,16 +102,16 @@ class Restarts:
 
     async def _replace(self, generation: Generation, failing: Instance) -> None:
         """A serving instance died or is sick: start its index again (the others keep serving), then drain it or
-        clear what is left of its tree. One of which nothing runs any more is cleared first, so that its end is
-        told before its replacement starts, not after the replacement is ready."""
+        clear what is left of its tree. One of which nothing runs any more is cleared after the backoff, before its
+        replacement starts: its end is told then, not after the replacement is ready."""
         if failing.alive:
             status = f"unhealthy ({failing.sick})"
         else:
             status = failing.exit_status.describe() if failing.exit_status else "gone"
+        await self._failed([(failing.index, f"{self.fleet.label(failing)} {status}")])
         gone = not failing.alive and not failing.running()
         if gone:
             await self.fleet.retire_instances(generation, [failing])
-        await self._failed([(failing.index, f"{self.fleet.label(failing)} {status}")])
         await self.fill(generation, [failing.index], repair=True)
         if not gone:
             await self.fleet.retire_instances(generation, [failing])
