@@ -97,6 +97,7 @@ def traffic_data(traffic: Traffic) -> dict[str, Any]:
 def tally_data(tally: Tally) -> dict[str, Any]:
     return {"upgrades": dict(tally.upgrades), "rollbacks": dict(tally.rollbacks), "restarts": tally.restarts,
             "revivals": dict(tally.revivals), "probes_elsewhere": tally.probes_elsewhere,
+            "replacements": dict(tally.replacements),
             "phases": {name: asdict(histogram) for name, histogram in tally.phases.items()},
             "probes": {name: asdict(histogram) for name, histogram in tally.probes.items()}}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import anyio
 
+from .counted import counted
 from .event_kinds import Kind
 from .events import Events
 
@@ -216,9 +217,10 @@ class Cgroups:
             return
         left, elapsed = await cgroup.clear()
         if left:
-            self.events.emit(Kind.CGROUP_KILLED, f"generation {number}: killed {len(left)} process(es) still in its cgroup "
-                             f"after its drain: pids {', '.join(map(str, sorted(left)))}", level="warning", gen=number,
-                             pids=sorted(left), elapsed=round(elapsed, 6))
+            pids = ", ".join(map(str, sorted(left)))
+            self.events.emit(Kind.CGROUP_KILLED, f"generation {number}: killed {counted(len(left), 'process')} still "
+                             f"in its cgroup after its drain: pids {pids}", level="warning",
+                             gen=number, pids=sorted(left), elapsed=round(elapsed, 6))
         self.events.emit(Kind.CGROUP_REMOVED, f"generation {number}: cgroup removed after {elapsed * 1000:.1f}ms",
                          level="debug", gen=number, elapsed=round(elapsed, 6))
 

@@ -10,8 +10,10 @@ import click
 from click.core import ParameterSource
 
 from . import __version__, schema
+from .completion import complete_subcommand
 from .config import Settings, from_command_line
 from .errors import UserError
+from .split_units import refuse_split_units
 
 _EPILOG = """
 \b
@@ -87,9 +89,16 @@ def _integer(key: str) -> Checked:
               help="After ready, how long the new generation takes the traffic and is health-checked while the old "
                    "one keeps running, to take it back at once if the new one fails (shared cutover: both serve).")
 @click.option("--health-interval", type=_duration("health_interval"), default="1s", show_default=True,
-              help="Time between health checks (and the slowest readiness poll; polls start at 10ms).")
+              help="Time between health checks in the watch window (and the slowest readiness poll; polls start at "
+                   "10ms).")
 @click.option("--health-threshold", type=_integer("health_threshold"), default=3, show_default=True,
-              help="Consecutive failed health checks that roll an upgrade back.")
+              help="Consecutive failed health checks that roll an upgrade back, or replace a serving instance.")
+@click.option("--liveness-interval", type=_duration("liveness_interval"), default="10s", show_default=True,
+              help="Time between health checks (and --max-rss checks) of the serving generation: lighter than "
+                   "--health-interval, so probes do not fill the server's access log.")
+@click.option("--max-rss", type=Checked("max_rss", "SIZE"),
+              help="Replace an instance whose process tree (the sum of its processes' RSS) stays above SIZE (512M, "
+                   "2G) for --health-threshold checks: beside itself, like a sick one, without dropping a request.")
 @click.option("--drain-signal", default="TERM", show_default=True, metavar="SIGNAL", help="Signal that asks a generation to finish and exit.")
 @click.option("--drain-timeout", type=_duration("drain_timeout"), default="30s", show_default=True,
               help="How long a draining generation may take before its whole process tree is killed.")
@@ -201,6 +210,7 @@ def _fail(message: str, code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `supervise` console script: `supervise ctl VERB`, `supervise check …` or the run form."""
     args = sys.argv[1:] if argv is None else argv
+    complete_subcommand(run_command)
     try:
         if args[:1] == ["ctl"]:
             from .control.client import ctl
@@ -209,8 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args[:1] == ["check"]:
             from .check import check_command
 
+            refuse_split_units(args[1:])
             check_command(run_command).main(args=args[1:], prog_name="supervise check", standalone_mode=False)
         else:
+            refuse_split_units(args)
             run_command.main(args=args, prog_name="supervise", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -58,6 +58,8 @@ class Settings:
     watch: float = 5.0
     health_interval: float = 1.0
     health_threshold: int = 3
+    liveness_interval: float = 10.0  # between the serving generation's health and --max-rss checks
+    max_rss: int | None = None  # bytes an instance's process tree may hold; None: no limit
     drain_signal: signal.Signals = signal.SIGTERM
     drain_timeout: float = 30.0
     drain_delay: float = 1.0
@@ -104,9 +106,9 @@ class Settings:
 
 # Options a running supervisor cannot change: a re-read file keeps the values it started with.
 _FIXED = ("name", "control", "state_dir", "pidfile", "log_format", "log_level", "loop", "sources", "upgrade_on_change",
-          "change_settle", "cutover", "metrics_listen", "child_output")
-_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "drain_timeout", "drain_delay", "ramp",
-              "restart_window", "change_settle")
+          "change_settle", "cutover", "metrics_listen", "child_output", "liveness_interval")
+_DURATIONS = ("ready_timeout", "probe_timeout", "watch", "health_interval", "liveness_interval", "drain_timeout",
+              "drain_delay", "ramp", "restart_window", "change_settle")
 _COUNTS = ("health_threshold", "max_restarts", "backlog", "processes")
 _PATHS = ("control", "state_dir", "pidfile")
 
@@ -157,6 +159,7 @@ def build(options: Mapping[str, Any], sources: Sources | None = None) -> Setting
         metrics_listen=parse_tcp_address(values["metrics_listen"], "--metrics-listen") if values.get("metrics_listen")
         else None,
         nodelay=not values.get("no_nodelay"),
+        max_rss=values.get("max_rss"),
         unix_mode=int(text["unix_mode"], 8) if text["unix_mode"] else None,
         chdir=text["chdir"],
         user=text["user"],

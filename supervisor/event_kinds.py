@@ -49,6 +49,7 @@ class Kind(StrEnum):
     RESTARTING = "restarting"
     REPAIR_DEFERRED = "repair-deferred"
     UNHEALTHY = "unhealthy"
+    MEMORY_LIMIT = "memory-limit"
     SCALE_REQUESTED = "scale-requested"
     SIGNAL_FORWARDED = "signal-forwarded"
     SIGNAL_DROPPED = "signal-dropped"

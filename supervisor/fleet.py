@@ -226,7 +226,8 @@ class Fleet:
         instance = generation.spawn(index, self.priorities.lowering(generation))
         self.priorities.spawned(generation, instance)
         release = generation.release
-        self.events.emit(Kind.SPAWNED, f"{self.label(instance)} started: {release.describe()}", gen=generation.number,
+        command = release.describe([listener.name for listener in generation.listeners])
+        self.events.emit(Kind.SPAWNED, f"{self.label(instance)} started: {command}", gen=generation.number,
                          pids=(instance.leader,), instance=index, argv=list(release.argv), executable=release.executable,
                          cwd=release.cwd, release=generation.identity.name if generation.identity else None)
         self._watches[generation].add(instance)
@@ -332,8 +333,8 @@ class Fleet:
         timeout = self.traffic.drain_timeout(generation.number, generation.listeners, self.settings.drain_timeout)
 
         async def retire_one(instance: Instance) -> None:
-            began = anyio.current_time()
-            if instance.running():
+            began, running = anyio.current_time(), instance.running()
+            if running:
                 self.events.emit(Kind.DRAINING, f"draining {self.label(instance)} ({self.settings.drain_signal.name}, up to "
                                  f"{timeout:g}s)", gen=instance.number, instance=instance.index,
                                  pids=instance.pids(fresh=True))
@@ -344,8 +345,10 @@ class Fleet:
                                  level="warning", gen=instance.number, instance=instance.index, pids=killed)
             generation.forget(instance)
             elapsed = anyio.current_time() - began
-            self.events.emit(Kind.INSTANCE_RETIRED, f"{self.label(instance)} gone after {elapsed:.3f}s",
-                             gen=instance.number, instance=instance.index, elapsed=round(elapsed, 6))
+            self.events.emit(Kind.INSTANCE_RETIRED, f"generation {instance.number} instance {instance.index} (pid "
+                             f"{instance.leader}) gone" + (f" after {elapsed:.3f}s" if running else ""),
+                             gen=instance.number, instance=instance.index, pids=(instance.leader,),
+                             elapsed=round(elapsed, 6))
 
         await gather(*(partial(retire_one, instance) for instance in instances))
 

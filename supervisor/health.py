@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from .acceptance import Proof, answered_elsewhere
+from .counted import counted
 from .generation import Generation
 from .instance import Instance
 from .probes import Probe, Result, Verdict
@@ -51,7 +52,8 @@ class Strikes:
             return None
         self.counts[key] = 0
         several = len(self.generation.instances) > 1 and owner is not None
-        return (f"instance {key}: " if several else "") + f"{self.threshold} consecutive failures (last: {result.detail})"
+        failures = counted(self.threshold, "consecutive failure")
+        return (f"instance {key}: " if several else "") + f"{failures} (last: {result.detail})"
 
 
 async def watch(probe: Probe, generation: Generation, window: float, interval: float, threshold: int,

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .counted import counted
 from .release import Release
 
 MAX_ENTRIES = 20_000
@@ -48,6 +49,7 @@ class Identity:
     version: str | None = None
     covers: str = ""
     known: bool = True
+    env: str = ""  # a digest of the variables it gets (--env, --env-file, [env]): tells configurations apart
 
     @property
     def name(self) -> str:
@@ -56,7 +58,7 @@ class Identity:
 
     def as_dict(self) -> dict[str, Any]:
         return {"digest": self.digest, "version": self.version, "covers": self.covers, "known": self.known,
-                "executable": self.executable, "argv": list(self.argv), "cwd": self.cwd}
+                "executable": self.executable, "argv": list(self.argv), "cwd": self.cwd, "env": self.env}
 
     def same_code(self, other: Identity) -> bool:
         """Whether two identities are the same release as far as can be told (content alone when a walk failed)."""
@@ -82,7 +84,9 @@ def identify(release: Release, bounds: Bounds = Bounds()) -> Identity:
         _hash_file(content, path)
     content.update(json.dumps([release.executable, list(release.argv), release.cwd, list(release.env)]).encode())
     content_digest = content.hexdigest()[:16]
-    fields = {"content": content_digest, "executable": release.executable, "argv": release.argv, "cwd": release.cwd}
+    env = hashlib.sha256(json.dumps(list(release.env)).encode()).hexdigest()[:12]
+    fields = {"content": content_digest, "executable": release.executable, "argv": release.argv, "cwd": release.cwd,
+              "env": env}
     version, problem = read_version(release)
     if version is not None:
         digest = hashlib.sha256(f"{version}\0{content_digest}".encode()).hexdigest()[:16]
@@ -90,11 +94,12 @@ def identify(release: Release, bounds: Bounds = Bounds()) -> Identity:
     walk = _Walk(bounds)
     walk.tree(release.cwd)
     walk.directory(os.path.dirname(release.executable))
-    files = f"{len(named)} file(s) hashed" + (f"; {problem}" if problem else "")
+    files = f"{counted(len(named), 'file')} hashed" + (f"; {problem}" if problem else "")
     if walk.exceeded:
         return Identity(content_digest, covers=f"unknown: {walk.exceeded} ({files})", known=False, **fields)
     digest = hashlib.sha256(f"{content_digest}\0{walk.digest.hexdigest()}".encode()).hexdigest()[:16]
-    return Identity(digest, covers=f"{files}, metadata of {walk.entries} entries under {release.cwd}", **fields)
+    entries = counted(walk.entries, "entry")
+    return Identity(digest, covers=f"{files}, metadata of {entries} under {release.cwd}", **fields)
 
 
 def content_files(release: Release) -> Iterator[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroups
+from .counted import counted
 from .event_kinds import Kind
 from .events import Events
 from .listeners import ListenSpec
@@ -82,9 +83,9 @@ def remove(name: str, specs: Sequence[ListenSpec], uids: Iterable[int], events: 
         cgroups.kill_tree(home, 5.0)
     if found or homes:
         elapsed = time.monotonic() - began
-        events.emit(Kind.LEFTOVERS_REMOVED, f"removed {len(found)} leftover process(es) and {len(homes)} cgroup(s) of earlier "
-                    f"supervisors of {name!r} in {elapsed * 1000:.0f}ms", count=len(found), cgroups=len(homes),
-                    elapsed=round(elapsed, 6))
+        events.emit(Kind.LEFTOVERS_REMOVED, f"removed {counted(len(found), 'leftover process')} and "
+                    f"{counted(len(homes), 'cgroup')} of earlier supervisors of {name!r} in {elapsed * 1000:.0f}ms",
+                    count=len(found), cgroups=len(homes), elapsed=round(elapsed, 6))
     return len(found)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ from .units import parse_duration
 
 _URL = re.compile(r"^(?P<scheme>https?|tcp)://(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]*))(?::(?P<port>\d+))?(?P<path>/.*)?$")
 KINDS = ("http", "tcp", "notify", "exec", "delay")
+_FORMS = "http, http/PATH, http://HOST:PORT/PATH, tcp, tcp://HOST:PORT, notify, exec:COMMAND, delay:DURATION"
+_NEAR_MISS = re.compile(r"(?P<kind>[A-Za-z]+)[\s:=/]*(?P<rest>.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -58,4 +61,29 @@ def parse_probe(text: str) -> ProbeSpec:
             raise UserError(f"invalid --ready {text!r}: a tcp probe takes no path")
         return ProbeSpec(kind, value, host=host, port=port, path=match.group("path") or "/readyz")
     kind = value.split(":", 1)[0]
-    raise UserError(f"invalid --ready {text!r}: unknown probe kind {kind!r} (use one of: {', '.join(KINDS)})")
+    hint = spelling(value)
+    why = (f"did you mean {hint!r}?" if hint else f"not a form of the {kind} probe" if kind in KINDS
+           else f"unknown probe kind {kind!r}")
+    raise UserError(f"invalid --ready {text!r}: {why} (forms: {_FORMS})")
+
+
+def spelling(value: str) -> str | None:
+    """The --ready value a near miss meant: `http:healthz` → `http/healthz`, `tcp:8080` → `tcp://127.0.0.1:8080`,
+    `exec ./check` → `exec:./check`, `/healthz` → `http/healthz`, `htp/readyz` → `http/readyz`; None when nothing
+    close is known."""
+    if value.startswith("/"):
+        return "http" + value
+    match = _NEAR_MISS.fullmatch(value)
+    close = difflib.get_close_matches(match.group("kind").lower(), KINDS, n=1, cutoff=0.6) if match else []
+    if not match or not close:
+        return None
+    kind, rest = close[0], match.group("rest").strip()
+    if kind == "notify" or not rest:
+        return kind if kind in ("notify", "http", "tcp") else None
+    if kind in ("exec", "delay"):
+        return f"{kind}:{rest}"
+    if re.fullmatch(r"\d+(/.*)?", rest):  # a port: `tcp:8080`, `http:8080/healthz`
+        return f"{kind}://127.0.0.1:{rest}"
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", rest):  # a host and port
+        return f"{kind}://{rest}"
+    return f"http/{rest}" if kind == "http" else None

@@ -33,9 +33,11 @@ class Release:
     version_file: str | None = None  # names the release (see identity.py); relative to `cwd`
 
 
-    def describe(self) -> str:
-        """One line for logs: the resolved executable and the arguments."""
-        return " ".join((self.executable, *self.argv[1:]))
+    def describe(self, names: Sequence[str] | None = None) -> str:
+        """One line for logs: the resolved executable and the arguments — with `{fd}` and `{fd:NAME}` replaced as the
+        child gets them when the listeners' `names` are given."""
+        argv = self.argv if names is None else substitute(self.argv, names)
+        return " ".join((self.executable, *argv[1:]))
 
 
 def logical_cwd(chdir: str | None) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .counted import counted
 from .event_kinds import Kind
 from .events import Events
 
@@ -62,8 +63,8 @@ class Rescue:
             taken += 1
             self._jobs.send_nowait(Stranded(conn, target, steer, number))
         if taken:
-            self.events.emit(Kind.CONNECTIONS_RESCUED, f"generation {number} left {taken} connection(s) it never "
-                             "accepted: relayed to the generation now serving", gen=number, count=taken)
+            self.events.emit(Kind.CONNECTIONS_RESCUED, f"generation {number} left {counted(taken, 'connection')} it "
+                             "never accepted: relayed to the generation now serving", gen=number, count=taken)
         return taken
 
     async def run(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .concurrency import gather
+from .counted import counted, inflected
 from .desired import Desired
 from .event_kinds import Kind
 from .events import Events
@@ -60,8 +61,9 @@ class Restarts:
         while True:
             pending = [index for index in pending if generation is not self.fleet.serving or index < self.fleet.processes]
             if repair and pending and self.upgrade_first():
-                self.events.emit(Kind.REPAIR_DEFERRED, f"generation {generation.number}: not starting instance(s) "
-                                 f"{', '.join(map(str, pending))} again: the pending upgrade replaces every instance",
+                self.events.emit(Kind.REPAIR_DEFERRED, f"generation {generation.number}: not starting "
+                                 f"{inflected('instance', len(pending))} {', '.join(map(str, pending))} again: the "
+                                 "pending upgrade replaces every instance",
                                  gen=generation.number, instances=pending)
                 return
             if not pending:
@@ -96,19 +98,24 @@ class Restarts:
         await gather(*jobs)
         ready = len(generation.ready())
         self.events.emit(Kind.SERVING, f"generation {generation.number} serving"
-                         + (f" with {ready} instances" if ready != 1 or self.fleet.processes != 1 else ""),
+                         + (f" with {counted(ready, 'instance')}" if ready != 1 or self.fleet.processes != 1 else ""),
                          gen=generation.number, pids=generation.pids(), processes=ready)
 
     async def _replace(self, generation: Generation, failing: Instance) -> None:
         """A serving instance died or is sick: start its index again (the others keep serving), then drain it or
-        clear what is left of its tree."""
+        clear what is left of its tree. One of which nothing runs any more is cleared after the backoff, before its
+        replacement starts: its end is told then, not after the replacement is ready."""
         if failing.alive:
             status = f"unhealthy ({failing.sick})"
         else:
             status = failing.exit_status.describe() if failing.exit_status else "gone"
         await self._failed([(failing.index, quoted(f"{self.fleet.label(failing)} {status}", failing.tail()))])
+        gone = not failing.alive and not failing.running()
+        if gone:
+            await self.fleet.retire_instances(generation, [failing])
         await self.fill(generation, [failing.index], repair=True)
-        await self.fleet.retire_instances(generation, [failing])
+        if not gone:
+            await self.fleet.retire_instances(generation, [failing])
 
     async def _failed(self, reasons: list[tuple[int, str]]) -> None:
         """Count the failures (instance index, reason) and wait the longest backoff delay. Past --max-restarts in
@@ -126,11 +133,12 @@ class Restarts:
         window, most = self.fleet.settings.restart_window, self.fleet.settings.max_restarts
         decision = self.budget.fail(index, most, window, serving)
         if decision.give_up:
-            raise Fatal(f"giving up: {decision.count} failures within {window:g}s (last: {reason})")
+            raise Fatal(f"giving up: {counted(decision.count, 'failure')} within {window:g}s (last: {reason})")
         if decision.crash_loop:
-            self.events.emit(Kind.RESTARTING, f"{reason}; retrying in {decision.delay:g}s: {decision.count} failures "
-                             f"within {window:g}s is past --max-restarts {most}, but {serving} instance(s) keep "
-                             "serving", level="warning", delay=decision.delay, reason=reason, crash_loop=True)
+            self.events.emit(Kind.RESTARTING, f"{reason}; retrying in {decision.delay:g}s: "
+                             f"{counted(decision.count, 'failure')} within {window:g}s is past --max-restarts {most}, "
+                             f"but {counted(serving, 'instance')} {'keeps' if serving == 1 else 'keep'} serving",
+                             level="warning", delay=decision.delay, reason=reason, crash_loop=True)
         else:
             self.events.emit(Kind.RESTARTING, f"{reason}; restarting in {decision.delay:g}s (failure {decision.count} of "
                              f"at most {most} within {window:g}s)", level="warning", delay=decision.delay, reason=reason)

@@ -84,6 +84,7 @@ def tally(into: Tally, data: dict[str, Any]) -> None:
     into.upgrades, into.rollbacks = Counter(data["upgrades"]), Counter(data["rollbacks"])
     into.restarts, into.revivals = data["restarts"], Counter(data["revivals"])
     into.probes_elsewhere = data["probes_elsewhere"]
+    into.replacements = Counter(data.get("replacements", {}))  # absent when carried from a supervise before --max-rss
     into.phases = {name: _histogram(value) for name, value in data["phases"].items()}
     into.probes = {name: _histogram(value) for name, value in data["probes"].items()}
 

@@ -21,6 +21,7 @@ from .acceptance import Proof, accept_probe
 from .commands import CommandRunner
 from .concurrency import first_completed, gather
 from .config import Settings
+from .counted import counted, inflected
 from .cutover import Steering, admit, undrain
 from .errors import UserError
 from .event_kinds import Kind
@@ -225,9 +226,9 @@ class Rollout:
         step, changed = await batch_step(self.host, self.old, self.settings.strategy, processes)
         if changed:
             self.host.events.emit(Kind.STRATEGY_FALLBACK, f"{changed}: batches could not be rolled back to it, so all "
-                                  f"{processes} new instances start at once (surge); deploy to release directories and "
-                                  "flip a `current` link to upgrade in batches", level="warning", gen=self.old.number
-                                  if self.old else None, reason=changed)
+                                  f"{counted(processes, 'new instance')} start at once (surge); deploy to release "
+                                  "directories and flip a `current` link to upgrade in batches", level="warning",
+                                  gen=self.old.number if self.old else None, reason=changed)
         return step
 
     async def _batch(self, size: int) -> list[Instance]:
@@ -282,10 +283,12 @@ class Rollout:
         order = self.old.drain_order()
         victims = order[:drain_count(len(ready), len(self.new.ready()), len(order), self.plan.processes)]
         self.replaced += sum(victim.alive for victim in victims)  # a rollback puts back what served, not the dead
-        draining = (f"draining generation {self.old.number} instances {_indexes(victims)}" if victims else
+        draining = (f"draining generation {self.old.number} {inflected('instance', len(victims))} {_indexes(victims)}"
+                    if victims else
                     f"nothing drained: generation {self.old.number} had fewer than {self.plan.processes}")
-        self.host.events.emit(Kind.BATCH, f"batch {len(self.batches)}: generation {self.new.number} instances "
-                              f"{_indexes(ready)} ready; {draining}", gen=self.old.number, pids=[v.leader for v in victims],
+        self.host.events.emit(Kind.BATCH, f"batch {len(self.batches)}: generation {self.new.number} "
+                              f"{inflected('instance', len(ready))} {_indexes(ready)} ready; {draining}",
+                              gen=self.old.number, pids=[v.leader for v in victims],
                               batch=len(self.batches), ready=[i.index for i in ready], draining=[v.index for v in victims])
         if victims:
             self._enter(Phase.DRAINING)
@@ -346,8 +349,9 @@ class Rollout:
         step = self.settings.strategy.step(self.plan.processes if self.plan else 1)
         while self.old is not None and owed > 0 and new.ready():
             count = min(step, owed, len(new.ready()))
-            self.host.events.emit(Kind.RESTORING, f"restoring {count} instance(s) of generation {self.old.number} before "
-                                  f"draining as many of generation {new.number}", gen=self.old.number, count=count)
+            self.host.events.emit(Kind.RESTORING, f"restoring {counted(count, 'instance')} of generation "
+                                  f"{self.old.number} before draining as many of generation {new.number}",
+                                  gen=self.old.number, count=count)
             await self.host.restore(self.old, count)
             owed -= count
             await self.host.retire_instances(new, new.ready()[:count])

@@ -26,7 +26,7 @@ from .listeners import parse_listen, parse_tcp_address
 from .names import check_name
 from .probe_spec import parse_probe
 from .strategy import STRATEGIES, parse_amount
-from .units import parse_duration, parse_signal
+from .units import mib, parse_duration, parse_signal, parse_size
 
 MAX_PROCESSES = 1024  # also the limit of `ctl scale`
 _HOUR, _DAY = 3600.0, 86400.0
@@ -104,6 +104,31 @@ class Duration:
         if not (math.isfinite(seconds) and self.low <= seconds <= self.high):
             raise Invalid.expected(what, value)
         return seconds
+
+    parse = check
+
+
+@dataclass(frozen=True)
+class Size:
+    """A number of bytes: `512M`, `2G`, `1500000K` (powers of 1024), or an integer of bytes."""
+
+    low: int
+    high: int
+
+    def check(self, value: Any) -> int:
+        what = f"a size from {mib(self.low)} to {mib(self.high)} (like 512M, 2G)"
+        try:
+            if isinstance(value, str):
+                size = parse_size(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                size = value
+            else:
+                raise Invalid.expected(what, value)
+        except UserError:
+            raise Invalid.expected(what, value) from None
+        if not self.low <= size <= self.high:
+            raise Invalid.expected(what, value)
+        return size
 
     parse = check
 
@@ -251,6 +276,8 @@ SETTINGS: dict[str, Kind] = {
     "watch": Duration(0, _DAY),
     "health_interval": Duration(0.05, _HOUR),
     "health_threshold": Integer(1, 1000),
+    "liveness_interval": Duration(0.05, _HOUR),
+    "max_rss": Size(1 << 20, 16 << 40),
     "drain_signal": Text(32, parser=parse_signal),
     "drain_timeout": Duration(0, _DAY),
     "drain_delay": Duration(0, _HOUR),

@@ -119,6 +119,7 @@ class TallyView:
     log_dropped: int
     probes_elsewhere: int
     output_dropped: int = 0  # lines of the children's output the log's reader did not take in time
+    replacements: dict[str, int] = dataclasses.field(default_factory=dict)  # by reason: unhealthy, memory
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def of_listeners(listeners: Iterable[Listener]) -> tuple[ListenerView, ...]:
 def of_tally(tally: Tally, log_dropped: int, output_dropped: int = 0) -> TallyView:
     return TallyView(dict(tally.upgrades), dict(tally.rollbacks), tally.restarts, dict(tally.revivals),
                      _histograms(tally.phases), _histograms(tally.probes), log_dropped, tally.probes_elsewhere,
-                     output_dropped)
+                     output_dropped, dict(tally.replacements))
 
 
 def _histograms(histograms: dict[str, Histogram]) -> dict[str, HistogramView]:

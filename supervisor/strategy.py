@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .counted import counted
 from .errors import UserError
 
 SURGE, ROLLING = "surge", "rolling"
@@ -78,8 +79,9 @@ class Strategy:
 
     def describe(self, processes: int) -> str:
         if self.kind == SURGE:
-            return f"surge: all {processes} new instances at once"
-        return (f"rolling: batches of {self.step(processes)} (at most {processes + self.step(processes)} processes), "
+            return f"surge: all {counted(processes, 'new instance')} at once"
+        most = counted(processes + self.step(processes), "process")
+        return (f"rolling: batches of {self.step(processes)} (at most {most}), "
                 f"{self.success_percent}% of each batch must become ready")
 
 

@@ -24,6 +24,7 @@ from .cgroups import Cgroups
 from .concurrency import leaves
 from .config import Settings
 from .containment import contain
+from .counted import counted
 from .credentials import Credentials
 from .desired import Desired
 from .errors import UserError
@@ -122,7 +123,7 @@ class Supervisor:
                             wake=self.desired.observed,
                             replace=lambda trigger, release: self.request_upgrade(trigger, force=True, release=release))
         self.workers = [
-            Worker("liveness", settings.health_interval, liveness.check),
+            Worker("liveness", settings.liveness_interval, liveness.check),
             Worker("reaper", SWEEP_INTERVAL, self.fleet.sweep),
         ]
         if self.systemd is not None:
@@ -237,10 +238,10 @@ class Supervisor:
             raise UserError("cannot scale: the supervisor is stopping")
         previous = self.fleet.scale(processes)
         when = " after the upgrade in progress" if self.rollout is not None else ""
-        self.events.emit(Kind.SCALE_REQUESTED, f"scaling from {previous} to {processes} instances{when}",
+        self.events.emit(Kind.SCALE_REQUESTED, f"scaling from {previous} to {counted(processes, 'instance')}{when}",
                          gen=self.fleet.serving.number if self.fleet.serving else None, previous=previous, processes=processes)
         self.desired.requested()
-        return f"scaling from {previous} to {processes} instances{when}"
+        return f"scaling from {previous} to {counted(processes, 'instance')}{when}"
 
     def request_rollback(self) -> Ticket | None:
         """In a watch window: drop the new generation. Otherwise: start the previous generation's exact release."""
@@ -365,8 +366,9 @@ class Supervisor:
         serving = self.fleet.serving
         pids = [instance.leader for generation in self.fleet.generations for instance in generation.instances]
         self.events.emit(Kind.REEXECUTED, f"re-executed in pid {os.getpid()}: supervise {own['version']} → "
-                         f"{__version__}, {len(self.fleet.generations)} generation(s) and {len(pids)} process(es) "
-                         "carried over" + (f", serving generation {serving.number}" if serving else ""),
+                         f"{__version__}, {counted(len(self.fleet.generations), 'generation')} and "
+                         f"{counted(len(pids), 'process')} carried over"
+                         + (f", serving generation {serving.number}" if serving else ""),
                          gen=serving.number if serving else None, pids=pids, previous=own["version"],
                          version=__version__, reexecs=len(self.reexecs))
 

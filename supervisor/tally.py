@@ -1,4 +1,5 @@
-"""What supervise counts as it runs: upgrades by outcome, rollbacks by reason, restarts, listener revivals and
+"""What supervise counts as it runs: upgrades by outcome, rollbacks by reason, restarts, replacements of serving
+instances (unhealthy, --max-rss), listener revivals and
 the durations of upgrade phases and probe attempts. Counted from events (and timed probes) in plain Python, so it
 costs nothing at start-up; control/metrics.py renders it for a scrape."""
 
@@ -51,6 +52,7 @@ class Tally:
     rollbacks: Counter[str] = field(default_factory=Counter)
     restarts: int = 0
     revivals: Counter[str] = field(default_factory=Counter)  # listener name → times it was made to listen again
+    replacements: Counter[str] = field(default_factory=Counter)  # serving instances replaced by liveness, by why
     phases: dict[str, Histogram] = field(default_factory=dict)
     probes: dict[str, Histogram] = field(default_factory=dict)
     probes_elsewhere: int = 0  # probe connections another generation (or no instance under test) accepted
@@ -64,6 +66,10 @@ class Tally:
             self.rollbacks[event.fields.get("category", "other")] += 1
         elif event.kind == Kind.UPGRADE_REFUSED:
             self.upgrades["refused"] += 1
+        elif event.kind == Kind.UNHEALTHY:
+            self.replacements["unhealthy"] += 1
+        elif event.kind == Kind.MEMORY_LIMIT:
+            self.replacements["memory"] += 1
         elif event.kind == Kind.RESTARTING:
             self.restarts += 1
         elif event.kind == Kind.LISTENER_REVIVED:

@@ -44,7 +44,7 @@ def running() -> Iterator[list[Supervise]]:
 # only real processes, sockets and signals can and is marked `real`: `pytest -m "not real"` runs this layer alone.
 FAST = {"test_desired", "test_dry_run", "test_envfile", "test_event_kinds", "test_exit_watch", "test_identity",
         "test_output_lines", "test_parsers", "test_readiness", "test_restart_budget", "test_rollout_paths",
-        "test_snapshot", "test_sock_diag", "test_start_priorities", "test_states", "test_steering",
+        "test_snapshot", "test_sock_diag", "test_start_priorities", "test_states", "test_status_render", "test_steering",
         "test_steering_paths", "test_traffic"}
 
 

@@ -222,6 +222,7 @@ def test_named_listeners_in_order_and_fd_substitution(supervise: Callable[..., S
     assert info["environ"]["LISTEN_FDNAMES"] == "web:admin"
     assert info["tag"] == "admin=4,web=3,first=3"
     assert "admin=4,web=3,first=3" in info["argv"] and template not in info["argv"]
+    assert sup.of_kind("spawned")[0]["msg"].endswith(" --tag admin=4,web=3,first=3"), "the log shows what the child got"
     by_fd = connections_by_fd(info["pid"])
     assert by_fd[3].laddr.port == web and by_fd[4].laddr.port == admin
     assert by_fd[3].status == by_fd[4].status == psutil.CONN_LISTEN

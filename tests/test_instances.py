@@ -321,7 +321,7 @@ def test_dry_run_shows_the_batches(service: Any) -> None:
     assert [batch["drain"] for batch in answer["batches"]] == [[0, 1], [2, 3], [4]]
     shown = ctl(svc.control, "upgrade", "--dry-run")
     assert shown.returncode == 0, shown.stderr
-    assert "batch 1 of 3: start instance(s) 0,1" in shown.stdout and "batch 3 of 3" in shown.stdout, shown.stdout
+    assert "batch 1 of 3: start instances 0,1" in shown.stdout and "batch 3 of 3" in shown.stdout, shown.stdout
     assert [generation["number"] for generation in svc.status()["generations"]] == [1], "a dry run starts nothing"
 
 
@@ -443,7 +443,7 @@ def test_a_crash_looping_instance_never_takes_down_the_ones_that_serve_and_scale
     mark = svc.supervise.mark()
     assert ctl(svc.control, "scale", "3", "--no-wait").returncode == 0
     looping = svc.supervise.wait_for("restarting", where=lambda event: event.get("crash_loop") is True, after=mark)
-    assert looping["delay"] == 30 and "2 instance(s) keep serving" in looping["msg"], looping
+    assert looping["delay"] == 30 and "2 instances keep serving" in looping["msg"], looping
     assert svc.supervise.process.poll() is None and not svc.supervise.of_kind("fatal")
     load = start_load(svc.port)
     try:
@@ -472,9 +472,9 @@ exec {PYTHON} {STUB} --tag v1
     os.kill(before[2], signal.SIGKILL)
     svc.supervise.wait_for("restarting", where=lambda event: event.get("crash_loop") is True, after=mark, timeout=30)
     svc.deploy("v2", "--tag", "v2")  # the fix: the next upgrade must not wait out the 30 s crash-loop backoff
-    if strategy == "rolling":  # the dead instance drains first: replacing it costs no capacity
+    if strategy == "rolling":  # the dead instance is gone already: batch 1 fills its index, costing no capacity
         plan = api(svc.control, "POST", "/upgrade?dry_run=1")["plan"]
-        assert [batch["drain"] for batch in plan["batches"]] == [[2], [0], [1]], plan["batches"]
+        assert [batch["drain"] for batch in plan["batches"]] == [[], [0], [1]], plan["batches"]
     restarts = len(svc.supervise.of_kind("restarting"))
     load = start_load(svc.port)
     try:
@@ -516,7 +516,7 @@ def test_one_sick_instance_among_healthy_ones_fails_the_watch_window(service: An
 def test_liveness_replaces_one_sick_instance_beside_its_siblings(service: Any, tmp_path: Path) -> None:
     once = tmp_path / "sick-once"  # instance 1 turns sick the first time only: its replacement stays healthy
     svc = service("-n", "3", "--ready", "http/readyz", "--watch", "0", "--health-interval", "100ms",
-                  "--drain-timeout", "5s", script=f"""#!/bin/sh
+                  "--liveness-interval", "100ms", "--drain-timeout", "5s", script=f"""#!/bin/sh
 if [ "$SUPERVISE_INSTANCE" = 1 ] && [ ! -e {once} ]; then touch {once}; exec {PYTHON} {STUB} --sick-after 1; fi
 exec {PYTHON} {STUB} --tag v1
 """)

@@ -10,13 +10,16 @@ import anyio
 import pytest
 
 from supervisor.concurrency import gather, leaves
+from supervisor.counted import counted, inflected
 from supervisor.errors import UserError
 from supervisor.health import Strikes
 from supervisor.listeners import parse_listen
 from supervisor.probe_spec import parse_probe
 from supervisor.probes import Result, Verdict
+from supervisor.schema import SETTINGS, Invalid
+from supervisor.split_units import refuse_split_units
 from supervisor.strategy import Amount, build_strategy, drain_count, parse_amount
-from supervisor.units import parse_duration, parse_signal
+from supervisor.units import mib, parse_duration, parse_signal, parse_size
 
 
 @pytest.mark.parametrize(("text", "amount", "of_ten"), [("2", Amount(2), 2), ("25%", Amount(25, True), 3),
@@ -91,6 +94,34 @@ def _result(verdict: Verdict, pid: int | None) -> Result:
     return Result(verdict, "503" if verdict is Verdict.NOT_READY else "ok", pid=pid)
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--watch", "5", "sec", "--", "app"], "option --watch: '5 sec' is two words, and 'sec' would be run as the "
+                                           "command; write 5s"),
+    (["-l", ":80", "--drain-timeout=1.5", "minutes", "app"], "'1.5 minutes' is two words.*write 1.5m"),
+    (["--max-rss", "512", "M", "--", "app"], "write 512M")])
+def test_a_number_split_from_its_unit_is_refused(args: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        refuse_split_units(args)
+
+
+@pytest.mark.parametrize("args", [["--watch", "5", "--", "sec"], ["--watch", "5s", "sec"], ["--", "app", "--watch", "5",
+                                  "sec"], ["--name", "5", "s"], ["--watch", "5", "seconds-app"]])
+def test_a_command_after_a_whole_value_is_not_a_split_unit(args: list[str]) -> None:
+    refuse_split_units(args)
+
+
+def test_counted_nouns_are_singular_for_one_only() -> None:
+    assert [counted(count, "instance") for count in (0, 1, 2)] == ["0 instances", "1 instance", "2 instances"]
+    assert [counted(2, noun) for noun in ("process", "entry", "day", "consecutive failure")] == [
+        "2 processes", "2 entries", "2 days", "2 consecutive failures"]
+    assert inflected("process", 1) == "process" and inflected("process", 3) == "processes"
+
+
+def test_a_threshold_of_one_is_one_failure() -> None:
+    strikes = Strikes(_Generation({100: 0}), threshold=1)  # type: ignore[arg-type]
+    assert strikes.record(_result(Verdict.NOT_READY, 100)).endswith(": 1 consecutive failure (last: 503)")
+
+
 def test_strikes_count_each_instance_apart() -> None:
     strikes = Strikes(_Generation({100: 0, 101: 1}), threshold=3)  # type: ignore[arg-type]
     verdicts = [(Verdict.NOT_READY, 100), (Verdict.READY, 101), (Verdict.NOT_READY, 100), (Verdict.READY, 101)]
@@ -118,6 +149,35 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations_are_refused(text: str) -> None:
     with pytest.raises(UserError, match="invalid --watch"):
         parse_duration(text, "--watch")
+
+
+@pytest.mark.parametrize(("text", "size"), [("512M", 512 << 20), ("2G", 2 << 30), ("1500000K", 1500000 << 10),
+                                            ("512MiB", 512 << 20), ("1.5g", 3 << 29), (" 64 mb ", 64 << 20),
+                                            ("1048576", 1 << 20)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "512X", "-1M", "M", "1e9", "2 P", "9" * 400 + "T"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(UserError, match="invalid --max-rss"):
+        parse_size(text, "--max-rss")
+
+
+@pytest.mark.parametrize(("value", "size"), [("512M", 512 << 20), (600_000_000, 600_000_000), ("1M", 1 << 20)])
+def test_max_rss_takes_a_size_or_bytes(value: object, size: int) -> None:
+    assert SETTINGS["max_rss"].check(value) == SETTINGS["max_rss"].parse(value) == size
+
+
+@pytest.mark.parametrize("value", ["1023K", "17T", True, 2.5, "lots", [512]])
+def test_max_rss_out_of_range_or_not_a_size_is_refused(value: object) -> None:
+    with pytest.raises(Invalid, match=r"^expected a size from 1 MiB to 16 TiB \(like 512M, 2G\), got "):
+        SETTINGS["max_rss"].check(value)
+
+
+def test_sizes_for_people() -> None:
+    assert [mib(size) for size in (612 << 20, 3 << 29, 12 << 30, 16 << 40)] == ["612 MiB", "1.5 GiB", "12 GiB",
+                                                                                "16 TiB"]
 
 
 @pytest.mark.parametrize(("text", "expected"), [("TERM", signal.SIGTERM), ("sigusr1", signal.SIGUSR1),
@@ -181,6 +241,25 @@ def test_exec_and_delay_probes() -> None:
 def test_bad_probes_say_why(text: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_probe(text)
+
+
+@pytest.mark.parametrize(("text", "meant"), [("http:healthz", "http/healthz"), ("HTTP/readyz", "http/readyz"),
+                                             ("htp/readyz", "http/readyz"), ("/healthz", "http/healthz"),
+                                             ("tcp:8080", "tcp://127.0.0.1:8080"),
+                                             ("http:8080/healthz", "http://127.0.0.1:8080/healthz"),
+                                             ("http:db.local:81/up", "http://db.local:81/up"),
+                                             ("exec ./check", "exec:./check"), ("delay 5s", "delay:5s"),
+                                             ("notify:1", "notify")])
+def test_a_near_miss_probe_gets_its_right_spelling(text: str, meant: str) -> None:
+    with pytest.raises(UserError) as caught:
+        parse_probe(text)
+    assert str(caught.value).startswith(f"invalid --ready {text!r}: did you mean {meant!r}? (forms: http, http/PATH")
+    assert parse_probe(meant).kind == meant.split(":")[0].split("/")[0]
+
+
+def test_a_known_kind_in_no_known_form_is_not_called_unknown() -> None:
+    with pytest.raises(UserError, match=r"'exec': not a form of the exec probe \(forms: .*exec:COMMAND"):
+        parse_probe("exec")
 
 
 # -- concurrency.gather ------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from supervisor.testing.loadgen import LoadGenerator
 @pytest.mark.timeout(40)
 def test_liveness_replaces_a_sick_generation_through_the_upgrade_path() -> None:
     port = free_port()
-    sup = Supervise(["-l", f"127.0.0.1:{port}", "--ready", "http/readyz", "--watch", "0", "--health-interval", "200ms",
+    sup = Supervise(["-l", f"127.0.0.1:{port}", "--ready", "http/readyz", "--watch", "0",
+                     "--health-interval", "200ms", "--liveness-interval", "200ms",
                      "--", PYTHON, STUB, "--sick-after", "1.5"]).start()
     try:
         sup.wait_for("serving")

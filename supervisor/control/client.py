@@ -27,10 +27,12 @@ from urllib.parse import quote, urlencode
 
 import click
 
+from ..counted import inflected
 from ..errors import UserError
 from ..names import check_name
 from .logs import logs
 from .render import describe_event, pid_list, plan_lines, status_lines, verdict_line
+from .signal_outcome import outcome
 
 CONNECT_TIMEOUT = 5.0  # a live supervisor accepts at once; a wedged one must not hang a deploy script
 ANSWER_TIMEOUT = 30.0  # longest wait for a non-streamed answer
@@ -379,10 +381,13 @@ def stop(target: Target) -> int:
 @click.argument("sig", metavar="SIG")
 @click.pass_obj
 def send_signal(target: Target, sig: str) -> int:
-    """Send SIG (USR1, SIGUSR1 or a number) to the serving generation's process group."""
+    """Send SIG (USR1, SIGUSR1 or a number) to the serving generation's process group, and say whether it ended
+    them (waiting half a second at most)."""
     endpoint = target.endpoint()
     answer = endpoint.json(endpoint.request("POST", "/signal/" + quote(sig, safe="")))
-    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {pid_list(answer.get('pids'))})")
+    pids = [pid for pid in answer.get("pids") or [] if isinstance(pid, int)]
+    click.echo(f"sent {answer.get('signal', sig)} to generation {answer.get('gen', '?')} (pids {pid_list(pids)}); "
+               + outcome(pids))
     return 0
 
 
@@ -401,8 +406,10 @@ def scale(target: Target, count: int, no_wait: bool) -> int:
     click.echo(answer.get("message", f"scaling to {count}"))
     if no_wait:
         return 0
-    click.echo(f"generation {answer.get('gen', '?')}: {answer.get('ready', '?')} of {answer.get('processes', count)} "
-               f"instances ready (pids {pid_list(answer.get('pids'))})")
+    wanted = answer.get("processes", count)
+    instances = inflected("instance", wanted if isinstance(wanted, int) else 0)
+    click.echo(f"generation {answer.get('gen', '?')}: {answer.get('ready', '?')} of {wanted} {instances} ready (pids "
+               f"{pid_list(answer.get('pids'))})")
     return 0 if answer.get("done") else EXIT_FAILED
 
 

@@ -38,6 +38,12 @@ def render(snapshot: Snapshot) -> bytes:
     restarts = CounterMetricFamily("supervise_restarts", "Restarts of a generation that died")
     restarts.add_metric([], tally.restarts)
     families.append(restarts)
+    replacements = CounterMetricFamily("supervise_replacements", "Serving instances (or generations of one) replaced "
+                                       "beside themselves, by reason: unhealthy (liveness), memory (--max-rss)",
+                                       labels=["reason"])
+    for reason in ("unhealthy", "memory"):
+        replacements.add_metric([reason], tally.replacements.get(reason, 0))
+    families.append(replacements)
     revivals = CounterMetricFamily("supervise_listener_revivals", "Times a held listener that a child shut down "
                                    "(or whose backlog a child shrank) was made to listen again", labels=["listener"])
     for name, count in tally.revivals.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Settings
+from ..counted import counted, inflected
 from ..preview import Preview
 from ..strategy import Strategy, drain_count
 
@@ -28,13 +29,14 @@ def plan(preview: Preview) -> dict[str, Any]:
         steps.append(f"{preview.surge}: batches could not be rolled back to it, so all instances start at once (surge)")
         strategy = Strategy(success_percent=strategy.success_percent)
     batches = _batches(strategy, processes, list(preview.old_order))
-    many = f", {processes} instances" if processes > 1 else ""
-    steps.append(f"start generation {number}: {release.describe()} (in {release.cwd}){many}")
+    many = f", {counted(processes, 'instance')}" if processes > 1 else ""
+    names = [listener.name for listener in plan.listeners] + [spec.name for spec in plan.unbound]
+    steps.append(f"start generation {number}: {release.describe(names)} (in {release.cwd}){many}")
     steps.extend(_cutover(preview, settings, number, old))
     ready = (f"wait up to {settings.ready_timeout:g}s for readiness: {probe_text}, answered by generation {number}'s "
              f"own processes; polls from 10ms to {settings.health_interval:g}s")
     watch = (f"watch {settings.watch:g}s beside generation {old if old else '-'}: health check every "
-             f"{settings.health_interval:g}s, roll back after {settings.health_threshold} failures in a row"
+             f"{settings.health_interval:g}s, roll back after {counted(settings.health_threshold, 'failure')} in a row"
              if settings.watch > 0 else "")
     drain = f"{settings.drain_signal.name}, SIGKILL its tree after {settings.drain_timeout:g}s"
     if len(batches) == 1:
@@ -45,8 +47,10 @@ def plan(preview: Preview) -> dict[str, Any]:
         for batch in batches:
             last = batch["batch"] == len(batches)
             then = (f"promote generation {number} and drain the rest of generation {old if old else '-'}" if last
-                    else f"drain generation {old if old else '-'} instance(s) {_listed(batch['drain'])} ({drain})")
-            steps.append(f"batch {batch['batch']} of {len(batches)}: start instance(s) {_listed(batch['start'])}, wait "
+                    else f"drain generation {old if old else '-'} {inflected('instance', len(batch['drain']))} "
+                         f"{_listed(batch['drain'])} ({drain})")
+            steps.append(f"batch {batch['batch']} of {len(batches)}: start "
+                         f"{inflected('instance', len(batch['start']))} {_listed(batch['start'])}, wait "
                          f"until {batch['required']} of {len(batch['start'])} are ready (up to {settings.ready_timeout:g}s)"
                          + (f", watch {settings.watch:g}s" if settings.watch > 0 else "") + f", then {then}")
         steps.append(f"on failure: drain the new instances of the failed batch, start as many generation "

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from ..counted import counted
+
 HISTORY_SHOWN = 5  # rollouts listed by `status`
 
 
@@ -86,10 +88,17 @@ def _release(identity: Any) -> str:
     """A release as status shows it: its name (version, else digest), the command, and what its identity covers."""
     if not isinstance(identity, dict):
         return "-"
-    argv = identity.get("argv")
-    command = " ".join(map(str, argv)) if isinstance(argv, list) and argv else str(identity.get("executable", "?"))
     covers = f"  ({identity['covers']})" if identity.get("covers") else ""
-    return f"{identity.get('version') or identity.get('digest', '?')}  {command}{covers}"
+    return f"{_release_name(identity)}  {_command(identity)}{covers}"
+
+
+def _release_name(identity: dict[str, Any]) -> str:
+    return str(identity.get("version") or identity.get("digest", "?"))
+
+
+def _command(identity: dict[str, Any]) -> str:
+    argv = identity.get("argv")
+    return " ".join(map(str, argv)) if isinstance(argv, list) and argv else str(identity.get("executable", "?"))
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:
@@ -111,9 +120,9 @@ def _part(title: str, render: Callable[[dict[str, Any]], list[str]], status: dic
 
 
 def _process_lines(status: dict[str, Any]) -> list[str]:
-    generations = status.get("generations") or []
+    generations, rollout = status.get("generations") or [], status.get("rollout") or {}
     lines = ["", *table(["GEN", "STATE", "PIDS", "AGE", "RSS(MiB)", "CPU%", "READY", "TRAFFIC", "STATUS"],
-                        [_generation_row(generation) for generation in generations])]
+                        [_generation_row(generation, rollout) for generation in generations])]
     if any(len(generation.get("instances") or []) > 1 for generation in generations):
         lines += ["", *table(["GEN", "#", "STATE", "PID", "AGE", "RSS(MiB)", "CPU%", "READY", "STATUS"],
                              [_instance_row(generation, instance) for generation in generations
@@ -131,7 +140,7 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
     if reexecs := supervisor.get("reexecs"):
         last = reexecs[-1]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if isinstance(last, float) else "?"
-        lines.append(f"re-exec     {len(reexecs)} time(s), last at {when}")
+        lines.append(f"re-exec     {counted(len(reexecs), 'time')}, last at {when}")
     if (supervisor.get("processes") or 1) > 1:
         lines.append(f"instances   {supervisor.get('ready_instances', '?')} ready of {supervisor.get('processes')} wanted; "
                      f"upgrades: {supervisor.get('strategy', '?')}")
@@ -147,10 +156,15 @@ def _header_lines(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _generation_row(generation: dict[str, Any]) -> list[str]:
+def _generation_row(generation: dict[str, Any], rollout: dict[str, Any]) -> list[str]:
     cells = _process_cells(generation)
+    replacing = [f"instance {instance.get('index', '?')} being replaced: {instance['unhealthy']}"
+                 for instance in generation.get("instances") or [] if instance.get("unhealthy")]
+    if rollout.get("trigger") and rollout.get("old_gen") == generation.get("number"):
+        replacing.insert(0, f"being replaced: {rollout['trigger']}")
+    status = "; ".join(replacing + ([cells[-1]] if cells[-1] != "-" else [])) or "-"
     return [str(generation.get("number", "?")), str(generation.get("state", "?")), pid_list(generation.get("pids")),
-            *cells[:-1], _traffic(generation.get("traffic")), cells[-1]]
+            *cells[:-1], _traffic(generation.get("traffic")), status]
 
 
 def _traffic(traffic: Any) -> str:
@@ -162,8 +176,11 @@ def _traffic(traffic: Any) -> str:
 
 
 def _instance_row(generation: dict[str, Any], instance: dict[str, Any]) -> list[str]:
+    cells = _process_cells(instance)
+    if instance.get("unhealthy"):
+        cells[-1] = f"being replaced: {instance['unhealthy']}"
     return [str(generation.get("number", "?")), str(instance.get("index", "?")), str(instance.get("state", "?")),
-            str(instance.get("pid", "?")), *_process_cells(instance)]
+            str(instance.get("pid", "?")), *cells]
 
 
 def _process_cells(item: dict[str, Any]) -> list[str]:
@@ -176,7 +193,8 @@ def _rollout_lines(rollout: dict[str, Any] | None) -> list[str]:
     if not rollout:
         return []
     batches = rollout.get("batches") or []
-    progress = f", batch {len(batches)}, {rollout.get('replaced', 0)} old instance(s) replaced" if len(batches) > 1 else ""
+    replaced = counted(rollout.get("replaced", 0), "old instance")
+    progress = f", batch {len(batches)}, {replaced} replaced" if len(batches) > 1 else ""
     return ["", f"rollout     {rollout.get('state', '?')}: generation {rollout.get('new_gen', '?')} "
                 f"replacing {rollout.get('old_gen') or 'none'}, for {human_duration(rollout.get('elapsed'))}{progress}"]
 
@@ -194,11 +212,26 @@ def _history_lines(status: dict[str, Any]) -> list[str]:
 
 
 def _release_lines(status: dict[str, Any]) -> list[str]:
-    lines = ["", f"last known good  {_release(status.get('last_known_good'))}",
-             f"last known bad   {_release(status.get('last_known_bad'))}"]
+    good, bad = status.get("last_known_good"), status.get("last_known_bad")
+    lines = ["", *_release_pair(good, bad)]
     if status.get("state_error"):
         lines.append(f"WARNING: {status['state_error']}")
     return lines
+
+
+def _release_pair(good: Any, bad: Any) -> list[str]:
+    """Last known good and bad: each as `_release` shows it — or, when both run the same command, what tells them
+    apart (version, release directory, environment, files) and the command once."""
+    if not (isinstance(good, dict) and isinstance(bad, dict)) or _command(good) != _command(bad):
+        return [f"last known good  {_release(good)}", f"last known bad   {_release(bad)}"]
+    differs = [(label, key) for label, key in _TOLD_APART if good.get(key) != bad.get(key)] or [("digest", "digest")]
+    return [*(f"last known {which}{_release_name(item)}  " + ", ".join(f"{label} {item.get(key) or '-'}"
+                                                                       for label, key in differs)
+              for which, item in (("good  ", good), ("bad   ", bad))),
+            f"                 both run {_command(good)}"]
+
+
+_TOLD_APART = (("version", "version"), ("release directory", "cwd"), ("env digest", "env"), ("files digest", "digest"))
 
 
 def _worker_lines(workers: list[dict[str, Any]]) -> list[str]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ..counted import counted
 from ..errors import UserError
 from ..event_kinds import Kind
 from ..events import LEVELS, Event, Events
@@ -186,7 +187,8 @@ class ControlServer:
         self._unsaid += closed
         now = anyio.current_time()
         if now - self._said_at >= 1.0:
-            self._port.events.emit(Kind.CONTROL_SHED, f"closed {self._unsaid} idle control connection(s): {why}",
+            self._port.events.emit(Kind.CONTROL_SHED,
+                                   f"closed {counted(self._unsaid, 'idle control connection')}: {why}",
                                         level="warning", closed=self._unsaid, open=len(self.admission.opened))
             self._said_at, self._unsaid = now, 0
 

@@ -66,6 +66,7 @@ class Stub:
     accepting_stopped: threading.Event = field(default_factory=threading.Event)
     connections: set[threading.Thread] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    leaked: list[bytes] = field(default_factory=list)  # --leak-per-*: held for the life of the process
 
     @property
     def draining(self) -> bool:
@@ -107,6 +108,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "READY=1) and accept nothing more, while staying up and answering READY")
     parser.add_argument("--listen-backlog", type=int, metavar="N", help="listen(N) on the inherited socket at start")
     parser.add_argument("--log-requests", action="store_true", help="one line on stderr per request (an access log)")
+    parser.add_argument("--leak-per-second", type=float, default=0.0, metavar="MIB",
+                        help="grow by MIB MiB of resident memory every second once listening (a leaking release)")
+    parser.add_argument("--leak-per-request", type=float, default=0.0, metavar="KIB",
+                        help="keep KIB KiB of resident memory for every request answered on /")
     return parser.parse_args(argv)
 
 
@@ -210,9 +215,24 @@ def notify_ready(stub: Stub) -> None:
         stub.first_ready_at = time.monotonic()
 
 
+def leak(stub: Stub, size: int) -> None:
+    """Hold `size` more bytes for good; written, so the pages are resident (not the kernel's shared zero page)."""
+    with stub.lock:
+        stub.leaked.append(b"x" * size)
+
+
+def leak_every_tenth_second(stub: Stub) -> None:
+    """Thread body of --leak-per-second: a tenth of the rate ten times a second, until the process ends."""
+    while True:
+        leak(stub, int(stub.options.leak_per_second * (1 << 20) / 10))
+        time.sleep(0.1)
+
+
 def start_timers(stub: Stub) -> None:
-    """--crash-after and the delayed READY=1 of --notify run on their own daemon threads."""
+    """--crash-after, --leak-per-second and the delayed READY=1 of --notify run on their own daemon threads."""
     options = stub.options
+    if options.leak_per_second > 0:
+        threading.Thread(target=leak_every_tenth_second, args=(stub,), daemon=True).start()
     if options.crash_after is not None:
         delay = max(0.0, stub.started + options.crash_after - time.monotonic())
         timer = threading.Timer(delay, os._exit, (CRASH_EXIT_CODE,))
@@ -397,6 +417,8 @@ def route(stub: Stub, request: Request) -> tuple[int, bytes, str]:
     if time.monotonic() - stub.started < stub.options.warm_up:
         return 503, f"warming up {stub.options.tag} gen={stub.generation} pid={os.getpid()}\n".encode(), TEXT
     if request.path == "/":
+        if stub.options.leak_per_request > 0:
+            leak(stub, int(stub.options.leak_per_request * 1024))
         return 200, f"ok {stub.options.tag} gen={stub.generation} pid={os.getpid()}\n".encode(), TEXT
     if request.path == "/readyz":
         return readyz(stub)
