@@ -29,7 +29,7 @@ from .counted import counted
 from .event_kinds import Kind
 from .events import Events
 from .listeners import ListenSpec
-from .proctree import proc_is_ours
+from .proctree import proc_is_ours, still_running
 
 NAME_VARIABLE = "SUPERVISE_NAME"
 SUPERVISOR_VARIABLE = "SUPERVISE_SUPERVISOR"
@@ -237,22 +237,7 @@ def _terminate(pids: list[int]) -> None:
                 continue
         deadline = time.monotonic() + _GRACE
         while pids and time.monotonic() < deadline:
-            pids = [pid for pid in pids if _exists(pid)]
+            pids = [pid for pid in pids if still_running(pid)]
             time.sleep(_POLL)
         if not pids:
             return
-
-
-def _exists(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie does not: it holds nothing)."""
-    if not proc_is_ours():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False

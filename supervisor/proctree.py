@@ -29,6 +29,22 @@ def proc_is_ours() -> bool:
         return False
 
 
+def still_running(pid: int) -> bool:
+    """Whether `pid` has not exited (a zombie has: it holds nothing and runs no code). Where /proc is another
+    namespace's, only whether the pid exists can be known."""
+    if not proc_is_ours():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def child_pids(pid: int) -> list[int] | None:
     """Direct children of `pid`; None if this kernel does not offer the children files."""
     try:

@@ -13,24 +13,16 @@ WAIT = 0.5  # seconds: long enough for a default disposition to take effect, sho
 _POLL = 0.02
 
 
-def running(pid: int) -> bool:
-    """Whether `pid` is a process that has not exited (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
-
-
 def outcome(pids: Sequence[int], wait: float = WAIT) -> str:
     """`killed pids 12, 13 (…)`, `still running: pids 12, 13`, or both, after waiting at most `wait` for them all
     to end."""
+    from ..proctree import still_running  # here, not at the top: proctree brings psutil, which `ctl` needs nowhere else
+
     deadline = time.monotonic() + wait
-    alive = [pid for pid in pids if running(pid)]
+    alive = [pid for pid in pids if still_running(pid)]
     while alive and time.monotonic() < deadline:
         time.sleep(_POLL)
-        alive = [pid for pid in alive if running(pid)]
+        alive = [pid for pid in alive if still_running(pid)]
     gone = [pid for pid in pids if pid not in alive]
     parts = []
     if gone:
