@@ -35,7 +35,7 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         """A flat JSON-ready form: the fixed keys first, then the event's own fields."""
         data: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": json_stamp(self.time),
             "level": self.level,
             "event": self.kind,
         }
@@ -48,6 +48,16 @@ class Event:
         data["msg"] = self.message
         data.update(self.fields)
         return data
+
+
+def json_stamp(when: float) -> str:
+    """A log line's time in JSON: UTC, milliseconds (`2026-12-04T15:39:32.422Z`)."""
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def text_stamp(when: float) -> str:
+    """A log line's time in text: local, milliseconds (`15:39:32.422`)."""
+    return datetime.fromtimestamp(when).strftime("%H:%M:%S.%f")[:-3]
 
 
 Subscriber = Callable[[Event], None]
@@ -90,7 +100,7 @@ class Events:
         """The event as one log line, in the configured format."""
         if self.log_format == "json":
             return json.dumps(event.as_dict(), default=str)
-        stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
+        stamp = text_stamp(event.time)
         where = f"gen {event.gen}" if event.gen is not None else ""
         if event.instance is not None:
             where += f" #{event.instance}"
@@ -101,12 +111,17 @@ class Events:
         return f"{stamp} supervise: {level}{tag}{event.message}"
 
     def _write(self, event: Event) -> None:
-        line = self.format(event)
+        self.write_lines(self.format(event) + "\n", 1)
+
+    def write_lines(self, text: str, count: int) -> bool:
+        """Put `count` whole lines (`text`, each ending in a newline) on the log at once, through the sink when
+        there is one (it never blocks: what its reader does not take in time is dropped and counted there);
+        whether they were written."""
         if self.sink is not None:
-            self.sink.write_line(line)
-            return
+            return self.sink.write_block(text.encode(errors="replace"), count)
         try:
-            self.stream.write(line + "\n")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
-            pass  # a closed stderr must never take the supervisor down
+            return False  # a closed stderr must never take the supervisor down
+        return True

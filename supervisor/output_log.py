@@ -19,10 +19,9 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-from .events import Events
+from .events import Events, json_stamp, text_stamp
 
 RING_LINES = 200
 RING_BYTES = 256 * 1024
@@ -112,6 +111,17 @@ class OutputLog:
     live: list[Ring] = field(default_factory=list)
     archive: deque[Ring] = field(default_factory=lambda: deque(maxlen=ARCHIVED))
 
+    def carried(self) -> dict[str, Any]:
+        """What a re-exec carries of it: the line numbering, the dropped count, the archived rings (the living
+        instances' rings go with their pipes: capture.py)."""
+        return {"seq": self.seq, "dropped": self.dropped_total, "archive": [ring.carried() for ring in self.archive]}
+
+    def revive(self, data: dict[str, Any]) -> None:
+        """Take back what `carried` gave, in the new image."""
+        self.seq = max(self.seq, data["seq"])
+        self.dropped_total += data["dropped"]
+        self.archive.extend(Ring.revive(ring) for ring in data["archive"])
+
     def open(self, gen: int, instance: int) -> Ring:
         """The ring of an instance about to start."""
         return self.adopt(Ring(gen, instance))
@@ -135,26 +145,15 @@ class OutputLog:
         now = time.time()
         first, self.seq = self.seq + 1, self.seq + len(texts)
         ring.add(first, now, stream, texts)
-        data = self._format(ring, stream, now, texts).encode(errors="replace")
-        sink = self.events.sink
-        if sink is not None:
-            if not sink.write_block(data, len(texts)):
-                self.dropped_total += len(texts)
-            return
-        try:
-            self.events.stream.write(data.decode())
-            self.events.stream.flush()
-        except (OSError, ValueError):
+        if not self.events.write_lines(self._format(ring, stream, now, texts), len(texts)):
             self.dropped_total += len(texts)
 
     def _format(self, ring: Ring, stream: str, now: float, texts: list[str]) -> str:
         if self.events.log_format == "json":
-            stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            head = (f'{{"ts":"{stamp}","level":"info","event":"output","gen":{ring.gen},"instance":{ring.instance},'
-                    f'"pid":{ring.pid},"stream":"{stream}","msg":')
+            head = (f'{{"ts":"{json_stamp(now)}","level":"info","event":"output","gen":{ring.gen},'
+                    f'"instance":{ring.instance},"pid":{ring.pid},"stream":"{stream}","msg":')
             return "".join([head + _encode(text) + "}\n" for text in texts])
-        stamp = datetime.fromtimestamp(now).strftime("%H:%M:%S.%f")[:-3]
-        prefix = f"{stamp} [gen {ring.gen} #{ring.instance} pid {ring.pid}] "
+        prefix = f"{text_stamp(now)} [gen {ring.gen} #{ring.instance} pid {ring.pid}] "
         return "".join([prefix + text + "\n" for text in texts])
 
     def query(self, gen: int | None = None, instance: int | None = None, count: int = 100,
