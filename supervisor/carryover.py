@@ -116,7 +116,7 @@ def dump(fleet: Fleet, tally: Tally, budget: RestartBudget, previous: Release | 
                       "serving": fleet.serving.number if fleet.serving else None, "next_number": fleet.next_number,
                       "scaled": fleet.scaled, "cgroups": [str(fleet.cgroups.base), str(fleet.cgroups.home)]
                       if fleet.cgroups else None,
-                      "output_archive": [ring.carried() for ring in fleet.output.archive] if fleet.output else []},
+                      "output": fleet.output.carried() if fleet.output else None},
             "generations": [generation_data(generation) for generation in fleet.generations],
             "traffic": traffic_data(fleet.traffic), "tally": tally_data(tally),
             "budget": {str(index): list(times) for index, times in budget.failures.items()},

@@ -27,7 +27,7 @@ from .identity import Identity
 from .instance import Instance
 from .listeners import Listener, ListenSpec
 from .notify import NotifySocket
-from .output_log import OutputLog, Ring
+from .output_log import OutputLog
 from .reaper import Reaper
 from .release import Release
 from .restart_budget import RestartBudget
@@ -102,8 +102,8 @@ def fleet(into: Fleet, state: dict[str, Any], by_fd: dict[int, Listener], reaper
     data = state["fleet"]
     into.listeners = [by_fd[fd] for fd in data["listeners"]]
     into.next_number, into.scaled = data["next_number"], data["scaled"]
-    if into.output is not None:
-        into.output.archive.extend(Ring.revive(ring) for ring in data.get("output_archive", []))
+    if into.output is not None and data.get("output") is not None:  # absent when carried from before --child-output
+        into.output.revive(data["output"])
     for entry in state["generations"]:
         generation = Generation(entry["number"], release(entry["release"]),
                                 tuple(by_fd[fd] for fd in entry["listeners"]), into.launcher(entry["number"]),

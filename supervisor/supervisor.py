@@ -347,8 +347,7 @@ class Supervisor:
         own = {"version": __version__, "started_at": self.started_at, "started_wall": self.started_wall,
                "reexecs": [*self.reexecs, time.time()], "runtime_dir": self.fleet.runtime_dir,
                "child_fd_limit": self.fleet.child_fd_limit, "orphans_reaped": self.reaper.orphans_reaped,
-               "ready_sent": bool(self.systemd and self.systemd.ready_sent), "output_seq": self.output.seq,
-               "output_dropped": self.output.dropped_total}
+               "ready_sent": bool(self.systemd and self.systemd.ready_sent)}
         return dump(self.fleet, self.tally, self.restarts.budget, self.book.previous, own, self.held)
 
     def _revive(self, carried: Carried) -> None:
@@ -358,8 +357,6 @@ class Supervisor:
         revive.tally(self.tally, state["tally"])
         revive.budget(self.restarts.budget, state["budget"])
         self.started_at, self.started_wall, self.reexecs = own["started_at"], own["started_wall"], own["reexecs"]
-        self.output.seq = max(self.output.seq, own.get("output_seq", 0))
-        self.output.dropped_total += own.get("output_dropped", 0)
         self.reaper.orphans_reaped += own["orphans_reaped"]
         if self.systemd is not None:
             self.systemd.ready_sent = own["ready_sent"]
