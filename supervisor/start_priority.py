@@ -23,7 +23,6 @@ from .generation import Generation
 from .instance import Instance
 from .priority import Lowering, StartPriority
 
-
 MAX_LOWERED = 5.0  # seconds: a start-up that needs longer than this on idle CPU gets normal priority after it
 
 

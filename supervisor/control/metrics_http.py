@@ -17,8 +17,8 @@ however often they are asked for. A slow client holds only its own connection, n
 from __future__ import annotations
 
 import asyncio
-import socket
 import json
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
