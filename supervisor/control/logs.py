@@ -12,13 +12,13 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import click
 
 from ..errors import UserError
+from ..events import text_stamp
 
 FOLLOW_INTERVAL = 0.25  # seconds between two polls of -f
 LOST_GRACE = 10.0  # -f keeps asking this long when the supervisor does not answer (a re-exec takes about a second)
@@ -43,7 +43,7 @@ class NotCaptured(UserError):
 
 def line_text(line: dict[str, Any]) -> str:
     """`12:00:01.234 [gen 2 #0 pid 4242] text`, as the supervisor logs it."""
-    stamp = datetime.fromtimestamp(float(line.get("ts") or 0)).strftime("%H:%M:%S.%f")[:-3]
+    stamp = text_stamp(float(line.get("ts") or 0))
     return f"{stamp} [gen {line.get('gen')} #{line.get('instance')} pid {line.get('pid')}] {line.get('msg', '')}"
 
 
